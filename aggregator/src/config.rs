@@ -1,0 +1,501 @@
+//! Typed configuration of the service, read once at start-up from the environment.
+//!
+//! Every setting is an environment variable (a `.env` file in the working directory is
+//! read first when present; real environment variables win). A bad value stops start-up
+//! with ONE line naming the variable, the value and what is allowed. Secrets (the two
+//! connection URLs, which carry passwords) are held in [`SecretString`] and only ever
+//! shown through [`redact_url`].
+//!
+//! | variable | default | meaning |
+//! | --- | --- | --- |
+//! | `DATABASE_URL` / `DATABASE_URL_FILE` | required | PostgreSQL URL (or a file holding it; setting both is an error) |
+//! | `AMQP_URL` / `AMQP_URL_FILE` | required | RabbitMQ URL, e.g. `amqp://user:pass@host:5672/%2f` |
+//! | `QUEUE_NAME` | `votes.aggregation` | queue to consume; its dead-letter queue is `<QUEUE_NAME>.dlq` |
+//! | `QUEUE_TYPE` | `quorum` | `quorum` or `classic`; must match an existing queue |
+//! | `BATCH_SIZE` | `500` | votes per transaction (1–10000) |
+//! | `BATCH_TIMEOUT_MS` | `50` | flush a partial batch after this many ms (1–60000) |
+//! | `PREFETCH_COUNT` | `2 × BATCH_SIZE` | unacked deliveries the broker may send ahead (≥ `BATCH_SIZE`, ≤ 65535) |
+//! | `DB_POOL_SIZE` | `4` | PostgreSQL connections in the pool (1–100) |
+//! | `TALLY_SHARDS` | `16` | rows each candidate's counter is spread over (1–1024) |
+//! | `METRICS_ADDR` | `0.0.0.0:8001` | listen address of `/metrics`, `/healthz`, `/readyz` (port 0 = any) |
+//! | `LOG_FORMAT` | `text` | `text` or `json` |
+//! | `RUST_LOG` | `info` | tracing filter, e.g. `vote_aggregator=debug,info` |
+//! | `SHUTDOWN_GRACE_SECONDS` | `25` | on SIGTERM, time allowed to commit and ack the batch in hand (1–3600) |
+//! | `RUN_MIGRATIONS` | `true` | `run` applies pending migrations before consuming |
+//! | `AMQP_HEARTBEAT_SECONDS` | `10` | heartbeat asked of the broker when the URL sets none (0 disables) |
+//! | `REPLICA_ID` | host name | names this replica in its consumer tag, connection name and logs |
+//!
+//! Later issues add TLS and outbox settings here; keep one struct, one parser.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::error::ConfigError;
+
+/// Name of the default queue, from the contract in DESIGN.md.
+pub const DEFAULT_QUEUE_NAME: &str = "votes.aggregation";
+
+/// RabbitMQ queue type of the votes queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// Replicated Raft queue: the production default (survives a broker node loss).
+    Quorum,
+    /// Single-node queue: faster, allowed for development and benchmarks.
+    Classic,
+}
+
+impl QueueType {
+    /// The value of the `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+impl FromStr for QueueType {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "quorum" => Ok(QueueType::Quorum),
+            "classic" => Ok(QueueType::Classic),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Everything the service needs to run. Build it with [`Config::from_env`] in the
+/// binary, or fill it directly in tests (`Config::new` gives the defaults).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// PostgreSQL connection URL (secret: carries the password).
+    pub database_url: SecretString,
+    /// RabbitMQ connection URL (secret: carries the password).
+    pub amqp_url: SecretString,
+    /// Queue consumed; the dead-letter queue is `<queue_name>.dlq`.
+    pub queue_name: String,
+    /// Queue type declared (and expected of an existing queue).
+    pub queue_type: QueueType,
+    /// Votes per transaction.
+    pub batch_size: usize,
+    /// A partial batch is flushed after this long.
+    pub batch_timeout: Duration,
+    /// Broker prefetch (unacked deliveries in flight).
+    pub prefetch_count: u16,
+    /// Database pool size.
+    pub db_pool_size: u32,
+    /// Shards per tally counter.
+    pub tally_shards: u16,
+    /// Address of the HTTP endpoint (metrics, health).
+    pub metrics_addr: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Time allowed on SIGTERM to finish the batch in hand.
+    pub shutdown_grace: Duration,
+    /// Apply pending migrations before consuming.
+    pub run_migrations: bool,
+    /// Heartbeat asked of the broker when the URL does not set one (`None` = off).
+    pub amqp_heartbeat: Option<u16>,
+    /// Name of this replica (consumer tag, connection name, logs).
+    pub replica_id: String,
+}
+
+impl Config {
+    /// A configuration with every default and the two given URLs.
+    pub fn new(database_url: impl Into<String>, amqp_url: impl Into<String>) -> Self {
+        Config {
+            database_url: SecretString::from(database_url.into()),
+            amqp_url: SecretString::from(amqp_url.into()),
+            queue_name: DEFAULT_QUEUE_NAME.to_string(),
+            queue_type: QueueType::Quorum,
+            batch_size: 500,
+            batch_timeout: Duration::from_millis(50),
+            prefetch_count: 1000,
+            db_pool_size: 4,
+            tally_shards: 16,
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8001)),
+            log_format: LogFormat::Text,
+            shutdown_grace: Duration::from_secs(25),
+            run_migrations: true,
+            amqp_heartbeat: Some(10),
+            replica_id: default_replica_id(),
+        }
+    }
+
+    /// Name of the dead-letter queue that goes with [`Config::queue_name`].
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dlq", self.queue_name)
+    }
+
+    /// Reads the configuration from the process environment (after loading `.env` when
+    /// present).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first variable that is missing or invalid.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        load_dotenv()?;
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Reads only `DATABASE_URL` / `DATABASE_URL_FILE` (for `migrate` and `verify`,
+    /// which need no broker).
+    ///
+    /// # Errors
+    /// [`ConfigError`] when it is missing, set twice or not a PostgreSQL URL.
+    pub fn database_url_from_env() -> Result<SecretString, ConfigError> {
+        load_dotenv()?;
+        let lookup = |key: &str| std::env::var(key).ok();
+        Env(&lookup).secret_url("DATABASE_URL", &["postgres", "postgresql"])
+    }
+
+    /// Reads the configuration through `lookup` (the environment in production, a map
+    /// in tests).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first variable that is missing or invalid.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let database_url = env.secret_url("DATABASE_URL", &["postgres", "postgresql"])?;
+        let amqp_url = env.secret_url("AMQP_URL", &["amqp", "amqps"])?;
+        let mut config = Config::new(
+            database_url.expose_secret().to_string(),
+            amqp_url.expose_secret().to_string(),
+        );
+
+        if let Some(name) = env.get("QUEUE_NAME") {
+            if name.is_empty()
+                || name.len() > 200
+                || name.starts_with("amq.")
+                || name.chars().any(char::is_control)
+            {
+                return Err(ConfigError::invalid(
+                    "QUEUE_NAME",
+                    &name,
+                    "1-200 printable characters, not starting with 'amq.'",
+                ));
+            }
+            config.queue_name = name;
+        }
+        if let Some(v) = env.get("QUEUE_TYPE") {
+            config.queue_type = v
+                .parse()
+                .map_err(|()| ConfigError::invalid("QUEUE_TYPE", &v, "'quorum' or 'classic'"))?;
+        }
+        config.batch_size = env.int("BATCH_SIZE", 1, 10_000)?.unwrap_or(500) as usize;
+        if let Some(ms) = env.int("BATCH_TIMEOUT_MS", 1, 60_000)? {
+            config.batch_timeout = Duration::from_millis(ms);
+        }
+        let default_prefetch = (config.batch_size * 2).min(u16::MAX as usize) as u64;
+        let prefetch = env
+            .int("PREFETCH_COUNT", 1, u16::MAX as u64)?
+            .unwrap_or(default_prefetch);
+        if (prefetch as usize) < config.batch_size {
+            return Err(ConfigError::invalid(
+                "PREFETCH_COUNT",
+                &prefetch.to_string(),
+                &format!(
+                    "at least BATCH_SIZE ({}), or a batch could never fill; about 2 x BATCH_SIZE keeps the next batch filling while one commits",
+                    config.batch_size
+                ),
+            ));
+        }
+        config.prefetch_count = prefetch as u16;
+        config.db_pool_size = env.int("DB_POOL_SIZE", 1, 100)?.unwrap_or(4) as u32;
+        config.tally_shards = env.int("TALLY_SHARDS", 1, 1024)?.unwrap_or(16) as u16;
+        if let Some(v) = env.get("METRICS_ADDR") {
+            config.metrics_addr = v.parse().map_err(|_| {
+                ConfigError::invalid("METRICS_ADDR", &v, "an IP:port such as 0.0.0.0:8001")
+            })?;
+        }
+        if let Some(v) = env.get("LOG_FORMAT") {
+            config.log_format = v
+                .parse()
+                .map_err(|()| ConfigError::invalid("LOG_FORMAT", &v, "'text' or 'json'"))?;
+        }
+        if let Some(s) = env.int("SHUTDOWN_GRACE_SECONDS", 1, 3600)? {
+            config.shutdown_grace = Duration::from_secs(s);
+        }
+        if let Some(v) = env.get("RUN_MIGRATIONS") {
+            config.run_migrations = parse_bool(&v)
+                .ok_or_else(|| ConfigError::invalid("RUN_MIGRATIONS", &v, "true or false"))?;
+        }
+        if let Some(s) = env.int("AMQP_HEARTBEAT_SECONDS", 0, 600)? {
+            config.amqp_heartbeat = (s > 0).then_some(s as u16);
+        }
+        if let Some(id) = env.get("REPLICA_ID") {
+            if id.is_empty() || id.len() > 100 || !id.chars().all(valid_id_char) {
+                return Err(ConfigError::invalid(
+                    "REPLICA_ID",
+                    &id,
+                    "1-100 characters of A-Z a-z 0-9 . _ : -",
+                ));
+            }
+            config.replica_id = id;
+        }
+        Ok(config)
+    }
+}
+
+/// Reads `RUST_LOG`-independent settings needed before the full config (log format),
+/// so even a config error is printed in the chosen format.
+pub fn log_format_from_env() -> LogFormat {
+    std::env::var("LOG_FORMAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(LogFormat::Text)
+}
+
+/// Loads `.env` from the working directory into the environment (real variables win).
+/// A missing file is normal; a malformed one is the operator's mistake to hear about.
+fn load_dotenv() -> Result<(), ConfigError> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(e) => Err(ConfigError::DotEnv(e.to_string())),
+    }
+}
+
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    /// A set, non-blank variable, trimmed.
+    fn get(&self, key: &str) -> Option<String> {
+        (self.0)(key)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn int(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
+        let Some(raw) = self.get(key) else {
+            return Ok(None);
+        };
+        match raw.parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(ConfigError::invalid(
+                key,
+                &raw,
+                &format!("a whole number from {min} to {max}"),
+            )),
+        }
+    }
+
+    /// `KEY` or `KEY_FILE` (exactly one), parsed as a URL with one of `schemes`.
+    fn secret_url(&self, key: &str, schemes: &[&str]) -> Result<SecretString, ConfigError> {
+        let file_key = format!("{key}_FILE");
+        let raw = match (self.get(key), self.get(&file_key)) {
+            (Some(_), Some(_)) => return Err(ConfigError::BothSet { key: key.into() }),
+            (None, None) => return Err(ConfigError::Missing { key: key.into() }),
+            (Some(v), None) => v,
+            (None, Some(path)) => {
+                let path = PathBuf::from(path);
+                let content = std::fs::read_to_string(&path).map_err(|e| ConfigError::File {
+                    key: file_key.clone(),
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                content.trim().to_string()
+            }
+        };
+        match url::Url::parse(&raw) {
+            Ok(u) if schemes.contains(&u.scheme()) && u.host_str().is_some() => {
+                Ok(SecretString::from(raw))
+            }
+            _ => Err(ConfigError::invalid(
+                key,
+                &redact_url(&raw),
+                &format!("a URL of scheme {} with a host", schemes.join(" or ")),
+            )),
+        }
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn valid_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && h.chars().all(valid_id_char))
+        .unwrap_or_else(|| "replica".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Shows a URL with its password (and any query secrets) replaced by `***`, for logs
+/// and error messages. Input that does not parse as a URL is hidden entirely.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL hidden>".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut map: HashMap<String, String> = HashMap::from([
+            (
+                "DATABASE_URL".to_string(),
+                "postgres://u:secretpw@db:5432/votes".to_string(),
+            ),
+            (
+                "AMQP_URL".to_string(),
+                "amqp://u:secretpw@mq:5672/%2f".to_string(),
+            ),
+        ]);
+        for (k, v) in pairs {
+            if v.is_empty() {
+                map.remove(*k);
+            } else {
+                map.insert(k.to_string(), v.to_string());
+            }
+        }
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    fn err(pairs: &[(&str, &str)]) -> String {
+        parse(pairs)
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_match_the_documented_table() {
+        let c = parse(&[]).expect("defaults");
+        assert_eq!(c.queue_name, "votes.aggregation");
+        assert_eq!(c.dead_letter_queue(), "votes.aggregation.dlq");
+        assert_eq!(c.queue_type, QueueType::Quorum);
+        assert_eq!(c.batch_size, 500);
+        assert_eq!(c.batch_timeout, Duration::from_millis(50));
+        assert_eq!(c.prefetch_count, 1000);
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:8001");
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.run_migrations);
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable_value_and_range() {
+        let e = err(&[("BATCH_SIZE", "abc")]);
+        assert_eq!(
+            e,
+            "invalid BATCH_SIZE=\"abc\": expected a whole number from 1 to 10000"
+        );
+        assert!(!e.contains('\n'));
+        let e = err(&[("BATCH_TIMEOUT_MS", "0")]);
+        assert!(e.starts_with("invalid BATCH_TIMEOUT_MS=\"0\""), "{e}");
+    }
+
+    #[test]
+    fn enums_list_what_is_allowed() {
+        assert_eq!(
+            err(&[("QUEUE_TYPE", "stream")]),
+            "invalid QUEUE_TYPE=\"stream\": expected 'quorum' or 'classic'"
+        );
+        assert_eq!(
+            err(&[("LOG_FORMAT", "xml")]),
+            "invalid LOG_FORMAT=\"xml\": expected 'text' or 'json'"
+        );
+        assert!(err(&[("METRICS_ADDR", "localhost")]).starts_with("invalid METRICS_ADDR"));
+    }
+
+    #[test]
+    fn prefetch_below_batch_size_is_rejected() {
+        let e = err(&[("BATCH_SIZE", "500"), ("PREFETCH_COUNT", "100")]);
+        assert!(e.starts_with("invalid PREFETCH_COUNT=\"100\""), "{e}");
+        let c = parse(&[("BATCH_SIZE", "100")]).expect("valid");
+        assert_eq!(c.prefetch_count, 200, "prefetch defaults to 2x batch");
+    }
+
+    #[test]
+    fn urls_are_required_once_and_never_echo_the_password() {
+        assert_eq!(
+            err(&[("DATABASE_URL", "")]),
+            "DATABASE_URL is not set: set DATABASE_URL or DATABASE_URL_FILE"
+        );
+        assert_eq!(
+            err(&[("AMQP_URL_FILE", "/run/secrets/amqp")]),
+            "both AMQP_URL and AMQP_URL_FILE are set: set only one"
+        );
+        let e = err(&[("DATABASE_URL", "mysql://u:secretpw@db/votes")]);
+        assert!(e.starts_with("invalid DATABASE_URL="), "{e}");
+        assert!(!e.contains("secretpw"), "password leaked: {e}");
+        assert!(e.contains("***"), "{e}");
+    }
+
+    #[test]
+    fn url_file_is_read_and_a_missing_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("va-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("db_url");
+        std::fs::write(&path, "postgres://u:pw@filehost/votes\n").expect("write");
+        let c = parse(&[
+            ("DATABASE_URL", ""),
+            ("DATABASE_URL_FILE", path.to_str().expect("utf8 path")),
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.database_url.expose_secret(),
+            "postgres://u:pw@filehost/votes"
+        );
+        let e = err(&[
+            ("DATABASE_URL", ""),
+            ("DATABASE_URL_FILE", "/nonexistent/x"),
+        ]);
+        assert!(
+            e.starts_with("cannot read DATABASE_URL_FILE=\"/nonexistent/x\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn redaction_hides_passwords_only() {
+        assert_eq!(
+            redact_url("amqp://votes:hunter2@mq:5672/%2f"),
+            "amqp://votes:***@mq:5672/%2f"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+        assert_eq!(redact_url("not a url hunter2"), "<unparseable URL hidden>");
+    }
+}

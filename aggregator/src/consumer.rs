@@ -1,0 +1,425 @@
+//! The consume loop of one broker session: deliveries → batches → one transaction each
+//! → ack.
+//!
+//! Invariants this module keeps:
+//! - A delivery is acked only after the transaction holding its vote has COMMITTED
+//!   (or, for a malformed one, after its copy in the dead-letter queue is confirmed).
+//! - Batches commit one at a time, in delivery order, and each is acked with ONE
+//!   `basic.ack(last_tag, multiple=true)`; so a multiple-ack never covers a delivery
+//!   whose batch has not committed.
+//! - While one batch commits, the next one fills (prefetch ≈ 2 × batch size); when it is
+//!   full before the commit ends, reading stops (back-pressure) until the commit ends.
+//! - A commit that fails is retried with capped backoff, holding its deliveries
+//!   unacked; the broker cannot redeliver them while the channel lives, and redelivers
+//!   them if the process dies.
+//! - When the session breaks, everything unacked is simply dropped: delivery tags are
+//!   per channel, so they can never be acked on a new one. The broker redelivers them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::broker::{self, Session};
+use crate::config::Config;
+use crate::db::{self, BatchColumns, BatchOutcome, PgPool};
+use crate::error::BrokerError;
+use crate::metrics::{DEP_POSTGRES, DEP_RABBITMQ, Metrics};
+use crate::vote::{self, Vote};
+
+/// Longest a single batch transaction may take before it is abandoned and retried
+/// (protects against a database that stops answering without closing the socket).
+const COMMIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a session needs, shared with the commit tasks.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub config: Arc<Config>,
+    pub pool: PgPool,
+    pub metrics: Metrics,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub(crate) enum SessionEnd {
+    /// Shutdown was requested; the batch in hand was committed and acked.
+    Stopped,
+    /// The broker connection or channel failed; reconnect.
+    Lost(String),
+}
+
+/// Per-row facts kept beside the columns, for metrics after the commit.
+struct RowMeta {
+    redelivered: bool,
+    published_at_ms: Option<i64>,
+}
+
+/// A batch being filled.
+struct Batch {
+    columns: BatchColumns,
+    meta: Vec<RowMeta>,
+    /// Rows of each UUID in this batch (first one first), with their payloads, for
+    /// in-memory dedupe before the round trip.
+    by_id: HashMap<Uuid, Vec<Vote>>,
+    /// Exact duplicates dropped in memory, by redelivered flag.
+    dup_redelivered: u64,
+    dup_fresh: u64,
+    deliveries: usize,
+    last_tag: u64,
+    opened: Instant,
+}
+
+impl Batch {
+    fn new(capacity: usize) -> Self {
+        Batch {
+            columns: BatchColumns::default(),
+            meta: Vec::with_capacity(capacity),
+            by_id: HashMap::with_capacity(capacity),
+            dup_redelivered: 0,
+            dup_fresh: 0,
+            deliveries: 0,
+            last_tag: 0,
+            opened: Instant::now(),
+        }
+    }
+
+    fn add(&mut self, vote: Vote, tag: u64, redelivered: bool, published_at_ms: Option<i64>) {
+        if self.deliveries == 0 {
+            self.opened = Instant::now();
+        }
+        self.deliveries += 1;
+        self.last_tag = tag;
+        let seen = self.by_id.entry(vote.vote_id).or_default();
+        if seen.iter().any(|v| v.same_payload(&vote)) {
+            if redelivered {
+                self.dup_redelivered += 1;
+            } else {
+                self.dup_fresh += 1;
+            }
+            return;
+        }
+        self.columns.push(&vote, seen.is_empty());
+        self.meta.push(RowMeta {
+            redelivered,
+            published_at_ms,
+        });
+        seen.push(vote);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.deliveries == 0
+    }
+}
+
+type CommitFuture = Pin<Box<dyn Future<Output = Batch> + Send>>;
+
+/// Commits `batch`, retrying with capped backoff until it succeeds. Metrics are
+/// recorded here; the caller acks.
+async fn commit(ctx: Ctx, batch: Batch) -> Batch {
+    let mut backoff = retry_backoff();
+    let shard = rand::rng().random_range(0..ctx.config.tally_shards) as i16;
+    loop {
+        let started = Instant::now();
+        let attempt = tokio::time::timeout(
+            COMMIT_ATTEMPT_TIMEOUT,
+            db::write_batch(&ctx.pool, &ctx.config.database_url, &batch.columns, shard),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(outcome)) => {
+                ctx.metrics
+                    .commit_duration_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                ctx.metrics.set_up(DEP_POSTGRES, true);
+                record_outcome(&ctx.metrics, &batch, &outcome);
+                return batch;
+            }
+            Ok(Err(e)) => {
+                if e.is_transient() {
+                    ctx.metrics.database_connection_failures.inc();
+                }
+                ctx.metrics.set_up(DEP_POSTGRES, false);
+                ctx.metrics.commit_retries.inc();
+                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                warn!(error = %e, votes = batch.columns.len(), retry_in_ms = wait.as_millis() as u64,
+                      "batch not committed; holding its deliveries unacked and retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(_) => {
+                ctx.metrics.database_connection_failures.inc();
+                ctx.metrics.set_up(DEP_POSTGRES, false);
+                ctx.metrics.commit_retries.inc();
+                warn!(
+                    timeout_s = COMMIT_ATTEMPT_TIMEOUT.as_secs(),
+                    "batch transaction timed out; retrying"
+                );
+            }
+        }
+    }
+}
+
+fn record_outcome(m: &Metrics, batch: &Batch, outcome: &BatchOutcome) {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut decided = vec![false; batch.meta.len()];
+    for &i in &outcome.counted {
+        let i = i as usize;
+        decided[i] = true;
+        if let Some(published) = batch.meta.get(i).and_then(|r| r.published_at_ms) {
+            let delta = now_ms - published;
+            if delta >= 0 {
+                m.publish_to_commit_seconds.observe(delta as f64 / 1000.0);
+            }
+        }
+    }
+    for &i in &outcome.conflicting {
+        decided[i as usize] = true;
+    }
+    let (mut dup_re, mut dup_fresh) = (batch.dup_redelivered, batch.dup_fresh);
+    for (meta, _) in batch.meta.iter().zip(&decided).filter(|(_, d)| !**d) {
+        if meta.redelivered {
+            dup_re += 1;
+        } else {
+            dup_fresh += 1;
+        }
+    }
+    m.votes_counted.inc_by(outcome.counted.len() as u64);
+    m.votes_conflicting.inc_by(outcome.conflicting.len() as u64);
+    m.votes_duplicate
+        .with_label_values(&["true"])
+        .inc_by(dup_re);
+    m.votes_duplicate
+        .with_label_values(&["false"])
+        .inc_by(dup_fresh);
+    m.batch_size.observe(batch.deliveries as f64);
+    m.batches_committed.inc();
+    debug!(
+        deliveries = batch.deliveries,
+        counted = outcome.counted.len(),
+        conflicting = outcome.conflicting.len(),
+        "batch committed"
+    );
+}
+
+/// The backoff used for every retry in the service: 100 ms doubling to 5 s, jittered,
+/// never giving up (the caller decides when to stop).
+pub(crate) fn retry_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn ack(session: &Session, ctx: &Ctx, tag: u64) -> Result<(), String> {
+    #[cfg(feature = "fault-injection")]
+    crate::fault::before_ack();
+    session
+        .consume
+        .basic_ack(tag, BasicAckOptions { multiple: true })
+        .await
+        .map_err(|e| {
+            ctx.metrics.ack_failures.inc();
+            format!("ack of delivery tag {tag} failed: {e}")
+        })
+}
+
+/// Runs one session until shutdown (clean stop) or until the broker fails.
+///
+/// # Errors
+/// Only errors retrying cannot fix (a queue declared with other arguments, refused
+/// credentials); transient failures end the session with [`SessionEnd::Lost`].
+pub(crate) async fn run_session(
+    ctx: &Ctx,
+    session: Session,
+    shutdown: &CancellationToken,
+) -> Result<SessionEnd, BrokerError> {
+    let config = &ctx.config;
+    let lost = |what: &str, e: lapin::Error| SessionEnd::Lost(format!("{what}: {e}"));
+    if let Err(e) = session
+        .consume
+        .basic_qos(config.prefetch_count, BasicQosOptions::default())
+        .await
+    {
+        return Ok(lost("basic.qos", e));
+    }
+    let consumer_tag = format!("vote-aggregator/{}/{}", config.replica_id, Uuid::new_v4());
+    let mut consumer = match session
+        .consume
+        .basic_consume(
+            config.queue_name.as_str().into(),
+            consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return Ok(lost("basic.consume", e)),
+    };
+    ctx.metrics.set_up(DEP_RABBITMQ, true);
+    info!(queue = %config.queue_name, prefetch = config.prefetch_count,
+          batch_size = config.batch_size, "consuming");
+
+    // Queue depth, read on its own channel so a failure there cannot touch the acks.
+    let monitor_stop = shutdown.child_token();
+    if let Ok(channel) = session.connection.create_channel().await {
+        let (ctx2, stop) = (ctx.clone(), monitor_stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => match broker::queue_depth(&channel, &ctx2.config).await {
+                        Ok(depth) => ctx2.metrics.queue_depth.set(i64::from(depth)),
+                        Err(_) => break,
+                    },
+                }
+            }
+        });
+    }
+    let _stop_monitor = monitor_stop.drop_guard();
+
+    let mut filling = Batch::new(config.batch_size);
+    let mut committing: Option<CommitFuture> = None;
+    let mut committing_tag = 0u64;
+
+    let end = loop {
+        let full = filling.deliveries >= config.batch_size;
+        let deadline = tokio::time::Instant::from_std(filling.opened + config.batch_timeout);
+        let due = !filling.is_empty() && (full || tokio::time::Instant::now() >= deadline);
+
+        // Start the next commit as soon as the previous one is done and a batch is due.
+        if committing.is_none() && due {
+            let batch = std::mem::replace(&mut filling, Batch::new(config.batch_size));
+            committing_tag = batch.last_tag;
+            committing = Some(Box::pin(commit(ctx.clone(), batch)));
+            continue;
+        }
+
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break SessionEnd::Stopped,
+            _ = async {
+                match committing.as_mut() {
+                    Some(fut) => fut.await,
+                    None => std::future::pending().await,
+                }
+            }, if committing.is_some() => {
+                committing = None;
+                if let Err(e) = ack(&session, ctx, committing_tag).await {
+                    break SessionEnd::Lost(e);
+                }
+            }
+            next = consumer.next(), if !full => match next {
+                Some(Ok(delivery)) => {
+                    ctx.metrics.votes_received.inc();
+                    match vote::decode(&delivery.data) {
+                        Ok(v) => {
+                            let published = broker::published_at_ms(&delivery.properties);
+                            filling.add(v, delivery.delivery_tag, delivery.redelivered, published);
+                        }
+                        Err(rejection) => {
+                            if let Err(e) = dead_letter(ctx, &session, &delivery, &rejection).await {
+                                break SessionEnd::Lost(e);
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => break lost("consumer", e),
+                None => break SessionEnd::Lost("consumer was cancelled by the broker".into()),
+            },
+            _ = tokio::time::sleep_until(deadline), if !filling.is_empty() && committing.is_none() => {}
+        }
+    };
+
+    match end {
+        SessionEnd::Stopped => {
+            // Stop deliveries, then finish what is in hand: the commit in flight, then the
+            // partial batch. Deliveries still in the socket are requeued on close.
+            let _ = session
+                .consume
+                .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            if let Some(fut) = committing.take() {
+                fut.await;
+                if let Err(e) = ack(&session, ctx, committing_tag).await {
+                    warn!(error = %e, "could not ack the last batch; the broker will redeliver it");
+                }
+            }
+            if !filling.is_empty() {
+                let tag = filling.last_tag;
+                commit(ctx.clone(), filling).await;
+                if let Err(e) = ack(&session, ctx, tag).await {
+                    warn!(error = %e, "could not ack the last batch; the broker will redeliver it");
+                }
+            }
+            let _ = session.consume.close(200, "shutdown".into()).await;
+            let _ = session.connection.close(200, "shutdown".into()).await;
+            ctx.metrics.set_up(DEP_RABBITMQ, false);
+            info!("consumer stopped cleanly");
+            Ok(SessionEnd::Stopped)
+        }
+        SessionEnd::Lost(reason) => {
+            // A commit in flight finishes (its rows are durable or not; either way the
+            // broker redelivers and the UUID key dedupes), but nothing more is acked.
+            if let Some(fut) = committing.take() {
+                fut.await;
+            }
+            ctx.metrics.set_up(DEP_RABBITMQ, false);
+            Ok(SessionEnd::Lost(reason))
+        }
+    }
+}
+
+/// Sends a malformed delivery to the dead-letter queue with its reason, then acks it.
+async fn dead_letter(
+    ctx: &Ctx,
+    session: &Session,
+    delivery: &lapin::message::Delivery,
+    rejection: &vote::Rejection,
+) -> Result<(), String> {
+    ctx.metrics
+        .votes_rejected
+        .with_label_values(&[rejection.kind.as_str()])
+        .inc();
+    let reason = rejection.to_string();
+    info!(reason = %reason, bytes = delivery.data.len(), "dead-lettering malformed message");
+    match broker::dead_letter(
+        session,
+        &ctx.config,
+        &delivery.data,
+        &delivery.properties,
+        &reason,
+    )
+    .await
+    {
+        Ok(()) => session
+            .consume
+            .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: false })
+            .await
+            .map_err(|e| format!("ack of dead-lettered delivery failed: {e}")),
+        Err(e) => {
+            // Never requeue a poison message: reject so the broker's own dead-lettering
+            // moves it (its x-death header then says "rejected").
+            warn!(error = %e, "dead-letter publish failed; rejecting without requeue instead");
+            session
+                .consume
+                .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
+                .await
+                .map_err(|e| format!("reject of malformed delivery failed: {e}"))
+        }
+    }
+}

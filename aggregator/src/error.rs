@@ -1,0 +1,134 @@
+//! Error types of the library.
+//!
+//! Policy:
+//! - Library code returns these `thiserror` enums; only the binary (and the harness)
+//!   uses `anyhow`.
+//! - Every message is ONE line that says what is wrong and, where the operator can act,
+//!   what to do. The binary prints it as is.
+//! - No message ever contains a credential: URLs pass through [`crate::config::redact_url`].
+//! - Transient faults (a broker or database that went away) are NOT errors of `run`: the
+//!   service retries them with backoff and reports them in metrics and logs. `run` fails
+//!   only on what retrying cannot fix (bad configuration, a queue declared with other
+//!   arguments, a port already in use, a grace period that ran out).
+
+use std::net::SocketAddr;
+
+/// A configuration variable is missing or invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required variable is absent.
+    #[error("{key} is not set: set {key} or {key}_FILE")]
+    Missing { key: String },
+    /// Both `KEY` and `KEY_FILE` are set.
+    #[error("both {key} and {key}_FILE are set: set only one")]
+    BothSet { key: String },
+    /// A value does not parse or is out of range.
+    #[error("invalid {key}=\"{value}\": expected {allowed}")]
+    Invalid {
+        key: String,
+        value: String,
+        allowed: String,
+    },
+    /// A `*_FILE` variable names a file that cannot be read.
+    #[error("cannot read {key}=\"{path}\": {reason}")]
+    File {
+        key: String,
+        path: String,
+        reason: String,
+    },
+    /// The `.env` file exists but cannot be parsed.
+    #[error("cannot read .env: {0}")]
+    DotEnv(String),
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(key: &str, value: &str, allowed: &str) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            value: value.into(),
+            allowed: allowed.into(),
+        }
+    }
+}
+
+/// Database failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// No connection could be had from the pool (server down, wrong credentials, ...).
+    #[error(
+        "cannot connect to PostgreSQL at {url}: {reason} (check DATABASE_URL and that the server is up)"
+    )]
+    Connect { url: String, reason: String },
+    /// A statement failed.
+    #[error("PostgreSQL query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    /// Applying migrations failed.
+    #[error("migrations failed: {0}")]
+    Migration(String),
+}
+
+impl DbError {
+    /// Whether retrying the same work later may succeed (connection-level faults and
+    /// concurrency aborts), as opposed to a bug or a schema problem.
+    pub fn is_transient(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as K, Error as E};
+        match self {
+            DbError::Connect { .. } => true,
+            DbError::Query(E::DatabaseError(kind, info)) => {
+                matches!(
+                    kind,
+                    K::SerializationFailure | K::ClosedConnection | K::UnableToSendCommand
+                ) || matches!(info.message(), m if m.contains("deadlock") || m.contains("terminating connection"))
+            }
+            DbError::Query(E::BrokenTransactionManager) => true,
+            DbError::Query(_) => false,
+            DbError::Migration(_) => false,
+        }
+    }
+}
+
+/// Broker failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The connection or a channel failed (retried with backoff by the service).
+    #[error("RabbitMQ at {url}: {source}")]
+    Amqp {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+    /// The queue exists with arguments other than the ones this replica declares.
+    /// Retrying cannot fix this, so start-up stops.
+    #[error(
+        "queue '{queue}' already exists with other arguments ({detail}); fix: set QUEUE_TYPE to the existing queue's type, or drain and delete the queue so it is declared again with the aggregator's arguments"
+    )]
+    QueueMismatch { queue: String, detail: String },
+    /// The broker refused the credentials.
+    #[error("RabbitMQ at {url} refused the credentials: check the user and password in AMQP_URL")]
+    AuthRefused { url: String },
+}
+
+/// Why the service stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A database failure that retrying cannot fix.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// A broker failure that retrying cannot fix.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The HTTP endpoint could not bind.
+    #[error("cannot listen on METRICS_ADDR={addr}: {reason}; choose a free port")]
+    Bind { addr: SocketAddr, reason: String },
+    /// Shutdown did not finish in time; unacked deliveries go back to the queue.
+    #[error(
+        "shutdown grace period of {seconds}s ran out with a batch not yet committed; its messages stay unacked and the broker redelivers them (raise SHUTDOWN_GRACE_SECONDS if this repeats)"
+    )]
+    ShutdownTimeout { seconds: u64 },
+    /// The service task panicked (a bug: please report it with the logs).
+    #[error("internal error: the service task stopped unexpectedly: {0}")]
+    Panicked(String),
+}

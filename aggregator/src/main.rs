@@ -1,0 +1,143 @@
+//! `vote-aggregator`: parses the command line and the environment, wires signals to the
+//! shutdown token, and calls the library. No logic lives here.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use tokio_util::sync::CancellationToken;
+use vote_aggregator::config::{self, Config};
+use vote_aggregator::{db, telemetry};
+
+/// Counts votes from a RabbitMQ queue into PostgreSQL exactly once.
+///
+/// Configuration comes from environment variables (and a .env file in the working
+/// directory): DATABASE_URL, AMQP_URL (or *_FILE), QUEUE_NAME, QUEUE_TYPE, BATCH_SIZE,
+/// BATCH_TIMEOUT_MS, PREFETCH_COUNT, DB_POOL_SIZE, TALLY_SHARDS, METRICS_ADDR,
+/// LOG_FORMAT, RUST_LOG, SHUTDOWN_GRACE_SECONDS, RUN_MIGRATIONS. See the README for
+/// defaults.
+#[derive(Parser)]
+#[command(name = "vote-aggregator", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume votes and count them (the default). Applies pending migrations first
+    /// unless RUN_MIGRATIONS=false. Stops cleanly on SIGTERM or SIGINT: the batch in hand
+    /// is committed and acked within SHUTDOWN_GRACE_SECONDS.
+    Run,
+    /// Apply pending database migrations and exit. Safe to run from several replicas at
+    /// once (an advisory lock serialises them). Needs only DATABASE_URL.
+    Migrate,
+    /// Check that every candidate's tally equals its counted votes. Exits 0 when
+    /// consistent, 2 with a table of differences when not. Needs only DATABASE_URL.
+    Verify,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(config::log_format_from_env());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => run().await,
+            Command::Migrate => migrate().await,
+            Command::Verify => verify().await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
+    let config = Config::from_env()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(forward_signals(shutdown.clone()));
+    vote_aggregator::run(config, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate() -> anyhow::Result<ExitCode> {
+    let url = Config::database_url_from_env()?;
+    let applied = db::run_migrations(&url).await?;
+    if applied.is_empty() {
+        println!("schema is up to date");
+    } else {
+        for version in applied {
+            println!("applied migration {version}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify() -> anyhow::Result<ExitCode> {
+    let url = Config::database_url_from_env()?;
+    let report = db::verify(&url).await?;
+    if report.drift.is_empty() {
+        println!(
+            "consistent: {} votes, {} tallied, {} candidates, tally drift 0",
+            report.votes, report.tallied, report.candidates
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "election",
+        "candidate",
+        "tally",
+        "counted votes",
+        "difference",
+    ]);
+    for d in &report.drift {
+        table.add_row([
+            d.election_id.clone(),
+            d.candidate_id.clone(),
+            d.tally.to_string(),
+            d.counted.to_string(),
+            format!("{:+}", d.tally - d.counted),
+        ]);
+    }
+    println!("{table}");
+    println!(
+        "INCONSISTENT: {} of {} candidates have a tally that differs from their counted votes ({} votes, {} tallied)",
+        report.drift.len(),
+        report.candidates,
+        report.votes,
+        report.tallied
+    );
+    Ok(ExitCode::from(2))
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn forward_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("warning: cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing the batch in hand"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing the batch in hand"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,19 @@
+//! Log set-up shared by the binaries: `tracing` with an `RUST_LOG` filter (default
+//! `info`) and the format chosen by `LOG_FORMAT` (`text` or `json`), to stderr.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. Calling it twice is harmless (the second call is a
+/// no-op), so tests and binaries can both call it.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
