@@ -1,0 +1,545 @@
+#!/usr/bin/env bash
+# Build the two offline Docker images that stand in for the official
+# `postgres:17` and `rabbitmq:4.0` images on machines that reach no container
+# registry but do reach Debian's package archive:
+#
+#   vote-aggregator/postgres:17-offline    (override: VOTES_POSTGRES_IMAGE)
+#   vote-aggregator/rabbitmq:4.0-offline   (override: VOTES_RABBITMQ_IMAGE)
+#
+# Both are Debian trixie `minbase` root filesystems made with debootstrap (run
+# once, then copied), with the server installed from Debian's packages in a
+# chroot, an entrypoint that mimics the official image's, and `docker import`.
+#
+# Environment:
+#   FORCE=1          rebuild even when an image already exists
+#   DEBIAN_MIRROR    Debian archive URI (default: the first plain `.../debian`
+#                    URI in this machine's apt sources)
+#   VOTES_POSTGRES_IMAGE, VOTES_RABBITMQ_IMAGE   image names
+#
+# Needs root, docker, and network access to the Debian archive. See README.md.
+set -euo pipefail
+
+PG_IMAGE="${VOTES_POSTGRES_IMAGE:-vote-aggregator/postgres:17-offline}"
+RMQ_IMAGE="${VOTES_RABBITMQ_IMAGE:-vote-aggregator/rabbitmq:4.0-offline}"
+SUITE=trixie
+PG_MAJOR=17
+RMQ_SERIES=4.0
+FORCE="${FORCE:-0}"
+
+export DEBIAN_FRONTEND=noninteractive
+export LC_ALL=C
+START_TS=$(date +%s)
+
+log() { printf '==> [build.sh +%3ss] %s\n' "$(($(date +%s) - START_TS))" "$*"; }
+warn() { printf '==> [build.sh] WARNING: %s\n' "$*" >&2; }
+die() {
+    printf '==> [build.sh] ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------
+# Preconditions and what to build
+# ---------------------------------------------------------------------------
+[ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot and mount need it)"
+command -v docker >/dev/null 2>&1 || die "docker CLI not found"
+docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable (is it running?)"
+
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+BUILD_PG=0
+BUILD_RMQ=0
+for pair in "PG:$PG_IMAGE" "RMQ:$RMQ_IMAGE"; do
+    kind=${pair%%:*}
+    name=${pair#*:}
+    if [ "$FORCE" = 1 ] || ! image_exists "$name"; then
+        [ "$kind" = PG ] && BUILD_PG=1 || BUILD_RMQ=1
+        if image_exists "$name"; then
+            log "$name exists, rebuilding because FORCE=1"
+        else
+            log "$name missing, will build it"
+        fi
+    else
+        log "$name already exists, skipping (FORCE=1 rebuilds)"
+    fi
+done
+if [ "$BUILD_PG$BUILD_RMQ" = 00 ]; then
+    log "nothing to do"
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------
+# Debian mirror: DEBIAN_MIRROR, else the first plain .../debian URI that apt
+# on this machine is configured with (deb822 .sources files and sources.list).
+# ---------------------------------------------------------------------------
+find_apt_mirror() {
+    local files=() f
+    for f in /etc/apt/sources.list.d/*.sources; do [ -f "$f" ] && files+=("$f"); done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do [ -f "$f" ] && files+=("$f"); done
+    [ "${#files[@]}" -gt 0 ] || return 0
+    awk '
+        /^[[:space:]]*#/ { next }
+        tolower($1) == "uris:" { for (i = 2; i <= NF; i++) print $i; next }
+        $1 == "deb" {
+            # deb [ options ] uri suite components
+            i = 2
+            if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+            if (i <= NF) print $i
+        }
+    ' "${files[@]}" |
+        sed 's:/*$::' |
+        grep -E '^https?://[^ ]+/debian$' |
+        head -n 1 || true
+}
+MIRROR="${DEBIAN_MIRROR:-$(find_apt_mirror)}"
+[ -n "$MIRROR" ] || die "could not find a Debian mirror in /etc/apt/sources*; set DEBIAN_MIRROR=http://HOST/debian"
+log "Debian mirror: $MIRROR (suite $SUITE)"
+
+# A proxy that host apt uses is not seen by apt inside the chroot: pass it on.
+if [ -z "${http_proxy:-}" ] && command -v apt-config >/dev/null 2>&1; then
+    APT_HTTP_PROXY=
+    eval "$(apt-config shell APT_HTTP_PROXY Acquire::http::Proxy)"
+    if [ -n "$APT_HTTP_PROXY" ] && [ "$APT_HTTP_PROXY" != DIRECT ]; then
+        export http_proxy="$APT_HTTP_PROXY"
+        log "using apt's HTTP proxy for debootstrap and the chroot"
+    fi
+fi
+
+# ---------------------------------------------------------------------------
+# debootstrap (installed from this machine's apt sources when missing)
+# ---------------------------------------------------------------------------
+if ! command -v debootstrap >/dev/null 2>&1; then
+    log "installing debootstrap with apt-get"
+    if ! apt-get install -y -q --no-install-recommends debootstrap >/dev/null 2>&1; then
+        log "apt-get install failed; running apt-get update first"
+        apt-get update -q >/dev/null || die "apt-get update failed"
+        apt-get install -y -q --no-install-recommends debootstrap >/dev/null || die "could not install debootstrap"
+    fi
+fi
+DEBOOTSTRAP_SCRIPT=()
+if [ ! -e "/usr/share/debootstrap/scripts/$SUITE" ]; then
+    # An older debootstrap that does not know the suite yet: sid's script fits.
+    DEBOOTSTRAP_SCRIPT=(/usr/share/debootstrap/scripts/sid)
+    warn "debootstrap has no script for $SUITE; using sid's"
+fi
+
+# ---------------------------------------------------------------------------
+# Work dir (removed by the trap, after unmounting anything mounted under it)
+# ---------------------------------------------------------------------------
+WORK=$(mktemp -d /var/tmp/vote-aggregator-images.XXXXXX)
+
+unmount_under() {
+    local mnt
+    # deepest first
+    awk -v w="$1/" 'index($2, w) == 1 { print $2 }' /proc/self/mounts | sort -r |
+        while read -r mnt; do umount "$mnt" 2>/dev/null || umount -l "$mnt" || true; done
+}
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [ -n "${WORK:-}" ] && [ -d "$WORK" ]; then
+        unmount_under "$WORK"
+        if awk -v w="$WORK/" 'index($2, w) == 1 { f = 1 } END { exit !f }' /proc/self/mounts; then
+            warn "something is still mounted under $WORK; leaving it in place"
+        else
+            rm -rf --one-file-system "$WORK"
+        fi
+    fi
+    if [ "$rc" != 0 ]; then
+        printf '==> [build.sh] failed or interrupted (exit %s); temporary files removed\n' "$rc" >&2
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# run_logged LOG CMD...: run quietly into LOG; on failure show its tail.
+run_logged() {
+    local logf=$1
+    shift
+    if ! "$@" >"$logf" 2>&1 </dev/null; then
+        printf '==> [build.sh] command failed: %s\n--- last lines of %s ---\n' "$*" "$logf" >&2
+        tail -n 60 "$logf" >&2 || true
+        return 1
+    fi
+}
+
+# in_chroot ROOT SCRIPT: run a shell script in the chroot, with a clean env.
+in_chroot() {
+    local root=$1 script=$2
+    env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true \
+        ${http_proxy:+http_proxy="$http_proxy"} \
+        chroot "$root" /bin/sh -euxc "$script"
+}
+
+# ---------------------------------------------------------------------------
+# 1. the shared minbase tree
+# ---------------------------------------------------------------------------
+BASE="$WORK/base"
+log "debootstrap --variant=minbase $SUITE (log: $WORK/debootstrap.log)"
+run_logged "$WORK/debootstrap.log" \
+    debootstrap --variant=minbase --components=main --merged-usr \
+    "$SUITE" "$BASE" "$MIRROR" "${DEBOOTSTRAP_SCRIPT[@]}" ||
+    die "debootstrap failed"
+log "debootstrap done ($(du -sxh "$BASE" | cut -f1))"
+
+# Keep docs, man pages and translations out of every later package install.
+cat >"$BASE/etc/dpkg/dpkg.cfg.d/90-vote-aggregator-slim" <<'EOF'
+path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/groff/*
+path-exclude=/usr/share/lintian/*
+path-exclude=/usr/share/linda/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+EOF
+cat >"$BASE/etc/apt/apt.conf.d/90-vote-aggregator" <<'EOF'
+APT::Install-Recommends "false";
+APT::Install-Suggests "false";
+Dpkg::Use-Pty "false";
+EOF
+# No service may start while packages are installed (kept in the images).
+printf '#!/bin/sh\nexit 101\n' >"$BASE/usr/sbin/policy-rc.d"
+chmod 0755 "$BASE/usr/sbin/policy-rc.d"
+
+# Clean-up run in each image's chroot after its packages are installed.
+SLIM_SCRIPT='
+apt-get clean
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/lib/dpkg/*-old
+rm -rf /var/log/apt/* /var/log/dpkg.log /var/log/alternatives.log /var/log/bootstrap.log
+rm -rf /tmp/* /var/tmp/* /root/.cache
+find /usr/share/doc -mindepth 1 ! -type d ! -name copyright -delete
+find /usr/share/doc -mindepth 1 -type d -empty -delete
+rm -rf /usr/share/man/* /usr/share/info/* /usr/share/groff/* /usr/share/lintian/* /usr/share/linda/*
+if [ -d /usr/share/locale ]; then find /usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +; fi
+: >/etc/resolv.conf
+echo localhost >/etc/hostname
+'
+
+# prepare_tree NAME: copy the base into $WORK/NAME, mount /proc there; echo path
+prepare_tree() {
+    local root="$WORK/$1"
+    cp -a "$BASE" "$root"
+    mount -t proc proc "$root/proc"
+    printf '%s\n' "$root"
+}
+
+# import_tree ROOT IMAGE STOPSIGNAL --change ...: tar the tree into
+# `docker import`. STOPSIGNAL is not a valid --change for docker import or
+# commit on every engine (not on 20.10), so it is set by creating (never
+# starting) a container with --stop-signal and committing that to IMAGE.
+import_tree() {
+    local root=$1 image=$2 stopsignal=$3 old_id imported cid
+    shift 3
+    unmount_under "$root"
+    old_id=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
+    imported=$(tar --numeric-owner -C "$root" \
+        --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' \
+        -cf - . |
+        docker import "$@" -m "built by images/build.sh from Debian $SUITE packages" -)
+    cid=$(docker create --stop-signal "$stopsignal" "$imported")
+    docker commit -m "images/build.sh: STOPSIGNAL $stopsignal" "$cid" "$image" >/dev/null
+    docker rm -v "$cid" >/dev/null
+    if [ -n "$old_id" ] && [ "$old_id" != "$(docker image inspect -f '{{.Id}}' "$image")" ]; then
+        # the image this one replaces, unless a container still uses it
+        docker image rm "$old_id" >/dev/null 2>&1 || true
+    fi
+}
+
+COMMON_LABELS=(
+    --change 'LABEL org.opencontainers.image.source="vote-aggregator"'
+    --change "LABEL org.opencontainers.image.base.name=\"debian:$SUITE (debootstrap minbase)\""
+    --change "LABEL org.opencontainers.image.created=\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\""
+)
+
+# ---------------------------------------------------------------------------
+# 2. PostgreSQL
+# ---------------------------------------------------------------------------
+write_postgres_entrypoint() {
+    cat >"$1" <<'ENTRYPOINT_EOF'
+#!/usr/bin/env bash
+# Entrypoint of vote-aggregator/postgres:17-offline (made by images/build.sh).
+# It behaves like the official postgres image's entrypoint as a client or a
+# test harness sees it:
+#   * POSTGRES_USER (default postgres), POSTGRES_PASSWORD (required unless
+#     POSTGRES_HOST_AUTH_METHOD=trust), POSTGRES_DB (default: the user),
+#     POSTGRES_INITDB_ARGS, POSTGRES_HOST_AUTH_METHOD (default scram-sha-256),
+#     PGDATA (default /var/lib/postgresql/data), /docker-entrypoint-initdb.d.
+#   * first start: initdb, then a temporary socket-only server (its log goes to
+#     STDOUT through pg_ctl) creates the database and runs init scripts, is
+#     stopped, and the real server is exec'd (its log goes to STDERR). Later
+#     starts skip the initialisation.
+#   * `postgres ARGS` or `-flags` run the server with those args; any other
+#     command is exec'd as is.
+set -Eeuo pipefail
+
+me=${BASH_SOURCE[0]}
+say() { printf '%s: %s\n' "$me" "$*"; }
+
+if [ "$#" -eq 0 ] || [ "${1:0:1}" = '-' ]; then
+    set -- postgres "$@"
+fi
+if [ "$1" != postgres ]; then
+    exec "$@"
+fi
+for arg in "${@:2}"; do
+    case "$arg" in
+    '-?' | --help | --describe-config | -V | --version) exec "$@" ;;
+    esac
+done
+
+export PGDATA=${PGDATA:-/var/lib/postgresql/data}
+
+if [ "$(id -u)" = 0 ]; then
+    mkdir -p "$PGDATA" /var/run/postgresql
+    chmod 00700 "$PGDATA" || :
+    chmod 03775 /var/run/postgresql || :
+    find "$PGDATA" \! -user postgres -exec chown postgres:postgres '{}' +
+    chown postgres:postgres /var/run/postgresql
+    exec env HOME=/var/lib/postgresql \
+        setpriv --reuid=postgres --regid=postgres --init-groups -- "$me" "$@"
+fi
+
+export POSTGRES_USER=${POSTGRES_USER:-postgres}
+export POSTGRES_DB=${POSTGRES_DB:-$POSTGRES_USER}
+auth=${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}
+
+if [ -s "$PGDATA/PG_VERSION" ]; then
+    say "PostgreSQL Database directory appears to contain a database; Skipping initialization"
+    echo
+    exec "$@"
+fi
+
+if [ -z "${POSTGRES_PASSWORD:-}" ] && [ "$auth" != trust ]; then
+    cat >&2 <<'EOM'
+Error: Database is uninitialized and superuser password is not specified.
+       You must specify POSTGRES_PASSWORD to a non-empty value for the
+       superuser. For example, "-e POSTGRES_PASSWORD=password" on "docker run".
+
+       You may also use "POSTGRES_HOST_AUTH_METHOD=trust" to allow all
+       connections without a password. This is *not* recommended.
+EOM
+    exit 1
+fi
+
+# --- initdb --------------------------------------------------------------
+initdb_args=(--username="$POSTGRES_USER" --encoding=UTF8 --locale=C.UTF-8 -D "$PGDATA")
+# shellcheck disable=SC2206 # word splitting of POSTGRES_INITDB_ARGS is intended
+initdb_args+=(${POSTGRES_INITDB_ARGS:-})
+if [ -n "${POSTGRES_PASSWORD:-}" ]; then
+    initdb "${initdb_args[@]}" --pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD")
+else
+    initdb "${initdb_args[@]}"
+fi
+
+{
+    echo
+    if [ "$auth" = trust ]; then
+        echo '# warning: trust is enabled for all connections'
+    fi
+    printf 'host all all all %s\n' "$auth"
+} >>"$PGDATA/pg_hba.conf"
+
+# --- temporary server: unix socket only, so nothing outside connects early -
+temp_args=("${@:2}" -c listen_addresses= -p "${PGPORT:-5432}")
+PGUSER=$POSTGRES_USER pg_ctl -D "$PGDATA" -o "$(printf '%q ' "${temp_args[@]}")" -w start
+
+psql_cmd=(psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --no-password --no-psqlrc)
+if [ "$POSTGRES_DB" != postgres ]; then
+    exists=$("${psql_cmd[@]}" --dbname postgres --set db="$POSTGRES_DB" --tuples-only --no-align <<<"SELECT 1 FROM pg_database WHERE datname = :'db' ;")
+    if [ -z "$exists" ]; then
+        "${psql_cmd[@]}" --dbname postgres --set db="$POSTGRES_DB" <<<'CREATE DATABASE :"db" ;'
+    fi
+fi
+
+echo
+for f in /docker-entrypoint-initdb.d/*; do
+    [ -e "$f" ] || continue
+    case "$f" in
+    *.sh)
+        if [ -x "$f" ]; then
+            say "running $f"
+            "$f"
+        else
+            say "sourcing $f"
+            # shellcheck disable=SC1090
+            . "$f"
+        fi
+        ;;
+    *.sql) say "running $f"; "${psql_cmd[@]}" --dbname "$POSTGRES_DB" -f "$f" ;;
+    *.sql.gz) say "running $f"; gzip -dc "$f" | "${psql_cmd[@]}" --dbname "$POSTGRES_DB" ;;
+    *) say "ignoring $f" ;;
+    esac
+    echo
+done
+
+PGUSER=$POSTGRES_USER pg_ctl -D "$PGDATA" -m fast -w stop
+
+echo
+echo 'PostgreSQL init process complete; ready for start up.'
+echo
+exec "$@"
+ENTRYPOINT_EOF
+    chmod 0755 "$1"
+}
+
+build_postgres() {
+    local root ver
+    log "[postgres] copying base tree, installing postgresql-$PG_MAJOR (log: $WORK/postgres-install.log)"
+    root=$(prepare_tree postgres)
+    # Like the official image: postgres is uid/gid 999, and installing the
+    # server package must not create a cluster (the entrypoint runs initdb).
+    run_logged "$WORK/postgres-install.log" in_chroot "$root" "
+        groupadd --system --gid 999 postgres
+        useradd --system --uid 999 --gid postgres --home-dir /var/lib/postgresql --shell /bin/bash postgres
+        mkdir -p /var/lib/postgresql
+        chown postgres:postgres /var/lib/postgresql
+        apt-get install -y -q postgresql-common
+        sed -ri 's/^#?[[:space:]]*(create_main_cluster)[[:space:]]*=.*/\1 = false/' /etc/postgresql-common/createcluster.conf
+        grep -q '^create_main_cluster = false' /etc/postgresql-common/createcluster.conf
+        apt-get install -y -q postgresql-$PG_MAJOR postgresql-client-$PG_MAJOR
+        sed -ri \"s!^#?(listen_addresses)[[:space:]]*=[[:space:]]*[^[:space:]]+!\\1 = '*'!\" /usr/share/postgresql/$PG_MAJOR/postgresql.conf.sample
+        grep -F \"listen_addresses = '*'\" /usr/share/postgresql/$PG_MAJOR/postgresql.conf.sample
+        mkdir -p /var/run/postgresql /var/lib/postgresql/data /docker-entrypoint-initdb.d
+        chown -R postgres:postgres /var/run/postgresql /var/lib/postgresql
+        chmod 03775 /var/run/postgresql
+        chmod 00700 /var/lib/postgresql/data
+        /usr/lib/postgresql/$PG_MAJOR/bin/postgres --version
+        /usr/lib/postgresql/$PG_MAJOR/bin/pg_isready --version
+        /usr/lib/postgresql/$PG_MAJOR/bin/psql --version
+        command -v setpriv
+        $SLIM_SCRIPT
+    " || die "installing postgresql-$PG_MAJOR failed"
+    write_postgres_entrypoint "$root/usr/local/bin/docker-entrypoint.sh"
+    # shellcheck disable=SC2016 # dpkg-query's own ${Version} format
+    ver=$(chroot "$root" dpkg-query -W -f '${Version}' "postgresql-$PG_MAJOR")
+    log "[postgres] postgresql-$PG_MAJOR $ver installed, tree $(du -sxh "$root" | cut -f1); docker import -> $PG_IMAGE"
+    import_tree "$root" "$PG_IMAGE" SIGINT "${COMMON_LABELS[@]}" \
+        --change "LABEL org.opencontainers.image.title=\"PostgreSQL $PG_MAJOR (offline build)\"" \
+        --change "LABEL org.opencontainers.image.version=\"$ver\"" \
+        --change "LABEL org.opencontainers.image.description=\"Stand-in for postgres:$PG_MAJOR built from Debian $SUITE packages\"" \
+        --change "ENV PATH=/usr/lib/postgresql/$PG_MAJOR/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+        --change 'ENV LANG=C.UTF-8' \
+        --change "ENV PG_MAJOR=$PG_MAJOR" \
+        --change "ENV PG_VERSION=$ver" \
+        --change 'ENV PGDATA=/var/lib/postgresql/data' \
+        --change 'VOLUME /var/lib/postgresql/data' \
+        --change 'EXPOSE 5432' \
+        --change 'ENTRYPOINT ["docker-entrypoint.sh"]' \
+        --change 'CMD ["postgres"]' ||
+        die "docker import of $PG_IMAGE failed"
+    rm -rf --one-file-system "$root"
+    log "[postgres] built $PG_IMAGE"
+}
+
+# ---------------------------------------------------------------------------
+# 3. RabbitMQ
+# ---------------------------------------------------------------------------
+write_rabbitmq_entrypoint() {
+    cat >"$1" <<'ENTRYPOINT_EOF'
+#!/usr/bin/env bash
+# Entrypoint of vote-aggregator/rabbitmq:4.0-offline (made by images/build.sh).
+# It behaves like the official rabbitmq image's entrypoint as a client or a
+# test harness sees it:
+#   * RABBITMQ_DEFAULT_USER / RABBITMQ_DEFAULT_PASS (default guest/guest) and
+#     RABBITMQ_DEFAULT_VHOST are read by the RabbitMQ server itself on the
+#     first start; any user may log in from outside (loopback_users = none).
+#   * the log goes to STDOUT (RABBITMQ_LOGS=-), "Server startup complete"
+#     included; the node is rabbit@localhost whatever the container's
+#     hostname, so stop + start of a container (or a new container on the same
+#     volume) finds its data.
+#   * `rabbitmq-server` (or `-flags`) runs the broker as user rabbitmq; any
+#     other command is exec'd as is.
+set -Eeuo pipefail
+
+me=${BASH_SOURCE[0]}
+
+if [ "$#" -eq 0 ] || [ "${1:0:1}" = '-' ]; then
+    set -- rabbitmq-server "$@"
+fi
+
+if [ "$1" = rabbitmq-server ] && [ "$(id -u)" = 0 ]; then
+    home=/var/lib/rabbitmq
+    cookie=$home/.erlang.cookie
+    mkdir -p "$home" /var/log/rabbitmq
+    if [ -n "${RABBITMQ_ERLANG_COOKIE:-}" ]; then
+        rm -f "$cookie"
+        printf '%s' "$RABBITMQ_ERLANG_COOKIE" >"$cookie"
+    elif [ ! -s "$cookie" ]; then
+        # made here (not by the first CLI call) so that it is always the
+        # rabbitmq user's and every container has its own
+        od -An -N20 -tx1 /dev/urandom | tr -dc '0-9a-f' | tr 'a-f' 'A-F' >"$cookie"
+    fi
+    find "$home" /var/log/rabbitmq \! -user rabbitmq -exec chown rabbitmq:rabbitmq '{}' +
+    chmod 0400 "$cookie"
+    exec env HOME="$home" setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups -- "$me" "$@"
+fi
+
+exec "$@"
+ENTRYPOINT_EOF
+    chmod 0755 "$1"
+}
+
+build_rabbitmq() {
+    local root ver
+    log "[rabbitmq] copying base tree, installing rabbitmq-server (log: $WORK/rabbitmq-install.log)"
+    root=$(prepare_tree rabbitmq)
+    run_logged "$WORK/rabbitmq-install.log" in_chroot "$root" "
+        groupadd --system --gid 999 rabbitmq
+        useradd --system --uid 999 --gid rabbitmq --home-dir /var/lib/rabbitmq --shell /usr/sbin/nologin rabbitmq
+        mkdir -p /var/lib/rabbitmq
+        chown rabbitmq:rabbitmq /var/lib/rabbitmq
+        apt-get install -y -q rabbitmq-server
+        rm -f /var/lib/rabbitmq/.erlang.cookie
+        mkdir -p /etc/rabbitmq/conf.d /var/log/rabbitmq
+        chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq
+        command -v setpriv
+        $SLIM_SCRIPT
+    " || die "installing rabbitmq-server failed"
+    cat >"$root/etc/rabbitmq/conf.d/10-defaults.conf" <<'EOF'
+# vote-aggregator/rabbitmq offline image defaults (like the official image's)
+# any user (guest included) may connect from outside the container
+loopback_users = none
+listeners.tcp.default = 5672
+# logs to the container's stdout
+log.console = true
+log.console.level = info
+EOF
+    write_rabbitmq_entrypoint "$root/usr/local/bin/docker-entrypoint.sh"
+    # shellcheck disable=SC2016 # dpkg-query's own ${Version} format
+    ver=$(chroot "$root" dpkg-query -W -f '${Version}' rabbitmq-server)
+    case "$ver" in
+    "$RMQ_SERIES".*) ;;
+    *) warn "Debian $SUITE ships rabbitmq-server $ver, not $RMQ_SERIES.x; $RMQ_IMAGE gets it anyway" ;;
+    esac
+    log "[rabbitmq] rabbitmq-server $ver installed, tree $(du -sxh "$root" | cut -f1); docker import -> $RMQ_IMAGE"
+    import_tree "$root" "$RMQ_IMAGE" SIGTERM "${COMMON_LABELS[@]}" \
+        --change "LABEL org.opencontainers.image.title=\"RabbitMQ $RMQ_SERIES (offline build)\"" \
+        --change "LABEL org.opencontainers.image.version=\"$ver\"" \
+        --change "LABEL org.opencontainers.image.description=\"Stand-in for rabbitmq:$RMQ_SERIES built from Debian $SUITE packages\"" \
+        --change 'ENV PATH=/usr/lib/rabbitmq/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV LANG=C.UTF-8' \
+        --change 'ENV LC_ALL=C.UTF-8' \
+        --change 'ENV HOME=/var/lib/rabbitmq' \
+        --change 'ENV RABBITMQ_LOGS=-' \
+        --change 'ENV RABBITMQ_NODENAME=rabbit@localhost' \
+        --change 'VOLUME /var/lib/rabbitmq' \
+        --change 'EXPOSE 4369 5671 5672 15691 15692 25672' \
+        --change 'ENTRYPOINT ["docker-entrypoint.sh"]' \
+        --change 'CMD ["rabbitmq-server"]' ||
+        die "docker import of $RMQ_IMAGE failed"
+    rm -rf --one-file-system "$root"
+    log "[rabbitmq] built $RMQ_IMAGE"
+}
+
+if [ "$BUILD_PG" = 1 ]; then build_postgres; fi
+if [ "$BUILD_RMQ" = 1 ]; then build_rabbitmq; fi
+
+for image in "$PG_IMAGE" "$RMQ_IMAGE"; do
+    size=$(docker image inspect -f '{{.Size}}' "$image" 2>/dev/null || echo 0)
+    log "$image: $((size / 1000000)) MB"
+done
+log "done in $(($(date +%s) - START_TS)) s"
