@@ -1,0 +1,107 @@
+//! A test bed: one fresh database and one fresh queue name on a server pair, with the
+//! handles a test needs (service config, publisher, database and broker views).
+//!
+//! Every test makes its own bed, so tests in one binary share the containers but never
+//! each other's data.
+
+use std::time::Duration;
+
+use vote_aggregator::Config;
+use vote_aggregator::config::QueueType;
+
+use crate::infra::{Infra, fresh_queue_name};
+use crate::inspect::{Broker, Db};
+use crate::publish::Publisher;
+
+/// A fresh database and queue on a server pair.
+#[derive(Debug, Clone)]
+pub struct TestBed {
+    /// URL of this bed's own database (empty until the aggregator migrates it).
+    pub database_url: String,
+    /// URL of the broker.
+    pub amqp_url: String,
+    /// This bed's queue; its dead-letter queue is `<queue>.dlq`.
+    pub queue: String,
+}
+
+impl TestBed {
+    /// Creates a fresh database and picks a fresh queue name.
+    ///
+    /// # Errors
+    /// When the database cannot be created.
+    pub async fn new(infra: &Infra) -> anyhow::Result<Self> {
+        Ok(TestBed {
+            database_url: infra.fresh_database().await?,
+            amqp_url: infra.amqp_url(),
+            queue: fresh_queue_name(),
+        })
+    }
+
+    /// A service configuration for this bed: its queue (quorum), HTTP on a free local
+    /// port, short grace period, migrations on start.
+    pub fn config(&self, replica: &str) -> Config {
+        let mut c = Config::new(self.database_url.clone(), self.amqp_url.clone());
+        c.queue_name = self.queue.clone();
+        c.queue_type = QueueType::Quorum;
+        c.metrics_addr = "127.0.0.1:0".parse().unwrap_or(c.metrics_addr);
+        c.replica_id = replica.to_string();
+        c.shutdown_grace = Duration::from_secs(10);
+        c
+    }
+
+    /// The environment variables that configure a `vote-aggregator` process for this
+    /// bed (for tests that run the real binary).
+    pub fn env(&self, replica: &str) -> Vec<(String, String)> {
+        [
+            ("DATABASE_URL", self.database_url.as_str()),
+            ("AMQP_URL", self.amqp_url.as_str()),
+            ("QUEUE_NAME", self.queue.as_str()),
+            ("QUEUE_TYPE", "quorum"),
+            ("METRICS_ADDR", "127.0.0.1:0"),
+            ("REPLICA_ID", replica),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// The dead-letter queue's name.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dlq", self.queue)
+    }
+
+    /// Declares the topology (as a replica would at start), so votes can be published
+    /// before any replica runs.
+    ///
+    /// # Errors
+    /// When the broker fails or the queue exists with other arguments.
+    pub async fn declare(&self) -> anyhow::Result<()> {
+        let session = vote_aggregator::broker::connect(&self.config("declarer")).await?;
+        let _ = session.connection.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// A confirmed publisher to this bed's queue.
+    ///
+    /// # Errors
+    /// When the broker is unreachable.
+    pub async fn publisher(&self) -> anyhow::Result<Publisher> {
+        Publisher::connect(&self.amqp_url, &self.queue).await
+    }
+
+    /// A connection to this bed's database.
+    ///
+    /// # Errors
+    /// When the database is unreachable.
+    pub async fn db(&self) -> anyhow::Result<Db> {
+        Db::connect(&self.database_url).await
+    }
+
+    /// A broker view.
+    ///
+    /// # Errors
+    /// When the broker is unreachable.
+    pub async fn broker(&self) -> anyhow::Result<Broker> {
+        Broker::connect(&self.amqp_url).await
+    }
+}

@@ -1,0 +1,266 @@
+//! Integration tests of the test infrastructure itself: real containers (or the servers
+//! named by `VOTES_TEST_DATABASE_URL` / `VOTES_TEST_AMQP_URL`) and the fault proxy.
+//!
+//! Run with the offline images on a machine without registry access:
+//! `VOTES_POSTGRES_IMAGE=vote-aggregator/postgres:17-offline
+//!  VOTES_RABBITMQ_IMAGE=vote-aggregator/rabbitmq:4.0-offline cargo test -p vote-harness --test infra`
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use vote_harness::infra::{self, InfraOptions};
+use vote_harness::proxy::FaultProxy;
+
+const STEP: Duration = Duration::from_secs(10);
+
+async fn execute(url: &str, sql: &str) -> anyhow::Result<usize> {
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(diesel::sql_query(sql).execute(&mut conn).await?)
+}
+
+#[tokio::test]
+async fn shared_starts_both_servers_and_a_fresh_database_accepts_queries() -> anyhow::Result<()> {
+    let infra = infra::shared().await?;
+    let url = infra.fresh_database().await?;
+    assert!(url.contains("/votes_test_"), "{url}");
+    execute(&url, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    assert_eq!(execute(&url, "INSERT INTO t VALUES (1), (2)").await?, 2);
+    assert_eq!(
+        infra.postgres_host_port().port(),
+        url::Url::parse(&url)?.port().unwrap_or(5432)
+    );
+    assert!(infra.amqp_url().starts_with("amqp://"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_fresh_databases_are_distinct() -> anyhow::Result<()> {
+    let infra = infra::shared().await?;
+    let (a, b) = (infra.fresh_database().await?, infra.fresh_database().await?);
+    assert_ne!(a, b);
+    execute(&a, "CREATE TABLE only_in_a (id int)").await?;
+    assert!(
+        execute(&b, "SELECT * FROM only_in_a").await.is_err(),
+        "a table created in one fresh database must not exist in another"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn amqp_url_accepts_a_connection_and_a_quorum_queue() -> anyhow::Result<()> {
+    let infra = infra::shared().await?;
+    let conn =
+        lapin::Connection::connect(&infra.amqp_url(), lapin::ConnectionProperties::default())
+            .await?;
+    let channel = conn.create_channel().await?;
+    let name = infra::fresh_queue_name();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let queue = channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await?;
+    assert_eq!(queue.name().as_str(), name);
+    assert_eq!(queue.message_count(), 0);
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// `shared()` from a runtime created after the first user's runtime was dropped (what
+/// `#[tokio::test]` does for every test) must still work.
+#[test]
+fn shared_infra_outlives_the_runtime_that_started_it() -> anyhow::Result<()> {
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    first.block_on(async { infra::shared().await?.fresh_database().await })?;
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    second.block_on(async {
+        let url = infra::shared().await?.fresh_database().await?;
+        execute(&url, "SELECT 1").await
+    })?;
+    Ok(())
+}
+
+/// An echo server on a free loopback port.
+async fn echo_server() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn round_trip(stream: &mut TcpStream, message: &[u8]) -> anyhow::Result<()> {
+    stream.write_all(message).await?;
+    let mut buf = vec![0; message.len()];
+    tokio::time::timeout(STEP, stream.read_exact(&mut buf)).await??;
+    assert_eq!(buf, message);
+    Ok(())
+}
+
+/// Waits until the peer closed `stream` (EOF or reset).
+async fn assert_closed(stream: &mut TcpStream) -> anyhow::Result<()> {
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(STEP, stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Ok(()),
+        Ok(Ok(n)) => anyhow::bail!("expected a closed connection, read {n} bytes"),
+        Err(_) => anyhow::bail!("connection still open after {STEP:?}"),
+    }
+}
+
+async fn wait_for_count(proxy: &FaultProxy, expected: usize) -> anyhow::Result<()> {
+    tokio::time::timeout(STEP, async {
+        while proxy.connection_count() != expected {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "connection_count stayed {} (expected {expected})",
+            proxy.connection_count()
+        )
+    })
+}
+
+fn loopback_any_port() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+}
+
+#[tokio::test]
+async fn proxy_forwards_both_ways() -> anyhow::Result<()> {
+    let upstream = echo_server().await?;
+    let proxy = FaultProxy::start(loopback_any_port(), upstream).await?;
+    assert_ne!(proxy.local_addr().port(), 0);
+    let mut a = TcpStream::connect(proxy.local_addr()).await?;
+    let mut b = TcpStream::connect(proxy.local_addr()).await?;
+    round_trip(&mut a, b"hello").await?;
+    round_trip(&mut b, &[7u8; 100_000]).await?;
+    wait_for_count(&proxy, 2).await?;
+    drop(a);
+    wait_for_count(&proxy, 1).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn proxy_break_all_cuts_live_connections_and_restore_lets_new_ones_through()
+-> anyhow::Result<()> {
+    let upstream = echo_server().await?;
+    let proxy = FaultProxy::start(loopback_any_port(), upstream).await?;
+    let mut live = TcpStream::connect(proxy.local_addr()).await?;
+    round_trip(&mut live, b"before").await?;
+
+    proxy.break_all();
+    assert!(proxy.is_broken());
+    assert_closed(&mut live).await?;
+    wait_for_count(&proxy, 0).await?;
+    // New connections are accepted and closed at once while broken.
+    let mut refused = TcpStream::connect(proxy.local_addr()).await?;
+    assert_closed(&mut refused).await?;
+    assert_eq!(proxy.connection_count(), 0);
+
+    proxy.restore();
+    let mut fresh = TcpStream::connect(proxy.local_addr()).await?;
+    round_trip(&mut fresh, b"after").await?;
+    assert_eq!(proxy.connection_count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn proxy_set_upstream_moves_new_connections_and_drop_stops_it() -> anyhow::Result<()> {
+    let first = echo_server().await?;
+    let proxy = FaultProxy::start(loopback_any_port(), first).await?;
+    let addr = proxy.local_addr();
+    // An upstream that refuses: the client side is closed.
+    let closed = TcpListener::bind(loopback_any_port()).await?;
+    let closed_addr = closed.local_addr()?;
+    drop(closed);
+    proxy.set_upstream(closed_addr);
+    let mut refused = TcpStream::connect(addr).await?;
+    assert_closed(&mut refused).await?;
+
+    proxy.set_upstream(echo_server().await?);
+    let mut ok = TcpStream::connect(addr).await?;
+    round_trip(&mut ok, b"moved").await?;
+
+    drop(proxy);
+    assert_closed(&mut ok).await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "a dropped proxy must stop listening"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn private_pair_survives_restarts_and_pauses_with_the_same_urls() -> anyhow::Result<()> {
+    let private = infra::start_private(InfraOptions::default()).await?;
+    let admin = private.admin_database_url();
+    let amqp = private.amqp_url();
+    assert_eq!(
+        private.postgres_host_port(),
+        private.postgres_proxy().local_addr()
+    );
+    let db = private.fresh_database().await?;
+    execute(&db, "CREATE TABLE kept (id int)").await?;
+    execute(&db, "INSERT INTO kept VALUES (1)").await?;
+
+    private.stop_postgres().await.context("stop_postgres")?;
+    assert!(
+        execute(&db, "SELECT 1").await.is_err(),
+        "PostgreSQL should be down"
+    );
+    private.start_postgres().await.context("start_postgres")?;
+    assert_eq!(private.admin_database_url(), admin);
+    assert_eq!(
+        execute(&db, "SELECT * FROM kept").await?,
+        1,
+        "data survives a restart"
+    );
+
+    private.pause_postgres().await.context("pause_postgres")?;
+    let paused = tokio::time::timeout(Duration::from_secs(2), execute(&db, "SELECT 1")).await;
+    assert!(paused.is_err(), "a paused PostgreSQL must not answer");
+    private
+        .unpause_postgres()
+        .await
+        .context("unpause_postgres")?;
+    execute(&db, "SELECT 1").await?;
+
+    private
+        .restart_rabbitmq()
+        .await
+        .context("restart_rabbitmq")?;
+    assert_eq!(private.amqp_url(), amqp);
+    let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default()).await?;
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
