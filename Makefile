@@ -1,0 +1,44 @@
+# vote-aggregator — the commands users run. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+OFFLINE_POSTGRES_IMAGE := vote-aggregator/postgres:17-offline
+OFFLINE_RABBITMQ_IMAGE := vote-aggregator/rabbitmq:4.0-offline
+
+# Test servers: the official images unless `make images` built the offline ones (or the
+# caller chose images, or gave running servers via VOTES_TEST_DATABASE_URL/AMQP_URL).
+VOTES_POSTGRES_IMAGE ?= $(shell docker image inspect $(OFFLINE_POSTGRES_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_POSTGRES_IMAGE) || echo postgres:17)
+VOTES_RABBITMQ_IMAGE ?= $(shell docker image inspect $(OFFLINE_RABBITMQ_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_RABBITMQ_IMAGE) || echo rabbitmq:4.0)
+export VOTES_POSTGRES_IMAGE VOTES_RABBITMQ_IMAGE
+
+.PHONY: help images test build release lint fmt init-db-sql clean-containers
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+images: ## build offline PostgreSQL 17 + RabbitMQ 4.0 images from Debian packages (only without registry access)
+	images/build.sh
+
+test: ## run every test against real PostgreSQL and RabbitMQ containers
+	@echo "test servers: $(VOTES_POSTGRES_IMAGE) + $(VOTES_RABBITMQ_IMAGE)"
+	cargo test --workspace --locked
+
+build: ## debug build of the service and the harness
+	cargo build --workspace --locked
+
+release: ## optimised build: target/release/vote-aggregator
+	cargo build --release --locked -p vote-aggregator
+
+lint: ## what CI checks besides the tests
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+fmt: ## format the code
+	cargo fmt --all
+
+init-db-sql: ## write init_db.sql (the schema for psql) from migrations/
+	scripts/init-db-sql.sh init_db.sql
+
+clean-containers: ## remove test containers left behind by killed test runs
+	@ids=$$(docker ps -aq --filter label=vote-aggregator.test=1); \
+	  if [ -n "$$ids" ]; then docker rm -fv $$ids; else echo "no test containers"; fi

@@ -1,0 +1,238 @@
+//! The real `vote-aggregator` binary: signals, exit codes, subcommands, one-line errors.
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use vote_harness::infra;
+use vote_harness::inspect::{eventually, http_get, metric_value};
+use vote_harness::testbed::TestBed;
+use vote_harness::votes;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vote-aggregator");
+const WAIT: Duration = Duration::from_secs(60);
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs the binary with only `env` set (no inherited configuration) and waits.
+fn run_with(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Output> {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Ok(cmd.output()?)
+}
+
+#[test]
+fn config_errors_are_one_line_naming_the_variable() -> anyhow::Result<()> {
+    let base = [
+        ("DATABASE_URL", "postgres://u:topsecret@127.0.0.1:1/x"),
+        ("AMQP_URL", "amqp://u:topsecret@127.0.0.1:1/%2f"),
+    ];
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("BATCH_SIZE", "lots")],
+            "error: invalid BATCH_SIZE=\"lots\": expected a whole number from 1 to 10000",
+        ),
+        (
+            &[("QUEUE_TYPE", "stream")],
+            "error: invalid QUEUE_TYPE=\"stream\": expected 'quorum' or 'classic'",
+        ),
+        (
+            &[("AMQP_URL_FILE", "/run/secrets/x")],
+            "error: both AMQP_URL and AMQP_URL_FILE are set: set only one",
+        ),
+    ];
+    for (extra, want) in cases {
+        let env: Vec<(&str, &str)> = base.iter().chain(extra.iter()).copied().collect();
+        let out = run_with(&["run"], &env)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.trim_end(), *want);
+    }
+    let out = run_with(&["run"], &[("AMQP_URL", "amqp://u:topsecret@h/%2f")])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim_end(),
+        "error: DATABASE_URL is not set: set DATABASE_URL or DATABASE_URL_FILE"
+    );
+    let out = run_with(
+        &["verify"],
+        &[("DATABASE_URL", "postgres://u:topsecret@127.0.0.1:1/x")],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.starts_with("error: cannot connect to PostgreSQL at postgres://u:***@127.0.0.1:1/x"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("topsecret"), "credential leaked: {stderr}");
+    Ok(())
+}
+
+#[test]
+fn help_describes_every_subcommand() -> anyhow::Result<()> {
+    let out = run_with(&["--help"], &[])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for word in ["run", "migrate", "verify", "DATABASE_URL", "AMQP_URL"] {
+        assert!(text.contains(word), "--help lacks {word}: {text}");
+    }
+    for (sub, word) in [
+        ("run", "SIGTERM"),
+        ("migrate", "advisory lock"),
+        ("verify", "Exits 0"),
+    ] {
+        let out = run_with(&[sub, "--help"], &[])?;
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains(word));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_commits_and_acks_the_batch_in_hand_then_exits_zero() -> anyhow::Result<()> {
+    let bed = TestBed::new(infra::shared().await?).await?;
+    let port = free_port()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let mut env = bed.env("sigterm");
+    env.retain(|(k, _)| k != "METRICS_ADDR");
+    env.push(("METRICS_ADDR".into(), addr.to_string()));
+    // A batch that would wait a minute to fill: only SIGTERM can flush it.
+    env.push(("BATCH_SIZE".into(), "1000".into()));
+    env.push(("BATCH_TIMEOUT_MS".into(), "60000".into()));
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run"])
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(if std::env::var("TEST_LOG").as_deref() == Ok("1") {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .kill_on_drop(true)
+        .spawn()?;
+    eventually("replica ready", WAIT, async || {
+        Ok(matches!(http_get(addr, "/readyz").await, Ok((200, _))))
+    })
+    .await?;
+    let votes = votes::spread(50, &["e"], &["a", "b"]);
+    bed.publisher().await?.publish_votes(&votes).await?;
+    eventually("50 deliveries in hand", WAIT, async || {
+        let (_, page) = http_get(addr, "/metrics").await?;
+        Ok(metric_value(&page, "vote_aggregator_votes_received_total") == Some(50.0))
+    })
+    .await?;
+    let mut db = bed.db().await?;
+    assert_eq!(db.vote_count().await?, 0, "batch still in hand");
+
+    let pid = child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    assert_eq!(exit.code(), Some(0), "clean exit");
+    assert_eq!(db.vote_count().await?, 50, "batch committed on SIGTERM");
+    // Acked: nothing comes back to the queue once the consumer is gone.
+    let (ready, consumers) = bed.broker().await?.queue_state(&bed.queue).await?;
+    assert_eq!((ready, consumers), (0, 0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn verify_passes_on_a_consistent_database_and_shows_a_diff_on_a_tampered_one()
+-> anyhow::Result<()> {
+    let bed = TestBed::new(infra::shared().await?).await?;
+    let url = bed.database_url.as_str();
+    // Two migrate processes at once: the advisory lock serialises them.
+    let (a, b) = tokio::join!(
+        tokio::task::spawn_blocking({
+            let url = url.to_string();
+            move || run_with(&["migrate"], &[("DATABASE_URL", &url)])
+        }),
+        tokio::task::spawn_blocking({
+            let url = url.to_string();
+            move || run_with(&["migrate"], &[("DATABASE_URL", &url)])
+        }),
+    );
+    let (a, b) = (a??, b??);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&a.stdout),
+        String::from_utf8_lossy(&b.stdout)
+    );
+    assert!(printed.contains("applied migration") && printed.contains("up to date"));
+
+    let mut db = bed.db().await?;
+    db.execute(
+        "INSERT INTO votes (vote_id, election_id, candidate_id, cast_at) VALUES \
+         (gen_random_uuid(), 'e', 'alice', now()), (gen_random_uuid(), 'e', 'alice', now()), \
+         (gen_random_uuid(), 'e', 'bob', now())",
+    )
+    .await?;
+    db.execute(
+        "INSERT INTO tally_shards (election_id, candidate_id, shard, votes) VALUES \
+         ('e', 'alice', 0, 1), ('e', 'alice', 3, 1), ('e', 'bob', 1, 1)",
+    )
+    .await?;
+    let ok = run_with(&["verify"], &[("DATABASE_URL", url)])?;
+    assert_eq!(ok.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("consistent: 3 votes"));
+
+    db.execute("UPDATE tally_shards SET votes = votes + 5 WHERE candidate_id = 'bob'")
+        .await?;
+    let bad = run_with(&["verify"], &[("DATABASE_URL", url)])?;
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(2), "{out}");
+    assert!(out.contains("bob") && out.contains("+5"), "{out}");
+    assert!(!out.contains("alice"), "only the drifting candidate: {out}");
+    assert!(out.contains("INCONSISTENT: 1 of 2 candidates"), "{out}");
+
+    // votes is append-only.
+    let err = db
+        .execute("DELETE FROM votes WHERE candidate_id = 'bob'")
+        .await
+        .expect_err("append-only");
+    assert!(err.to_string().contains("append-only"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_psql_script_builds_the_same_schema_that_migrate_recognises() -> anyhow::Result<()> {
+    let bed = TestBed::new(infra::shared().await?).await?;
+    let script = std::env::temp_dir().join(format!("init_db_{}.sql", std::process::id()));
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let status = Command::new(format!("{root}/scripts/init-db-sql.sh"))
+        .arg(&script)
+        .stdout(Stdio::null())
+        .status()?;
+    assert!(status.success());
+    let sql = std::fs::read_to_string(&script)?;
+    let mut db = bed.db().await?;
+    db.batch_execute(&sql).await?;
+    let out = run_with(&["migrate"], &[("DATABASE_URL", &bed.database_url)])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "schema is up to date"
+    );
+    let out = run_with(&["verify"], &[("DATABASE_URL", &bed.database_url)])?;
+    assert_eq!(out.status.code(), Some(0));
+    Ok(())
+}
