@@ -18,12 +18,12 @@
 //! honour the official images' environment variables, ports and readiness log lines.
 //!
 //! # Why not testcontainers' runner
-//! testcontainers 0.28 talks to Docker through bollard with a fixed API version (1.53) and
-//! never negotiates, so it fails against any engine older than Docker 29 (e.g. Debian 12's
-//! `docker.io` 20.10, API 1.41: "client version 1.53 is too new"). This module therefore uses
-//! the bollard client that testcontainers re-exports and configures (`DOCKER_HOST`,
-//! `~/.testcontainers.properties`), negotiates the API version once, and implements the
-//! few container operations it needs itself.
+//! testcontainers 0.28 talks to Docker through bollard 0.21 with a fixed API version (1.53)
+//! and never negotiates, so every call fails against an engine that only speaks an older API
+//! (e.g. Debian 12's `docker.io` 20.10, API 1.41: "client version 1.53 is too new"). This
+//! module therefore uses the bollard client that testcontainers re-exports and configures
+//! (`DOCKER_HOST`, `~/.testcontainers.properties`), negotiates the API version once, and
+//! implements the few container operations it needs itself.
 //!
 //! # Runtimes
 //! `#[tokio::test]` builds a fresh runtime per test, and a hyper/bollard client keeps its
@@ -480,6 +480,11 @@ async fn start_shared() -> anyhow::Result<Infra> {
 /// Starts PostgreSQL and RabbitMQ in parallel; if one fails, removes the other.
 async fn start_pair(opts: InfraOptions, scope: &'static str) -> anyhow::Result<(Started, Started)> {
     let docker = docker().await?;
+    // Images first, so a missing one fails before any container is started.
+    tokio::try_join!(
+        ensure_image(&docker, &opts.postgres_image),
+        ensure_image(&docker, &opts.rabbitmq_image),
+    )?;
     // `join!`, not `try_join!`: cancelling a start while its create request is in flight
     // would leave a container whose id we never learn (the exit hook still finds it by
     // label, but a failed start should not leave half a pair running until then).
@@ -761,9 +766,8 @@ struct Started {
     host_addr: SocketAddr,
 }
 
-/// Creates, starts and waits for a container; registers it for removal at exit.
+/// Creates, starts and waits for a container (whose image must exist, see [`ensure_image`]).
 async fn start_container(docker: &Docker, spec: ContainerSpec) -> anyhow::Result<Started> {
-    ensure_image(docker, &spec.image).await?;
     let pid = std::process::id();
     let labels = HashMap::from([
         (LABEL_TEST.to_owned(), "1".to_owned()),
@@ -1114,6 +1118,14 @@ fn pid_alive(_pid: u32) -> bool {
 
 /// Set before the first container is created: only then is there anything to remove at exit.
 static CREATED_ANY: AtomicBool = AtomicBool::new(false);
+static KEEP_AT_EXIT: AtomicBool = AtomicBool::new(false);
+
+/// Leaves this process's containers running when it exits (for `vote-harness demo
+/// --keep`). They are still removed by the next test process's stale-container sweep,
+/// or by `make clean-containers`.
+pub fn keep_at_exit() {
+    KEEP_AT_EXIT.store(true, Ordering::SeqCst);
+}
 
 /// Label filters that select exactly the containers of this process on this host.
 fn own_label_filters() -> Vec<String> {
@@ -1190,7 +1202,7 @@ fn register_atexit() {}
 /// created them), else with the `docker` CLI.
 extern "C" fn remove_at_exit() {
     let _ = std::panic::catch_unwind(|| {
-        if !CREATED_ANY.load(Ordering::SeqCst) {
+        if !CREATED_ANY.load(Ordering::SeqCst) || KEEP_AT_EXIT.load(Ordering::SeqCst) {
             return;
         }
         let removed = block_on_docker(async {

@@ -78,6 +78,11 @@ impl Db {
         Ok(Db { conn })
     }
 
+    /// The underlying connection, for queries this module does not wrap.
+    pub fn connection(&mut self) -> &mut AsyncPgConnection {
+        &mut self.conn
+    }
+
     async fn per_candidate(&mut self, sql: &str) -> anyhow::Result<PerCandidate> {
         let rows: Vec<KeyCount> = diesel::sql_query(sql).load(&mut self.conn).await?;
         Ok(rows

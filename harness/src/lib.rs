@@ -9,17 +9,26 @@
 //!   (`VOTES_TEST_DATABASE_URL`, `VOTES_TEST_AMQP_URL`); fresh databases and queue names.
 //! - [`proxy`]: [`proxy::FaultProxy`], a TCP proxy that can cut every connection on demand
 //!   and keeps a fixed address while the server behind it moves.
-//!
-//! - [`publish`]: a confirmed publisher that follows the contract.
-//! - [`votes`]: making votes (UUIDv7 ids, deterministic spreads, conflicting copies).
-//! - [`inspect`]: reading back the outcome from PostgreSQL and RabbitMQ, polling helpers.
 //! - [`testbed`]: a fresh database + queue per test, with its config and handles.
-//!
-//! The replica fleet, exactly-once checker and load runner will live in further modules.
+//! - [`votes`] and [`workload`]: making votes; seeded workloads with duplicates, late
+//!   duplicates, conflicting copies and malformed bodies.
+//! - [`publish`]: a confirmed publisher that follows the contract and retries what was
+//!   not confirmed; [`ledger`]: what was confirmed; [`progress`]: progress reporting.
+//! - [`fleet`]: real `vote-aggregator` processes, with signals (stop, kill, pause, resume)
+//!   and metric scrapes.
+//! - [`checker`]: the exactly-once checker (the four invariants of DESIGN.md).
+//! - [`inspect`]: reading back the outcome from PostgreSQL and RabbitMQ, polling helpers.
+//! - [`demo`]: `vote-harness demo`.
 
+pub mod checker;
+pub mod demo;
+pub mod fleet;
 pub mod infra;
 pub mod inspect;
+pub mod ledger;
+pub mod progress;
 pub mod proxy;
 pub mod publish;
 pub mod testbed;
 pub mod votes;
+pub mod workload;

@@ -1,7 +1,266 @@
-//! `vote-harness` binary: a placeholder until the load runner and its subcommands land.
-//!
-//! The library (`vote_harness`) is what the test suites use today.
+//! `vote-harness`: the operator's and tester's tool. Parses the command line (and the
+//! environment / `.env`, like the service), then calls the library.
 
-fn main() {
-    println!("vote-harness: no subcommands yet (load, publish and check come later)");
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use vote_harness::checker::{self, CheckOptions};
+use vote_harness::ledger::Ledger;
+use vote_harness::publish::{self, PublishOptions};
+use vote_harness::workload::{Workload, WorkloadSpec};
+
+/// Test and operations tool for vote-aggregator: publish test votes, check that they were
+/// counted exactly once, and run a demo of the whole system.
+#[derive(Parser)]
+#[command(name = "vote-harness", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish test votes (persistent, with publisher confirms) to the votes queue.
+    ///
+    /// A vote counts as published only once the broker confirmed it; unconfirmed
+    /// publishes are retried (which itself creates duplicates the system must absorb).
+    /// Example: `vote-harness publish -n 10`, then `SELECT * FROM vote_statistics`.
+    Publish(PublishArgs),
+    /// Check a finished run against its ledger: waits for the queue to drain, then checks
+    /// the four invariants. Exit 0 when all hold, 1 with the first offending ids when not.
+    Check(CheckArgs),
+    /// Start PostgreSQL, RabbitMQ and 3 replicas, publish 20 000 votes with duplicates and
+    /// malformed ones, and show the results. Leaves nothing running unless --keep.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct Broker {
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+    amqp_url: String,
+    /// Queue the aggregator consumes.
+    #[arg(long, env = "QUEUE_NAME", default_value = "votes.aggregation")]
+    queue: String,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    broker: Broker,
+    /// Distinct votes to publish.
+    #[arg(short = 'n', long = "votes", default_value_t = 10)]
+    votes: usize,
+    /// Elections the votes are spread over.
+    #[arg(long, default_value_t = 1)]
+    elections: usize,
+    /// Candidates per election (skewed: candidate k gets weight 1/(k+1)).
+    #[arg(long, default_value_t = 4)]
+    candidates: usize,
+    /// Precincts per election.
+    #[arg(long, default_value_t = 10)]
+    precincts: usize,
+    /// Messages per second (default: as fast as confirms allow).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Share of votes published again (0..1): some immediately, some late.
+    #[arg(long, default_value_t = 0.0)]
+    duplicates: f64,
+    /// Share of those republished with another candidate, to provoke conflicts (0..1).
+    #[arg(long, default_value_t = 0.1)]
+    conflict_share: f64,
+    /// Share of the exact duplicates held back and sent after everything else (0..1).
+    #[arg(long, default_value_t = 0.5)]
+    late_share: f64,
+    /// Pause before the late duplicates, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    late_delay_ms: u64,
+    /// Malformed messages, as a share of the votes (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    malformed: f64,
+    /// Publishing connections (a vote and its immediate duplicate leave on different
+    /// connections, so replicas race on them).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Seed of every random choice (the same seed publishes the same votes).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Write what was confirmed to this file, for `vote-harness check`.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    broker: Broker,
+    /// PostgreSQL URL of the aggregator's database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Ledger written by `vote-harness publish --ledger`.
+    #[arg(long)]
+    ledger: PathBuf,
+    /// Seconds to wait for the queue to drain before failing.
+    #[arg(long, default_value_t = 120)]
+    drain_timeout: u64,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Leave the servers and replicas running and print how to connect.
+    #[arg(long)]
+    keep: bool,
+    /// Distinct votes to publish.
+    #[arg(short = 'n', long = "votes", default_value_t = 20_000)]
+    votes: usize,
+    /// Replicas to run.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// Seed of the workload.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    // A .env file is optional; a malformed one is reported.
+    if let Err(e) = dotenvy::dotenv()
+        && !e.not_found()
+    {
+        eprintln!("error: cannot read .env: {e}");
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse();
+    vote_aggregator::telemetry::init(vote_aggregator::config::log_format_from_env());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Publish(args) => publish_cmd(args).await,
+            Command::Check(args) => check_cmd(args).await,
+            Command::Demo(args) => {
+                vote_harness::demo::run(args.votes, args.replicas, seed(args.seed), args.keep).await
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The given seed, or a fresh one (printed by the caller so the run can be replayed).
+fn seed(given: Option<u64>) -> u64 {
+    given.unwrap_or_else(rand::random)
+}
+
+async fn publish_cmd(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let spec = WorkloadSpec {
+        votes: args.votes,
+        elections: args.elections,
+        candidates: args.candidates,
+        precincts: args.precincts,
+        duplicates: args.duplicates,
+        conflict_share: args.conflict_share,
+        late_share: args.late_share,
+        malformed: args.malformed,
+        seed: seed(args.seed),
+    };
+    spec.validate()?;
+    if args.votes == 0 {
+        anyhow::bail!("-n/--votes must be at least 1");
+    }
+    if let Some(rate) = args.rate
+        && !(rate > 0.0 && rate.is_finite())
+    {
+        anyhow::bail!("--rate must be a positive number of messages per second, got {rate}");
+    }
+    if args.connections == 0 || args.connections > 64 {
+        anyhow::bail!(
+            "--connections must be from 1 to 64, got {}",
+            args.connections
+        );
+    }
+    eprintln!("seed {} (replay with --seed {})", spec.seed, spec.seed);
+    let workload = Workload::generate(&spec);
+    let options = PublishOptions {
+        rate: args.rate,
+        connections: args.connections,
+        progress: true,
+    };
+    let mut ledger = Ledger::new(&args.broker.queue, spec.seed);
+    let url = &args.broker.amqp_url;
+    publish::publish_messages(
+        url,
+        &args.broker.queue,
+        &workload.main,
+        &options,
+        &mut ledger,
+    )
+    .await?;
+    if !workload.late.is_empty() {
+        tokio::time::sleep(Duration::from_millis(args.late_delay_ms)).await;
+        publish::publish_messages(
+            url,
+            &args.broker.queue,
+            &workload.late,
+            &options,
+            &mut ledger,
+        )
+        .await?;
+    }
+    println!(
+        "published {} votes (confirmed) · duplicates {} · conflicting copies {} · malformed {} · retried {}",
+        ledger.votes.len(),
+        ledger.duplicates_sent,
+        ledger.conflicts.len(),
+        ledger.malformed,
+        ledger.retried
+    );
+    if let Some(path) = &args.ledger {
+        ledger.save(path)?;
+        println!("ledger written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check_cmd(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let ledger = Ledger::load(&args.ledger)?;
+    if ledger.queue != args.broker.queue {
+        eprintln!(
+            "note: checking queue '{}' recorded in the ledger (QUEUE_NAME is '{}')",
+            ledger.queue, args.broker.queue
+        );
+    }
+    let options = CheckOptions {
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+        ..CheckOptions::default()
+    };
+    let report = checker::check(&ledger, &args.database_url, &args.broker.amqp_url, &options)
+        .await
+        .context("cannot read the system's state")?;
+    println!("{report}");
+    let violations = report.violations();
+    if violations.is_empty() {
+        println!("PASS: every invariant holds");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for v in violations {
+            println!("FAIL: {v}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
 }

@@ -43,17 +43,27 @@ impl Publisher {
     /// # Errors
     /// When the broker is unreachable or refuses the credentials.
     pub async fn connect(amqp_url: &str, queue: &str) -> anyhow::Result<Self> {
-        let connection = Connection::connect(
+        let shown = vote_aggregator::config::redact_url(amqp_url);
+        let connection = match Connection::connect(
             amqp_url,
             ConnectionProperties::default().with_connection_name("vote-harness/publisher".into()),
         )
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to RabbitMQ at {}",
-                vote_aggregator::config::redact_url(amqp_url)
-            )
-        })?;
+        {
+            Ok(c) => c,
+            Err(e) => {
+                if let lapin::ErrorKind::ProtocolError(p) = e.kind()
+                    && p.get_id() == 403
+                {
+                    bail!(
+                        "RabbitMQ at {shown} refused the publisher's credentials (ACCESS_REFUSED): check the user and password in AMQP_URL"
+                    );
+                }
+                return Err(e).with_context(|| {
+                    format!("cannot connect to RabbitMQ at {shown}: is it running and is AMQP_URL right?")
+                });
+            }
+        };
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -135,4 +145,218 @@ fn check(confirm: Confirmation, queue: &str) -> anyhow::Result<()> {
         Confirmation::Nack(_) => bail!("publish to '{queue}' was nacked by the broker"),
         Confirmation::NotRequested => bail!("publisher confirms are not enabled"),
     }
+}
+
+/// How to publish a list of workload messages.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Messages per second over all connections (`None`: as fast as confirms allow).
+    pub rate: Option<f64>,
+    /// Connections publishing concurrently; messages are dealt round-robin, so a vote
+    /// and its immediate duplicate leave on different connections and race.
+    pub connections: usize,
+    /// Show a progress bar (on a terminal) or print progress lines (elsewhere).
+    pub progress: bool,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions {
+            rate: None,
+            connections: 1,
+            progress: false,
+        }
+    }
+}
+
+/// Publishes `messages` with confirms and records each confirmed one in `ledger`.
+/// Publishes whose confirm does not arrive (nack, lost channel) are retried on a fresh
+/// connection; a retried publish may reach the queue twice, which is exactly the kind of
+/// duplicate the aggregator must absorb.
+///
+/// # Errors
+/// When the broker stays unreachable (after about 30 s of retries), refuses the
+/// credentials, or the queue does not exist.
+pub async fn publish_messages(
+    amqp_url: &str,
+    queue: &str,
+    messages: &[crate::workload::Message],
+    options: &PublishOptions,
+    ledger: &mut crate::ledger::Ledger,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let connections = options.connections.max(1);
+    let progress =
+        crate::progress::Progress::new("publishing", messages.len() as u64, options.progress);
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(connections);
+    for c in 0..connections {
+        let mine: Vec<usize> = (c..messages.len()).step_by(connections).collect();
+        let rate = options.rate.map(|r| r / connections as f64);
+        let done = done.clone();
+        let progress = progress.clone();
+        let (url, queue) = (amqp_url.to_string(), queue.to_string());
+        let msgs: Vec<(usize, crate::workload::Message)> =
+            mine.iter().map(|&i| (i, messages[i].clone())).collect();
+        tasks.push(tokio::spawn(async move {
+            publish_on_one_connection(&url, &queue, msgs, rate, &done, &progress).await
+        }));
+    }
+    let mut confirmed = Vec::with_capacity(messages.len());
+    let mut retried = 0;
+    let mut first_error = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok((ids, r))) => {
+                confirmed.extend(ids);
+                retried += r;
+            }
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(anyhow::anyhow!("publisher task failed: {e}"));
+            }
+        }
+    }
+    progress.finish(done.load(Ordering::Relaxed));
+    confirmed.sort_unstable();
+    for i in confirmed {
+        ledger.record(&messages[i]);
+    }
+    ledger.retried += retried;
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn message_parts(m: &crate::workload::Message) -> (Vec<u8>, BasicProperties) {
+    use crate::workload::Message;
+    match m {
+        Message::Original(v) | Message::Duplicate(v) | Message::Conflict(v) => {
+            (v.to_json(), vote_properties(v))
+        }
+        Message::Malformed(body) => (
+            body.clone(),
+            BasicProperties::default().with_delivery_mode(2),
+        ),
+    }
+}
+
+/// One connection's share: returns the indexes confirmed and how many publishes were
+/// retried.
+async fn publish_on_one_connection(
+    amqp_url: &str,
+    queue: &str,
+    messages: Vec<(usize, crate::workload::Message)>,
+    rate: Option<f64>,
+    done: &std::sync::atomic::AtomicU64,
+    progress: &crate::progress::Progress,
+) -> anyhow::Result<(Vec<usize>, u64)> {
+    use std::collections::VecDeque;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    let mut todo: VecDeque<(usize, crate::workload::Message)> = messages.into();
+    let mut confirmed = Vec::with_capacity(todo.len());
+    let mut retried = 0u64;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut failures = 0u32;
+    while !todo.is_empty() {
+        let publisher = match Publisher::connect(amqp_url, queue).await {
+            Ok(p) => p,
+            Err(e) if failures < 30 && !is_auth_error(&e) => {
+                failures += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        // Publish a window, then collect its confirms; anything unconfirmed goes back to
+        // the front of the queue for a retry on a fresh connection.
+        'session: while !todo.is_empty() {
+            let mut window = Vec::with_capacity(CONFIRM_WINDOW);
+            while window.len() < CONFIRM_WINDOW {
+                let Some((i, m)) = todo.pop_front() else {
+                    break;
+                };
+                if let Some(rate) = rate {
+                    let due = Duration::from_secs_f64(sent as f64 / rate);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                sent += 1;
+                let (body, props) = message_parts(&m);
+                let res = publisher
+                    .channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &body,
+                        props,
+                    )
+                    .await;
+                match res {
+                    Ok(confirm) => window.push((i, m, Some(confirm))),
+                    Err(_) => {
+                        window.push((i, m, None));
+                        break;
+                    }
+                }
+                // Small windows while rate-limited, so the ledger keeps up in time.
+                if rate.is_some() && window.len() >= 50 {
+                    break;
+                }
+            }
+            let mut broken = false;
+            let mut failed = Vec::new();
+            for (i, m, confirm) in window {
+                let outcome = match confirm {
+                    Some(c) if !broken => c.await.map_err(anyhow::Error::from),
+                    _ => Err(anyhow::anyhow!("channel lost")),
+                };
+                match outcome.and_then(|c| check(c, queue)) {
+                    Ok(()) => {
+                        confirmed.push(i);
+                        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                        progress.set(n);
+                    }
+                    Err(e) if e.to_string().contains("no such queue") => return Err(e),
+                    Err(_) => {
+                        broken = true;
+                        retried += 1;
+                        failed.push((i, m));
+                    }
+                }
+            }
+            for unconfirmed in failed.into_iter().rev() {
+                todo.push_front(unconfirmed);
+            }
+            if broken {
+                failures += 1;
+                if failures > 30 {
+                    anyhow::bail!(
+                        "publishes to '{queue}' keep failing; giving up after 30 retries"
+                    );
+                }
+                break 'session;
+            }
+        }
+        publisher.close().await;
+    }
+    Ok((confirmed, retried))
+}
+
+fn is_auth_error(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains("ACCESS_REFUSED") || text.contains("403")
 }

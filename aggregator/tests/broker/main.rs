@@ -228,7 +228,9 @@ async fn the_same_uuid_with_another_candidate_is_counted_once_and_recorded_as_a_
     let replica = Replica::start(bed.config("r1")).await?;
     let publisher = eventually_publisher(&bed).await?;
     let original = votes::vote("e", "alice");
-    publisher.publish_votes(std::slice::from_ref(&original)).await?;
+    publisher
+        .publish_votes(std::slice::from_ref(&original))
+        .await?;
     wait_stored(&bed, 1).await?;
     // Later, a different payload under the same UUID; and in one batch, a fresh vote
     // followed by a conflicting copy of itself.
@@ -311,11 +313,15 @@ async fn malformed_messages_go_to_the_dead_letter_queue_with_their_reason() -> a
     for (body, _) in &bad {
         let before = votes::vote("e", "alice");
         let after = votes::vote("e", "bob");
-        publisher.publish_votes(std::slice::from_ref(&before)).await?;
+        publisher
+            .publish_votes(std::slice::from_ref(&before))
+            .await?;
         publisher
             .publish_raw(body, BasicProperties::default().with_delivery_mode(2))
             .await?;
-        publisher.publish_votes(std::slice::from_ref(&after)).await?;
+        publisher
+            .publish_votes(std::slice::from_ref(&after))
+            .await?;
         neighbours.push(before);
         neighbours.push(after);
     }

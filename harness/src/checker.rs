@@ -1,0 +1,314 @@
+//! The exactly-once checker: holds the system to what the publisher's [`Ledger`] says
+//! was confirmed, after the queue has drained.
+//!
+//! It checks the four invariants of DESIGN.md:
+//! 1. per (election, candidate): sum of tally shards = rows in `votes` (tally drift 0);
+//! 2. every confirmed vote is in `votes` exactly once, for the candidate it was published
+//!    with (lost 0, double-counted 0);
+//! 3. every confirmed malformed message is in the dead-letter queue;
+//! 4. every confirmed conflicting copy is recorded in `vote_conflicts` and not counted.
+//!
+//! It never reports success on an empty or partial run: nothing published, or a queue
+//! that never drains, is a failure with its reason.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use diesel::QueryableByName;
+use diesel::sql_types::Text;
+use diesel_async::RunQueryDsl;
+use uuid::Uuid;
+
+use crate::inspect::{Broker, Db};
+use crate::ledger::Ledger;
+
+/// How long to wait for the queue to drain.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Give up waiting for the drain after this long (then fail).
+    pub drain_timeout: Duration,
+    /// The queue is "drained" once empty and the database unchanged for this long.
+    pub settle: Duration,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            drain_timeout: Duration::from_secs(120),
+            settle: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What the checker found.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Confirmed original votes.
+    pub published: usize,
+    /// Confirmed exact duplicates.
+    pub duplicates_sent: u64,
+    /// Confirmed votes found in `votes` with the right candidate.
+    pub counted: usize,
+    /// Confirmed votes missing from `votes` (first few kept in `lost_ids`).
+    pub lost: usize,
+    /// Some lost ids.
+    pub lost_ids: Vec<Uuid>,
+    /// Confirmed votes stored under another candidate (a conflicting copy won).
+    pub miscounted: usize,
+    /// Some miscounted ids.
+    pub miscounted_ids: Vec<Uuid>,
+    /// Tally increments beyond the stored votes, summed over candidates.
+    pub double_counted: i64,
+    /// Rows in `votes` the ledger does not know (e.g. unconfirmed publishes that arrived).
+    pub unexpected: usize,
+    /// Confirmed conflicting copies.
+    pub conflicts_expected: usize,
+    /// ... of which recorded in `vote_conflicts`.
+    pub conflicts_recorded: usize,
+    /// Confirmed malformed messages.
+    pub malformed: u64,
+    /// Messages in the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Sum over candidates of |tally − counted|.
+    pub tally_drift: i64,
+    /// Candidates whose tally differs, first few: (election, candidate, tally, counted).
+    pub drift_examples: Vec<(String, String, i64, i64)>,
+    /// Why the run could not be judged (nothing published, never drained), if so.
+    pub incomplete: Option<String>,
+    /// Time from the start of the check until the queue drained.
+    pub drain_time: Duration,
+}
+
+impl Report {
+    /// Every violation, one line each (empty when the run passed).
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(why) = &self.incomplete {
+            v.push(why.clone());
+        }
+        if self.lost > 0 {
+            v.push(format!(
+                "{} confirmed votes lost, e.g. {}",
+                self.lost,
+                ids(&self.lost_ids)
+            ));
+        }
+        if self.miscounted > 0 {
+            v.push(format!(
+                "{} votes counted for the wrong candidate, e.g. {}",
+                self.miscounted,
+                ids(&self.miscounted_ids)
+            ));
+        }
+        if self.double_counted > 0 {
+            v.push(format!("{} votes double-counted", self.double_counted));
+        }
+        if self.tally_drift != 0 {
+            let ex: Vec<String> = self
+                .drift_examples
+                .iter()
+                .map(|(e, c, t, n)| format!("{e}/{c} tally {t} vs {n} votes"))
+                .collect();
+            v.push(format!(
+                "tally drift {} ({})",
+                self.tally_drift,
+                ex.join(", ")
+            ));
+        }
+        if self.conflicts_recorded < self.conflicts_expected {
+            v.push(format!(
+                "{} of {} conflicting copies not recorded in vote_conflicts",
+                self.conflicts_expected - self.conflicts_recorded,
+                self.conflicts_expected
+            ));
+        }
+        if self.dead_lettered < self.malformed {
+            v.push(format!(
+                "{} of {} malformed messages missing from the dead-letter queue",
+                self.malformed - self.dead_lettered,
+                self.malformed
+            ));
+        }
+        v
+    }
+
+    /// Whether every invariant held.
+    pub fn passed(&self) -> bool {
+        self.violations().is_empty()
+    }
+}
+
+fn ids(ids: &[Uuid]) -> String {
+    ids.iter()
+        .take(5)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "published {} (confirmed) · duplicates sent {} · counted {} · lost {} · double-counted {} · conflicts {}/{} · dead-lettered {}/{} · tally drift {}",
+            self.published,
+            self.duplicates_sent,
+            self.counted,
+            self.lost,
+            self.double_counted,
+            self.conflicts_recorded,
+            self.conflicts_expected,
+            self.dead_lettered,
+            self.malformed,
+            self.tally_drift
+        )
+    }
+}
+
+#[derive(QueryableByName)]
+struct StoredVote {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    vote_id: Uuid,
+    #[diesel(sql_type = Text)]
+    candidate_id: String,
+}
+
+/// Waits for the queue to drain, then checks the invariants against `ledger`.
+///
+/// # Errors
+/// Only when the database or broker cannot be read; a violated invariant is a
+/// [`Report`] that did not pass.
+pub async fn check(
+    ledger: &Ledger,
+    database_url: &str,
+    amqp_url: &str,
+    options: &CheckOptions,
+) -> anyhow::Result<Report> {
+    let mut report = Report {
+        published: ledger.votes.len(),
+        duplicates_sent: ledger.duplicates_sent,
+        conflicts_expected: ledger
+            .conflicts
+            .iter()
+            .map(|c| c.vote_id)
+            .collect::<HashSet<_>>()
+            .len(),
+        malformed: ledger.malformed,
+        ..Report::default()
+    };
+    if ledger.votes.is_empty() {
+        report.incomplete =
+            Some("nothing was published (0 confirmed votes): nothing to check".into());
+        return Ok(report);
+    }
+    let mut db = Db::connect(database_url).await?;
+    let broker = Broker::connect(amqp_url).await?;
+    let dlq = format!("{}.dlq", ledger.queue);
+
+    // Drain: the queue is empty and the database stopped changing (or every confirmed
+    // vote, conflict and dead letter is already there).
+    let started = Instant::now();
+    let mut last = (-1i64, -1i64);
+    let mut stable_since = Instant::now();
+    loop {
+        let (ready, _) = broker.queue_state(&ledger.queue).await?;
+        let now = (db.vote_count().await?, db.conflict_count().await?);
+        let (dead, _) = broker.queue_state(&dlq).await.unwrap_or((0, 0));
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        }
+        let complete = now.0 >= report.published as i64
+            && now.1 >= report.conflicts_expected as i64
+            && u64::from(dead) >= ledger.malformed;
+        if ready == 0 && (complete || stable_since.elapsed() >= options.settle) {
+            // One more settle period when complete, to catch late double counting.
+            if complete && stable_since.elapsed() < Duration::from_millis(500) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            break;
+        }
+        if started.elapsed() >= options.drain_timeout {
+            report.incomplete = Some(format!(
+                "queue '{}' did not drain within {:?} ({ready} messages still ready, {} votes stored)",
+                ledger.queue, options.drain_timeout, now.0
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    report.drain_time = started.elapsed();
+
+    // 2. every confirmed vote exactly once, for its candidate (or, for a vote with a
+    // conflicting copy, for whichever of the two payloads committed first).
+    let mut alternatives: HashMap<Uuid, HashSet<&str>> = HashMap::new();
+    for c in &ledger.conflicts {
+        alternatives
+            .entry(c.vote_id)
+            .or_default()
+            .insert(c.candidate_id.as_str());
+    }
+    let stored: Vec<StoredVote> = diesel::sql_query("SELECT vote_id, candidate_id FROM votes")
+        .load(db.connection())
+        .await?;
+    let stored: HashMap<Uuid, String> = stored
+        .into_iter()
+        .map(|s| (s.vote_id, s.candidate_id))
+        .collect();
+    let mut known = HashSet::with_capacity(ledger.votes.len());
+    for v in &ledger.votes {
+        known.insert(v.vote_id);
+        match stored.get(&v.vote_id) {
+            None => {
+                report.lost += 1;
+                if report.lost_ids.len() < 10 {
+                    report.lost_ids.push(v.vote_id);
+                }
+            }
+            Some(c)
+                if *c != v.candidate_id
+                    && !alternatives
+                        .get(&v.vote_id)
+                        .is_some_and(|alt| alt.contains(c.as_str())) =>
+            {
+                report.miscounted += 1;
+                if report.miscounted_ids.len() < 10 {
+                    report.miscounted_ids.push(v.vote_id);
+                }
+            }
+            Some(_) => report.counted += 1,
+        }
+    }
+    report.unexpected = stored.keys().filter(|id| !known.contains(id)).count();
+
+    // 1. tally = count per candidate; tally beyond the count is double counting.
+    let counted = db.counted_per_candidate().await?;
+    let tallies = db.tallies().await?;
+    let keys: std::collections::BTreeSet<_> = counted.keys().chain(tallies.keys()).collect();
+    for key in keys {
+        let n = counted.get(key).copied().unwrap_or(0);
+        let t = tallies.get(key).copied().unwrap_or(0);
+        if t != n {
+            report.tally_drift += (t - n).abs();
+            report.double_counted += (t - n).max(0);
+            if report.drift_examples.len() < 5 {
+                report
+                    .drift_examples
+                    .push((key.0.clone(), key.1.clone(), t, n));
+            }
+        }
+    }
+
+    // 4. conflicts recorded.
+    let recorded: HashSet<Uuid> = db.conflicting_ids().await?.into_iter().collect();
+    report.conflicts_recorded = alternatives
+        .keys()
+        .filter(|id| recorded.contains(id))
+        .count();
+
+    // 3. dead letters (counted without consuming them).
+    report.dead_lettered = u64::from(broker.queue_state(&dlq).await.map(|s| s.0).unwrap_or(0));
+    Ok(report)
+}
