@@ -11,7 +11,7 @@ VOTES_POSTGRES_IMAGE ?= $(shell docker image inspect $(OFFLINE_POSTGRES_IMAGE) >
 VOTES_RABBITMQ_IMAGE ?= $(shell docker image inspect $(OFFLINE_RABBITMQ_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_RABBITMQ_IMAGE) || echo rabbitmq:4.0)
 export VOTES_POSTGRES_IMAGE VOTES_RABBITMQ_IMAGE
 
-.PHONY: help images test build release lint fmt init-db-sql clean-containers
+.PHONY: help images test demo build release lint fmt init-db-sql clean-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -21,7 +21,12 @@ images: ## build offline PostgreSQL 17 + RabbitMQ 4.0 images from Debian package
 
 test: ## run every test against real PostgreSQL and RabbitMQ containers
 	@echo "test servers: $(VOTES_POSTGRES_IMAGE) + $(VOTES_RABBITMQ_IMAGE)"
+	cargo build --workspace --locked   # the suites run the real binaries
 	cargo test --workspace --locked
+
+demo: ## start servers + 3 replicas, publish 20 000 votes with duplicates, show the results (ARGS=--keep to leave it running)
+	cargo build --workspace --locked
+	target/debug/vote-harness demo $(ARGS)
 
 build: ## debug build of the service and the harness
 	cargo build --workspace --locked

@@ -224,8 +224,6 @@ pub(crate) fn retry_backoff() -> impl Iterator<Item = Duration> {
 }
 
 async fn ack(session: &Session, ctx: &Ctx, tag: u64) -> Result<(), String> {
-    #[cfg(feature = "fault-injection")]
-    crate::fault::before_ack();
     session
         .consume
         .basic_ack(tag, BasicAckOptions { multiple: true })
@@ -305,6 +303,15 @@ pub(crate) async fn run_session(
         if committing.is_none() && due {
             let batch = std::mem::replace(&mut filling, Batch::new(config.batch_size));
             committing_tag = batch.last_tag;
+            #[cfg(feature = "fault-injection")]
+            if crate::fault::ack_before_commit() {
+                // Deliberately broken (test builds only): ack now, before COMMIT.
+                if let Err(e) = ack(&session, ctx, committing_tag).await {
+                    break SessionEnd::Lost(e);
+                }
+                crate::fault::in_commit_ack_window();
+                committing_tag = 0;
+            }
             committing = Some(Box::pin(commit(ctx.clone(), batch)));
             continue;
         }
@@ -319,7 +326,14 @@ pub(crate) async fn run_session(
                 }
             }, if committing.is_some() => {
                 committing = None;
-                if let Err(e) = ack(&session, ctx, committing_tag).await {
+                #[cfg(feature = "fault-injection")]
+                if committing_tag != 0 {
+                    crate::fault::in_commit_ack_window();
+                }
+                // A tag of 0 means "already acked" (only in the fault-injection build).
+                if committing_tag != 0
+                    && let Err(e) = ack(&session, ctx, committing_tag).await
+                {
                     break SessionEnd::Lost(e);
                 }
             }
@@ -355,7 +369,9 @@ pub(crate) async fn run_session(
                 .await;
             if let Some(fut) = committing.take() {
                 fut.await;
-                if let Err(e) = ack(&session, ctx, committing_tag).await {
+                if committing_tag != 0
+                    && let Err(e) = ack(&session, ctx, committing_tag).await
+                {
                     warn!(error = %e, "could not ack the last batch; the broker will redeliver it");
                 }
             }

@@ -39,7 +39,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(config::log_format_from_env());
+    telemetry::init(config::log_format_from_env(), "info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,6 +68,8 @@ fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<ExitCode> {
     let config = Config::from_env()?;
+    #[cfg(feature = "fault-injection")]
+    tracing::warn!("this is a TEST build with fault injection compiled in; never deploy it");
     let shutdown = CancellationToken::new();
     tokio::spawn(forward_signals(shutdown.clone()));
     vote_aggregator::run(config, shutdown).await?;

@@ -1,5 +1,6 @@
-//! Log set-up shared by the binaries: `tracing` with an `RUST_LOG` filter (default
-//! `info`) and the format chosen by `LOG_FORMAT` (`text` or `json`), to stderr.
+//! Log set-up shared by the binaries: `tracing` with an `RUST_LOG` filter (default given
+//! by the binary: `info` for the service, `warn` for the harness tool) and the format
+//! chosen by `LOG_FORMAT` (`text` or `json`), to stderr.
 
 use tracing_subscriber::EnvFilter;
 
@@ -7,8 +8,9 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. Calling it twice is harmless (the second call is a
 /// no-op), so tests and binaries can both call it.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -208,8 +208,7 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        // Skip the fleet's Drop (which kills its children): the replicas keep running.
-        std::mem::forget(fleet);
+        fleet.detach();
     } else {
         println!("Stopping the replicas and servers (run with --keep to leave them running).");
         fleet.shutdown().await?;

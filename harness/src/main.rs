@@ -133,7 +133,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let cli = Cli::parse();
-    vote_aggregator::telemetry::init(vote_aggregator::config::log_format_from_env());
+    vote_aggregator::telemetry::init(vote_aggregator::config::log_format_from_env(), "warn");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -253,6 +253,11 @@ async fn check_cmd(args: CheckArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("cannot read the system's state")?;
     println!("{report}");
+    let secs = report.drain_time.as_secs_f64();
+    println!(
+        "drained in {secs:.1}s after the check started ({:.0} confirmed votes/s over that time)",
+        report.published as f64 / secs.max(0.001)
+    );
     let violations = report.violations();
     if violations.is_empty() {
         println!("PASS: every invariant holds");
