@@ -328,6 +328,17 @@ impl Fleet {
         &self.replicas[i].spec
     }
 
+    /// Sets (`Some`) or removes (`None`) one variable of replica `i`'s own environment; it
+    /// takes effect at the replica's next start (e.g. a fault-injection switch for one
+    /// run of one replica).
+    pub fn set_replica_env(&mut self, i: usize, key: &str, value: Option<&str>) {
+        let env = &mut self.replicas[i].spec.env;
+        env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            env.push((key.to_owned(), value.to_owned()));
+        }
+    }
+
     /// Index of the replica called `name`.
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.replicas.iter().position(|r| r.spec.name == name)

@@ -387,6 +387,34 @@ impl PrivateInfra {
         wait_for_rabbitmq(&self.amqp_url(), CONNECT_TIMEOUT).await
     }
 
+    /// Kills RabbitMQ abruptly (SIGKILL: no clean shutdown, like a crashed node) and waits
+    /// until the container has exited. Start it again with [`PrivateInfra::start_rabbitmq`].
+    pub async fn kill_rabbitmq(&self) -> anyhow::Result<()> {
+        let id = self.rabbitmq.id.clone();
+        on_docker(async move { stop_gracefully(&docker().await?, &id, "SIGKILL").await }).await
+    }
+
+    /// When Docker last started the container `id` (one of this pair's, see
+    /// [`PrivateInfra::postgres_container_id`]), as Docker reports it (RFC 3339), and
+    /// whether it runs now. A restart shows as a new start time.
+    pub async fn container_started_at(&self, id: &str) -> anyhow::Result<(String, bool)> {
+        let id = id.to_owned();
+        on_docker(async move {
+            let state = docker()
+                .await?
+                .inspect_container(&id, None)
+                .await
+                .with_context(|| format!("inspecting container {id}"))?
+                .state
+                .with_context(|| format!("container {id} has no state"))?;
+            Ok((
+                state.started_at.unwrap_or_default(),
+                state.running.unwrap_or(false),
+            ))
+        })
+        .await
+    }
+
     /// Restarts RabbitMQ (`docker restart`) and waits until it accepts AMQP connections.
     /// Durable queues and persistent messages survive.
     pub async fn restart_rabbitmq(&self) -> anyhow::Result<()> {

@@ -26,6 +26,8 @@ pub mod fleet;
 pub mod infra;
 pub mod inspect;
 pub mod ledger;
+pub mod load;
+pub mod load_report;
 pub mod progress;
 pub mod proxy;
 pub mod publish;

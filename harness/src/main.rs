@@ -32,6 +32,10 @@ enum Command {
     /// Check a finished run against its ledger: waits for the queue to drain, then checks
     /// the four invariants. Exit 0 when all hold, 1 with the first offending ids when not.
     Check(CheckArgs),
+    /// Measure capacity baselines against this machine's own ceilings (broker alone,
+    /// database alone), for replicas x batch sizes x queue types, on fresh containers
+    /// with fsync on. Writes report.json, report.md and throughput.png to --out.
+    Load(LoadArgs),
     /// Start PostgreSQL, RabbitMQ and 3 replicas, publish 20 000 votes with duplicates and
     /// malformed ones, and show the results. Leaves nothing running unless --keep.
     Demo(DemoArgs),
@@ -109,6 +113,34 @@ struct CheckArgs {
 }
 
 #[derive(Args)]
+struct LoadArgs {
+    /// Distinct votes pre-filled for each configuration.
+    #[arg(short = 'n', long = "votes", default_value_t = 200_000)]
+    votes: usize,
+    /// Share of votes published twice in the pre-fill.
+    #[arg(long, default_value_t = 0.1)]
+    duplicates: f64,
+    /// Replica counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    replicas: Vec<usize>,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,500,1000")]
+    batch_sizes: Vec<usize>,
+    /// Queue types, comma-separated (quorum, classic).
+    #[arg(long, value_delimiter = ',', default_value = "classic,quorum")]
+    queue_types: Vec<String>,
+    /// Seconds of the steady-rate latency phase.
+    #[arg(long, default_value_t = 10)]
+    steady_seconds: u64,
+    /// Output folder.
+    #[arg(long, default_value = "target/load")]
+    out: PathBuf,
+    /// Workload seed.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Args)]
 struct DemoArgs {
     /// Leave the servers and replicas running and print how to connect.
     #[arg(long)]
@@ -148,6 +180,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Publish(args) => publish_cmd(args).await,
             Command::Check(args) => check_cmd(args).await,
+            Command::Load(args) => load_cmd(args).await,
             Command::Demo(args) => {
                 vote_harness::demo::run(args.votes, args.replicas, seed(args.seed), args.keep).await
             }
@@ -233,6 +266,60 @@ async fn publish_cmd(args: PublishArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.ledger {
         ledger.save(path)?;
         println!("ledger written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
+    use vote_aggregator::config::QueueType;
+    if args.votes < 1_000 {
+        anyhow::bail!(
+            "--votes must be at least 1000 for a meaningful rate, got {}",
+            args.votes
+        );
+    }
+    if !(0.0..=1.0).contains(&args.duplicates) {
+        anyhow::bail!(
+            "--duplicates must be a fraction from 0 to 1, got {}",
+            args.duplicates
+        );
+    }
+    if args.replicas.iter().any(|&r| r == 0 || r > 16) {
+        anyhow::bail!("--replicas must each be from 1 to 16");
+    }
+    if args.batch_sizes.iter().any(|&b| b == 0 || b > 10_000) {
+        anyhow::bail!("--batch-sizes must each be from 1 to 10000");
+    }
+    let queue_types = args
+        .queue_types
+        .iter()
+        .map(|q| {
+            q.parse::<QueueType>()
+                .map_err(|()| anyhow::anyhow!("--queue-types: '{q}' is not quorum or classic"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let options = vote_harness::load::LoadOptions {
+        votes: args.votes,
+        duplicates: args.duplicates,
+        replicas: args.replicas,
+        batch_sizes: args.batch_sizes,
+        queue_types,
+        steady: Duration::from_secs(args.steady_seconds),
+        out_dir: args.out.clone(),
+        seed: seed(args.seed),
+        progress: true,
+    };
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let report = vote_harness::load::run(&options, command).await?;
+    println!("{}", vote_harness::load_report::table(&report));
+    for line in vote_harness::load_report::targets(&report) {
+        println!("{line}");
+    }
+    let written = vote_harness::load_report::write_all(&report, &args.out)?;
+    println!("wrote {}", written.json.display());
+    println!("wrote {}", written.markdown.display());
+    if let Some(chart) = written.chart {
+        println!("wrote {}", chart.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,7 +13,9 @@ CREATE TABLE votes (
     candidate_id text        NOT NULL CHECK (char_length(candidate_id) BETWEEN 1 AND 64),
     precinct_id  text                 CHECK (char_length(precinct_id) BETWEEN 1 AND 64),
     cast_at      timestamptz NOT NULL,
-    recorded_at  timestamptz NOT NULL DEFAULT now()
+    -- clock_timestamp(): the moment the row is written, just before its COMMIT (the load
+    -- runner measures publish-to-commit latency from it).
+    recorded_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
 -- verify and the dashboards count votes per candidate.

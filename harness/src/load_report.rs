@@ -1,0 +1,398 @@
+//! The outputs of a load run: a terminal table, `report.json` (every figure, the settings
+//! and the machine), `report.md` (for the README and issue notes) and `throughput.png`
+//! (throughput vs replicas and batch size with both ceilings, and latency percentiles),
+//! all under the run's output folder (`target/load/` by default).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use plotters::prelude::*;
+
+use crate::load::{ConfigResult, LoadReport};
+
+/// Files written by [`write_all`].
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// JSON with every figure.
+    pub json: PathBuf,
+    /// Markdown report.
+    pub markdown: PathBuf,
+    /// Chart, when a font was found to label it.
+    pub chart: Option<PathBuf>,
+}
+
+/// The terminal table.
+pub fn table(report: &LoadReport) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "queue",
+        "replicas",
+        "batch",
+        "votes/s",
+        "broker ceiling",
+        "% of broker",
+        "db ceiling",
+        "% of db",
+        "p50 ms",
+        "p99 ms",
+        "CPU s/1k votes",
+        "peak RSS MiB",
+    ]);
+    for c in &report.configs {
+        t.add_row([
+            c.queue_type.clone(),
+            c.replicas.to_string(),
+            c.batch_size.to_string(),
+            format!("{:.0}", c.votes_per_second),
+            format!("{:.0}", c.broker_ceiling_votes_per_second),
+            format!("{:.0} %", c.ratio_to_broker_ceiling * 100.0),
+            format!("{:.0}", c.db_ceiling_votes_per_second),
+            format!("{:.0} %", c.ratio_to_db_ceiling * 100.0),
+            format!("{:.1}", c.latency_p50_ms),
+            format!("{:.1}", c.latency_p99_ms),
+            format!("{:.3}", c.cpu_seconds_per_1000_votes),
+            format!("{:.1}", c.peak_rss_mib),
+        ]);
+    }
+    t
+}
+
+/// Writes the JSON, Markdown and PNG outputs into `dir`.
+///
+/// # Errors
+/// When a file cannot be written.
+pub fn write_all(report: &LoadReport, dir: &Path) -> anyhow::Result<Written> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = dir.join("report.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let chart_path = dir.join("throughput.png");
+    let chart = match chart(report, &chart_path) {
+        Ok(()) => Some(chart_path),
+        Err(e) => {
+            eprintln!("load: chart not drawn: {e:#}");
+            None
+        }
+    };
+    let markdown = dir.join("report.md");
+    std::fs::write(&markdown, markdown_text(report, chart.as_deref()))
+        .with_context(|| format!("writing {}", markdown.display()))?;
+    Ok(Written {
+        json,
+        markdown,
+        chart,
+    })
+}
+
+/// The Markdown report.
+pub fn markdown_text(report: &LoadReport, chart: Option<&Path>) -> String {
+    let m = &report.machine;
+    let mut s = String::new();
+    let _ = writeln!(s, "## Load baseline\n");
+    let _ = writeln!(
+        s,
+        "Command: `{}` · started {} · {:.0} s wall · seed {}\n",
+        report.command, report.started_at, report.wall_seconds, report.seed
+    );
+    let _ = writeln!(
+        s,
+        "Machine: {} cores, {:.1} GiB, Linux {} · {} (fsync={}) · RabbitMQ image `{}` · vote-aggregator {} (release build)\n",
+        m.cores,
+        m.memory_gib,
+        m.kernel,
+        short_pg(&m.postgres),
+        m.postgres_fsync,
+        m.rabbitmq,
+        m.aggregator_version
+    );
+    let _ = writeln!(
+        s,
+        "Each configuration drains a queue pre-filled with {} votes + {:.0} % duplicates (counted votes/s, first to last counted vote), then publishes at 50 % of that rate for {:.0} s and measures publish-to-commit latency of every vote (HDR histogram). Ceilings are measured in the same run: **broker** = a receive-and-ack-only consumer (same queue type and prefetch, no database), **database** = the aggregator's batch statement fed from memory at the same batch size (no broker). `% of broker` compares deliveries/s (votes + duplicates) with the broker ceiling.\n",
+        report.votes,
+        report.duplicates * 100.0,
+        report.steady_seconds
+    );
+    let _ = writeln!(
+        s,
+        "| queue | replicas | batch | votes/s | broker ceiling | % of broker | db ceiling | % of db | p50 ms | p95 ms | p99 ms | max ms | CPU s / 1000 votes | peak RSS MiB | limited by |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    for c in &report.configs {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} % | {:.0} | {:.0} % | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} | {} |",
+            c.queue_type,
+            c.replicas,
+            c.batch_size,
+            c.votes_per_second,
+            c.broker_ceiling_votes_per_second,
+            c.ratio_to_broker_ceiling * 100.0,
+            c.db_ceiling_votes_per_second,
+            c.ratio_to_db_ceiling * 100.0,
+            c.latency_p50_ms,
+            c.latency_p95_ms,
+            c.latency_p99_ms,
+            c.latency_max_ms,
+            c.cpu_seconds_per_1000_votes,
+            c.peak_rss_mib,
+            c.limited_by
+        );
+    }
+    if let Some(chart) = chart {
+        let _ = writeln!(s, "\nChart: `{}`", chart.display());
+    }
+    let _ = writeln!(s, "\n### Targets\n");
+    for line in targets(report) {
+        let _ = writeln!(s, "- {line}");
+    }
+    s
+}
+
+fn short_pg(version: &str) -> String {
+    version.split(" on ").next().unwrap_or(version).to_string()
+}
+
+/// The issue's targets, each judged from this run's own figures.
+pub fn targets(report: &LoadReport) -> Vec<String> {
+    let find = |q: &str, r: usize, b: usize| {
+        report
+            .configs
+            .iter()
+            .find(|c| c.queue_type == q && c.replicas == r && c.batch_size == b)
+    };
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let mut out = Vec::new();
+    for (q, want) in [("classic", 0.8), ("quorum", 0.7)] {
+        if let Some(c) = find(q, 1, 500) {
+            out.push(format!(
+                "1 replica, batch 500, {q}: {:.0} % of the broker ceiling (target ≥ {:.0} %): {}",
+                c.ratio_to_broker_ceiling * 100.0,
+                want * 100.0,
+                verdict(c.ratio_to_broker_ceiling >= want)
+            ));
+        }
+    }
+    let mut groups: Vec<(&str, usize)> = report
+        .configs
+        .iter()
+        .map(|c| (c.queue_type.as_str(), c.batch_size))
+        .collect();
+    groups.sort();
+    groups.dedup();
+    for (q, b) in groups {
+        if let (Some(one), Some(three)) = (find(q, 1, b), find(q, 3, b)) {
+            let ratio = three.votes_per_second / one.votes_per_second.max(1.0);
+            out.push(format!(
+                "{q}, batch {b}: 3 replicas at {:.0} % of 1 replica (target ≥ 90 %): {}",
+                ratio * 100.0,
+                verdict(ratio >= 0.9)
+            ));
+        }
+    }
+    let worst_p99 = report
+        .configs
+        .iter()
+        .map(|c| c.latency_p99_ms)
+        .fold(0.0, f64::max);
+    out.push(format!(
+        "p99 publish-to-commit at 50 % load ≤ 2 × BATCH_TIMEOUT_MS + 25 ms = 125 ms: worst {worst_p99:.1} ms: {}",
+        verdict(worst_p99 <= 125.0)
+    ));
+    let rss_1000 = report
+        .configs
+        .iter()
+        .filter(|c| c.batch_size == 1000)
+        .map(|c| c.peak_rss_mib)
+        .fold(0.0, f64::max);
+    if rss_1000 > 0.0 {
+        out.push(format!(
+            "peak RSS per replica at batch 1000 < 64 MiB: {rss_1000:.1} MiB: {}",
+            verdict(rss_1000 < 64.0)
+        ));
+    }
+    out
+}
+
+/// Registers a system font for chart labels (plotters' pure-Rust text rendering needs
+/// one). Debian's fonts-dejavu-core provides it.
+fn register_font() -> anyhow::Result<()> {
+    const CANDIDATES: [&str; 3] = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    ];
+    let path = CANDIDATES
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .context("no DejaVuSans.ttf found (apt-get install fonts-dejavu-core)")?;
+    let bytes: &'static [u8] = Box::leak(std::fs::read(path)?.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{path} is not a usable font"))?;
+    Ok(())
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn chart(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (1500, 900)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(560);
+    let mut queues: Vec<&str> = report
+        .configs
+        .iter()
+        .map(|c| c.queue_type.as_str())
+        .collect();
+    queues.sort();
+    queues.dedup();
+    let panels = top.split_evenly((1, queues.len().max(1)));
+    let max_y = report
+        .configs
+        .iter()
+        .flat_map(|c| {
+            [
+                c.votes_per_second,
+                c.broker_ceiling_votes_per_second,
+                c.db_ceiling_votes_per_second,
+            ]
+        })
+        .fold(1.0, f64::max)
+        * 1.1;
+    let max_r = report.configs.iter().map(|c| c.replicas).max().unwrap_or(1) as f64;
+    for (panel, q) in panels.iter().zip(&queues) {
+        let configs: Vec<&ConfigResult> = report
+            .configs
+            .iter()
+            .filter(|c| c.queue_type == *q)
+            .collect();
+        let mut batches: Vec<usize> = configs.iter().map(|c| c.batch_size).collect();
+        batches.sort_unstable();
+        batches.dedup();
+        let mut ch = ChartBuilder::on(panel)
+            .caption(
+                format!("{q} queue: counted votes/s (solid), broker ceiling (dashed), database ceiling (dotted)"),
+                ("sans-serif", 16),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.8f64..max_r + 0.2, 0f64..max_y)?;
+        ch.configure_mesh()
+            .x_desc("replicas")
+            .y_desc("votes/s")
+            .x_labels(max_r as usize)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()?;
+        for (i, b) in batches.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            let mut pts: Vec<(f64, f64)> = configs
+                .iter()
+                .filter(|c| c.batch_size == *b)
+                .map(|c| (c.replicas as f64, c.votes_per_second))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            ch.draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))?
+                .label(format!("batch {b}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            ch.draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
+            if let Some(c) = configs.iter().find(|c| c.batch_size == *b) {
+                ch.draw_series(DashedLineSeries::new(
+                    vec![
+                        (0.8, c.broker_ceiling_votes_per_second),
+                        (max_r + 0.2, c.broker_ceiling_votes_per_second),
+                    ],
+                    10,
+                    6,
+                    color.stroke_width(2),
+                ))?;
+                ch.draw_series(DashedLineSeries::new(
+                    vec![
+                        (0.8, c.db_ceiling_votes_per_second),
+                        (max_r + 0.2, c.db_ceiling_votes_per_second),
+                    ],
+                    2,
+                    5,
+                    color.stroke_width(2),
+                ))?;
+            }
+        }
+        ch.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+
+    // Latency percentiles per configuration.
+    let n = report.configs.len().max(1);
+    let max_ms = report
+        .configs
+        .iter()
+        .map(|c| c.latency_p99_ms.max(c.latency_p95_ms))
+        .fold(1.0, f64::max)
+        .max(125.0)
+        * 1.15;
+    let mut ch = ChartBuilder::on(&bottom)
+        .caption(
+            "publish-to-commit latency at 50 % of capacity: p50 / p95 / p99 (line: 125 ms target)",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(60)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..max_ms)?;
+    let labels: Vec<String> = report
+        .configs
+        .iter()
+        .map(|c| format!("{} r{} b{}", &c.queue_type[..1], c.replicas, c.batch_size))
+        .collect();
+    ch.configure_mesh()
+        .y_desc("ms")
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round() as usize;
+            labels.get(i).cloned().unwrap_or_default()
+        })
+        .draw()?;
+    for (k, (name, pick)) in [
+        (
+            "p50",
+            (|c: &ConfigResult| c.latency_p50_ms) as fn(&ConfigResult) -> f64,
+        ),
+        ("p95", |c: &ConfigResult| c.latency_p95_ms),
+        ("p99", |c: &ConfigResult| c.latency_p99_ms),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let color = COLORS[k];
+        let offset = (k as f64 - 1.0) * 0.2;
+        ch.draw_series(report.configs.iter().enumerate().map(|(i, c)| {
+            let x = i as f64 + offset;
+            Rectangle::new([(x - 0.09, 0.0), (x + 0.09, pick(c))], color.filled())
+        }))?
+        .label(name)
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
+    }
+    ch.draw_series(LineSeries::new(
+        vec![(-0.5, 125.0), (n as f64 - 0.5, 125.0)],
+        RED.stroke_width(2),
+    ))?;
+    ch.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
