@@ -4,11 +4,13 @@
 //! Invariants this module keeps:
 //! - A delivery is acked only after the transaction holding its vote has COMMITTED
 //!   (or, for a malformed one, after its copy in the dead-letter queue is confirmed).
-//! - Batches commit one at a time, in delivery order, and each is acked with ONE
-//!   `basic.ack(last_tag, multiple=true)`; so a multiple-ack never covers a delivery
-//!   whose batch has not committed.
-//! - While one batch commits, the next one fills (prefetch ≈ 2 × batch size); when it is
-//!   full before the commit ends, reading stops (back-pressure) until the commit ends.
+//! - Each batch is acked with ONE `basic.ack(last_tag, multiple=true)`, and only after
+//!   every earlier batch was acked; so a multiple-ack never covers a delivery whose batch
+//!   has not committed.
+//! - Up to [`COMMIT_PIPELINE_DEPTH`] batches commit at once while the next one fills
+//!   (prefetch ≈ 2 × batch size); their results are taken strictly in the order they
+//!   started, so acks stay in delivery order. When the pipeline is full and the next
+//!   batch too, reading stops (back-pressure) until the oldest commit ends.
 //! - A commit that fails is retried with capped backoff, holding its deliveries
 //!   unacked; the broker cannot redeliver them while the channel lives, and redelivers
 //!   them if the process dies.
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
@@ -42,6 +45,11 @@ use crate::vote::{self, Vote};
 /// Longest a single batch transaction may take before it is abandoned and retried
 /// (protects against a database that stops answering without closing the socket).
 const COMMIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Batch transactions one replica runs at once. Two keep the database busy while the
+/// previous COMMIT's round trip and fsync complete; acks still go strictly in order.
+/// (The pool needs at least this many connections to overlap; fewer only serialises.)
+const COMMIT_PIPELINE_DEPTH: usize = 2;
 
 /// Everything a session needs, shared with the commit tasks.
 #[derive(Clone)]
@@ -79,6 +87,10 @@ struct Batch {
     deliveries: usize,
     last_tag: u64,
     opened: Instant,
+    /// Tally shard this batch increments.
+    shard: i16,
+    /// Already acked (only the deliberately broken fault-injection build does this).
+    acked: bool,
 }
 
 impl Batch {
@@ -92,6 +104,8 @@ impl Batch {
             deliveries: 0,
             last_tag: 0,
             opened: Instant::now(),
+            shard: 0,
+            acked: false,
         }
     }
 
@@ -129,7 +143,7 @@ type CommitFuture = Pin<Box<dyn Future<Output = Batch> + Send>>;
 /// recorded here; the caller acks.
 async fn commit(ctx: Ctx, batch: Batch) -> Batch {
     let mut backoff = retry_backoff();
-    let shard = rand::rng().random_range(0..ctx.config.tally_shards) as i16;
+    let shard = batch.shard;
     loop {
         let started = Instant::now();
         let attempt = tokio::time::timeout(
@@ -291,49 +305,41 @@ pub(crate) async fn run_session(
     let _stop_monitor = monitor_stop.drop_guard();
 
     let mut filling = Batch::new(config.batch_size);
-    let mut committing: Option<CommitFuture> = None;
-    let mut committing_tag = 0u64;
+    // Commits in flight, resolved strictly in the order they started (= delivery order),
+    // so each multiple-ack only ever covers committed batches.
+    let mut committing: FuturesOrdered<CommitFuture> = FuturesOrdered::new();
+    // Consecutive batches of this session use different tally shards, so two commits in
+    // flight never queue on the same tally rows.
+    let mut next_shard = rand::rng().random_range(0..config.tally_shards);
 
     let end = loop {
         let full = filling.deliveries >= config.batch_size;
         let deadline = tokio::time::Instant::from_std(filling.opened + config.batch_timeout);
         let due = !filling.is_empty() && (full || tokio::time::Instant::now() >= deadline);
 
-        // Start the next commit as soon as the previous one is done and a batch is due.
-        if committing.is_none() && due {
-            let batch = std::mem::replace(&mut filling, Batch::new(config.batch_size));
-            committing_tag = batch.last_tag;
+        // Start the next commit as soon as a batch is due and the pipeline has room.
+        if committing.len() < COMMIT_PIPELINE_DEPTH && due {
+            let mut batch = std::mem::replace(&mut filling, Batch::new(config.batch_size));
+            batch.shard = next_shard as i16;
+            next_shard = (next_shard + 1) % config.tally_shards;
             #[cfg(feature = "fault-injection")]
             if crate::fault::ack_before_commit() {
                 // Deliberately broken (test builds only): ack now, before COMMIT.
-                if let Err(e) = ack(&session, ctx, committing_tag).await {
+                if let Err(e) = ack(&session, ctx, batch.last_tag).await {
                     break SessionEnd::Lost(e);
                 }
                 crate::fault::in_commit_ack_window();
-                committing_tag = 0;
+                batch.acked = true;
             }
-            committing = Some(Box::pin(commit(ctx.clone(), batch)));
+            committing.push_back(Box::pin(commit(ctx.clone(), batch)));
             continue;
         }
 
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break SessionEnd::Stopped,
-            _ = async {
-                match committing.as_mut() {
-                    Some(fut) => fut.await,
-                    None => std::future::pending().await,
-                }
-            }, if committing.is_some() => {
-                committing = None;
-                #[cfg(feature = "fault-injection")]
-                if committing_tag != 0 {
-                    crate::fault::in_commit_ack_window();
-                }
-                // A tag of 0 means "already acked" (only in the fault-injection build).
-                if committing_tag != 0
-                    && let Err(e) = ack(&session, ctx, committing_tag).await
-                {
+            Some(done) = committing.next(), if !committing.is_empty() => {
+                if let Err(e) = ack_committed(&session, ctx, &done).await {
                     break SessionEnd::Lost(e);
                 }
             }
@@ -355,30 +361,25 @@ pub(crate) async fn run_session(
                 Some(Err(e)) => break lost("consumer", e),
                 None => break SessionEnd::Lost("consumer was cancelled by the broker".into()),
             },
-            _ = tokio::time::sleep_until(deadline), if !filling.is_empty() && committing.is_none() => {}
+            _ = tokio::time::sleep_until(deadline),
+                if !filling.is_empty() && committing.len() < COMMIT_PIPELINE_DEPTH => {}
         }
     };
 
     match end {
         SessionEnd::Stopped => {
-            // Stop deliveries, then finish what is in hand: the commit in flight, then the
+            // Stop deliveries, then finish what is in hand: the commits in flight, then the
             // partial batch. Deliveries still in the socket are requeued on close.
             let _ = session
                 .consume
                 .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
                 .await;
-            if let Some(fut) = committing.take() {
-                fut.await;
-                if committing_tag != 0
-                    && let Err(e) = ack(&session, ctx, committing_tag).await
-                {
-                    warn!(error = %e, "could not ack the last batch; the broker will redeliver it");
-                }
-            }
             if !filling.is_empty() {
-                let tag = filling.last_tag;
-                commit(ctx.clone(), filling).await;
-                if let Err(e) = ack(&session, ctx, tag).await {
+                filling.shard = next_shard as i16;
+                committing.push_back(Box::pin(commit(ctx.clone(), filling)));
+            }
+            while let Some(done) = committing.next().await {
+                if let Err(e) = ack_committed(&session, ctx, &done).await {
                     warn!(error = %e, "could not ack the last batch; the broker will redeliver it");
                 }
             }
@@ -389,15 +390,24 @@ pub(crate) async fn run_session(
             Ok(SessionEnd::Stopped)
         }
         SessionEnd::Lost(reason) => {
-            // A commit in flight finishes (its rows are durable or not; either way the
+            // Commits in flight finish (their rows are durable or not; either way the
             // broker redelivers and the UUID key dedupes), but nothing more is acked.
-            if let Some(fut) = committing.take() {
-                fut.await;
-            }
+            while committing.next().await.is_some() {}
             ctx.metrics.set_up(DEP_RABBITMQ, false);
             Ok(SessionEnd::Lost(reason))
         }
     }
+}
+
+/// Acks a committed batch (one `multiple` ack up to its last delivery tag), unless the
+/// broken test build already acked it.
+async fn ack_committed(session: &Session, ctx: &Ctx, batch: &Batch) -> Result<(), String> {
+    if batch.acked {
+        return Ok(());
+    }
+    #[cfg(feature = "fault-injection")]
+    crate::fault::in_commit_ack_window();
+    ack(session, ctx, batch.last_tag).await
 }
 
 /// Sends a malformed delivery to the dead-letter queue with its reason, then acks it.

@@ -222,20 +222,31 @@ tally AS (
     ON CONFLICT (election_id, candidate_id, shard)
     DO UPDATE SET votes = t.votes + excluded.votes, updated_at = now()
 ),
+-- Only rows that were not counted need judging (in the common case: none).
+rest AS (
+    SELECT i.* FROM input i
+    WHERE NOT EXISTS (SELECT 1 FROM counted c WHERE c.ord = i.ord)
+),
+first_counted AS (
+    SELECT i.* FROM input i JOIN counted c ON c.ord = i.ord
+),
 judged AS (
-    SELECT i.*,
+    SELECT r.*,
            CASE
+             -- Stored before this statement: compare with the stored vote.
              WHEN v.vote_id IS NOT NULL THEN
                (v.election_id, v.candidate_id, v.precinct_id, v.cast_at)
-                 IS DISTINCT FROM (i.election_id, i.candidate_id, i.precinct_id, i.cast_at)
-             WHEN f.vote_id IN (SELECT vote_id FROM ins) THEN
+                 IS DISTINCT FROM (r.election_id, r.candidate_id, r.precinct_id, r.cast_at)
+             -- Counted by this very statement: compare with that row.
+             WHEN f.vote_id IS NOT NULL THEN
                (f.election_id, f.candidate_id, f.precinct_id, f.cast_at)
-                 IS DISTINCT FROM (i.election_id, i.candidate_id, i.precinct_id, i.cast_at)
+                 IS DISTINCT FROM (r.election_id, r.candidate_id, r.precinct_id, r.cast_at)
+             -- Inserted by a concurrent transaction: unresolved here.
              ELSE NULL
            END AS conflicting
-    FROM input i
-    LEFT JOIN votes v ON v.vote_id = i.vote_id
-    LEFT JOIN input f ON f.vote_id = i.vote_id AND f.is_first
+    FROM rest r
+    LEFT JOIN votes v ON v.vote_id = r.vote_id
+    LEFT JOIN first_counted f ON f.vote_id = r.vote_id
 ),
 conflicts AS (
     INSERT INTO vote_conflicts (vote_id, election_id, candidate_id, precinct_id, cast_at)

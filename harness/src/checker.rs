@@ -213,7 +213,11 @@ pub async fn check(
     let mut stable_since = Instant::now();
     loop {
         let (ready, _) = broker.queue_state(&ledger.queue).await?;
-        let now = (db.vote_count().await?, db.conflict_count().await?);
+        // Before the first replica has migrated, the tables do not exist yet: count 0.
+        let now = (
+            db.vote_count().await.unwrap_or(0),
+            db.conflict_count().await.unwrap_or(0),
+        );
         let (dead, _) = broker.queue_state(&dlq).await.unwrap_or((0, 0));
         if now != last {
             last = now;

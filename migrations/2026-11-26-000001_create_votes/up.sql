@@ -18,8 +18,9 @@ CREATE TABLE votes (
     recorded_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
--- verify and the dashboards count votes per candidate.
-CREATE INDEX votes_election_candidate_idx ON votes (election_id, candidate_id);
+-- No secondary index on votes: every index costs each insert on the hot path, and the
+-- per-candidate reads (verify, the checker) are rare full scans; dashboards read
+-- tally_shards through vote_statistics.
 
 CREATE FUNCTION votes_reject_change() RETURNS trigger
 LANGUAGE plpgsql AS $$

@@ -51,6 +51,12 @@ async fn an_honest_run_passes_with_exact_figures() -> anyhow::Result<()> {
     let ledger = publish(&bed, &spec).await?;
     let stop = CancellationToken::new();
     let replica = vote_aggregator::spawn(bed.config("honest"), stop.clone()).await?;
+    let addr = replica.metrics_addr();
+    // Ready = migrated and consuming.
+    vote_harness::inspect::eventually("replica ready", Duration::from_secs(60), async || {
+        Ok(vote_harness::inspect::http_get(addr, "/readyz").await?.0 == 200)
+    })
+    .await?;
     let report = checker::check(&ledger, &bed.database_url, &bed.amqp_url, &quick()).await?;
     assert!(report.passed(), "{report}\n{:?}", report.violations());
     assert_eq!(report.published, 2_000);
