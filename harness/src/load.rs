@@ -125,6 +125,22 @@ pub struct ConfigResult {
     pub cpu_seconds_per_1000_votes: f64,
     /// Largest peak RSS of one replica, MiB.
     pub peak_rss_mib: f64,
+    /// During the capacity drain: CPU seconds per 1000 counted votes of the replicas...
+    pub drain_aggregator_cpu_seconds_per_1000_votes: f64,
+    /// ... of the RabbitMQ container (None when its cgroup cannot be read) ...
+    pub drain_broker_cpu_seconds_per_1000_votes: Option<f64>,
+    /// ... and of the PostgreSQL container.
+    pub drain_database_cpu_seconds_per_1000_votes: Option<f64>,
+    /// Share of the machine's CPU (all cores) that replicas + broker + database used
+    /// during the drain.
+    pub drain_machine_cpu_share: Option<f64>,
+    /// Share of the machine's CPU busy during the drain, whoever used it (from
+    /// /proc/stat): above the previous figure when other work shares the machine.
+    pub drain_machine_busy_share: Option<f64>,
+    /// What the measured per-vote CPU costs allow on this many cores if nothing else
+    /// waited: cores / (CPU seconds per vote, summed over the three). A ceiling for the
+    /// whole pipeline on this machine.
+    pub cpu_bound_votes_per_second: Option<f64>,
     /// What bounded this configuration, judged from the ratios and CPU use.
     pub limited_by: String,
 }
@@ -247,17 +263,38 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
     })
 }
 
-/// A judgement, not a measurement: close to a ceiling means bounded by it; otherwise
-/// the aggregator itself (its CPU, or its commit pipeline) is the limit.
+/// A judgement, not a measurement: close to a ceiling means bounded by it; a machine
+/// whose cores were saturated during the drain is CPU-bound, and the split of that CPU
+/// says who used it; otherwise the aggregator's own pipeline is the limit.
 fn limited_by(r: &ConfigResult) -> String {
     let broker = r.ratio_to_broker_ceiling;
     let db = r.ratio_to_db_ceiling;
-    if broker >= 0.8 && broker >= db {
-        "broker (near the receive-and-ack ceiling)".into()
+    let split = match (
+        r.drain_broker_cpu_seconds_per_1000_votes,
+        r.drain_database_cpu_seconds_per_1000_votes,
+    ) {
+        (Some(b), Some(d)) => {
+            let a = r.drain_aggregator_cpu_seconds_per_1000_votes;
+            let t = (a + b + d).max(1e-9);
+            format!(
+                " (CPU: broker {:.0} %, database {:.0} %, aggregator {:.0} %)",
+                100.0 * b / t,
+                100.0 * d / t,
+                100.0 * a / t
+            )
+        }
+        _ => String::new(),
+    };
+    if r.drain_machine_cpu_share.is_some_and(|s| s >= 0.85) {
+        format!("machine CPU: cores saturated{split}")
+    } else if r.drain_machine_busy_share.is_some_and(|s| s >= 0.9) {
+        format!("machine CPU: cores saturated, partly by other work on the machine{split}")
+    } else if broker >= 0.8 && broker >= db {
+        format!("broker: near its receive-and-ack ceiling{split}")
     } else if db >= 0.8 {
-        "database (near the batch-statement ceiling)".into()
+        format!("database: near its batch-statement ceiling{split}")
     } else {
-        "aggregator (below both ceilings: CPU shared with broker and database on 2 cores)".into()
+        format!("commit pipeline: below both ceilings with CPU to spare{split}")
     }
 }
 
@@ -429,7 +466,7 @@ struct CountRow {
 }
 
 async fn measure_config(
-    servers: &Infra,
+    servers: &infra::PrivateInfra,
     workload: &Workload,
     queue_type: QueueType,
     batch: usize,
@@ -466,6 +503,7 @@ async fn measure_config(
     // Capacity: from the first counted vote to the last.
     let progress = Progress::new("draining", expected, opts.progress);
     let mut first: Option<(Instant, u64)> = None;
+    let mut cpu_at_first: Option<CpuSample> = None;
     let deadline = Instant::now() + Duration::from_secs(600);
     let (drain_secs, counted_in_window) = loop {
         let counted: u64 = fleet
@@ -478,6 +516,7 @@ async fn measure_config(
         progress.set(counted);
         if counted > 0 && first.is_none() {
             first = Some((Instant::now(), counted));
+            cpu_at_first = Some(CpuSample::take(servers, &fleet));
         }
         if counted >= expected {
             let (t, c0) = first.unwrap_or((Instant::now(), 0));
@@ -489,6 +528,12 @@ async fn measure_config(
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     progress.finish(expected);
+    let drain_cpu = match cpu_at_first {
+        Some(start) => {
+            CpuSample::take(servers, &fleet).costs_since(&start, counted_in_window, drain_secs)
+        }
+        None => DrainCpu::default(),
+    };
     let votes_per_second = counted_in_window as f64 / drain_secs.max(0.001);
     let deliveries_per_second = votes_per_second * deliveries as f64 / expected.max(1) as f64;
 
@@ -561,6 +606,12 @@ async fn measure_config(
         latency_p99_ms: ms(0.99),
         latency_max_ms: hist.max() as f64 / 1000.0,
         latency_samples: hist.len(),
+        drain_aggregator_cpu_seconds_per_1000_votes: drain_cpu.aggregator,
+        drain_broker_cpu_seconds_per_1000_votes: drain_cpu.broker,
+        drain_database_cpu_seconds_per_1000_votes: drain_cpu.database,
+        drain_machine_cpu_share: drain_cpu.machine_share,
+        drain_machine_busy_share: drain_cpu.machine_busy,
+        cpu_bound_votes_per_second: drain_cpu.cpu_bound,
         cpu_seconds_per_1000_votes: cpu / (total_counted.n.max(1) as f64 / 1000.0),
         peak_rss_mib: peak_rss_kib as f64 / 1024.0,
         limited_by: String::new(),
@@ -601,6 +652,97 @@ async fn publish_steady(
     }
     publisher.close().await;
     Ok(())
+}
+
+/// CPU seconds used so far by the replicas and the two server containers.
+struct CpuSample {
+    /// (busy, total) jiffies of the whole machine.
+    machine: Option<(u64, u64)>,
+    aggregator: f64,
+    broker: Option<f64>,
+    database: Option<f64>,
+}
+
+/// Per-1000-vote CPU costs over a drain.
+#[derive(Default)]
+struct DrainCpu {
+    aggregator: f64,
+    broker: Option<f64>,
+    database: Option<f64>,
+    machine_share: Option<f64>,
+    machine_busy: Option<f64>,
+    cpu_bound: Option<f64>,
+}
+
+impl CpuSample {
+    fn take(servers: &infra::PrivateInfra, fleet: &Fleet) -> Self {
+        CpuSample {
+            machine: machine_jiffies(),
+            aggregator: (0..fleet.len())
+                .filter_map(|i| fleet.pid(i).and_then(process_cpu_seconds))
+                .sum(),
+            broker: container_cpu_seconds(servers.rabbitmq_container_id()),
+            database: container_cpu_seconds(servers.postgres_container_id()),
+        }
+    }
+
+    fn costs_since(&self, start: &CpuSample, votes: u64, secs: f64) -> DrainCpu {
+        let per_1000 = |now: f64, then: f64| (now - then) / (votes.max(1) as f64 / 1000.0);
+        let aggregator = per_1000(self.aggregator, start.aggregator);
+        let broker = self.broker.zip(start.broker).map(|(n, t)| per_1000(n, t));
+        let database = self
+            .database
+            .zip(start.database)
+            .map(|(n, t)| per_1000(n, t));
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        let total = broker.zip(database).map(|(b, d)| aggregator + b + d);
+        DrainCpu {
+            aggregator,
+            broker,
+            database,
+            machine_share: total.map(|t| t * votes as f64 / 1000.0 / (secs.max(0.001) * cores)),
+            machine_busy: self.machine.zip(start.machine).and_then(|(n, t)| {
+                let total = n.1.checked_sub(t.1)?;
+                (total > 0).then(|| n.0.saturating_sub(t.0) as f64 / total as f64)
+            }),
+            cpu_bound: total.map(|t| cores * 1000.0 / t.max(1e-9)),
+        }
+    }
+}
+
+/// (busy, total) CPU jiffies of the whole machine, from the `cpu` line of /proc/stat
+/// (idle and iowait count as not busy).
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some((total - idle, total))
+}
+
+/// CPU seconds used by a Docker container so far, from its cgroup (v1 `cpuacct` or v2
+/// `cpu.stat`); `None` when neither can be read (e.g. a remote Docker host).
+fn container_cpu_seconds(id: &str) -> Option<f64> {
+    if let Ok(ns) =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage"))
+    {
+        return ns.trim().parse::<f64>().ok().map(|ns| ns / 1e9);
+    }
+    let stat = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat"
+    ))
+    .ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|us| us / 1e6)
 }
 
 /// User + system CPU seconds of a live process (`/proc/<pid>/stat`, USER_HZ = 100).

@@ -109,23 +109,23 @@ pub fn markdown_text(report: &LoadReport, chart: Option<&Path>) -> String {
     );
     let _ = writeln!(
         s,
-        "Each configuration drains a queue pre-filled with {} votes + {:.0} % duplicates (counted votes/s, first to last counted vote), then publishes at 50 % of that rate for {:.0} s and measures publish-to-commit latency of every vote (HDR histogram). Ceilings are measured in the same run: **broker** = a receive-and-ack-only consumer (same queue type and prefetch, no database), **database** = the aggregator's batch statement fed from memory at the same batch size (no broker). `% of broker` compares deliveries/s (votes + duplicates) with the broker ceiling.\n",
+        "Each configuration drains a queue pre-filled with {} votes + {:.0} % duplicates (counted votes/s, first to last counted vote), then publishes at 50 % of that rate for {:.0} s and measures publish-to-commit latency of every vote (HDR histogram). Ceilings are measured in the same run: **broker** = a receive-and-ack-only consumer (same queue type and prefetch, no database), **database** = the aggregator's batch statement fed from memory at the same batch size (no broker). `% of broker` compares deliveries/s (votes + duplicates) with the broker ceiling. `CPU s / 1000 votes` is the replicas' own CPU over the whole run; `machine CPU used` is the share of all cores that replicas, RabbitMQ and PostgreSQL used together during the drain (from /proc and the containers' cgroups), and `CPU-bound ceiling` is what those measured per-vote CPU costs would allow if the cores were the only limit.\n",
         report.votes,
         report.duplicates * 100.0,
         report.steady_seconds
     );
     let _ = writeln!(
         s,
-        "| queue | replicas | batch | votes/s | broker ceiling | % of broker | db ceiling | % of db | p50 ms | p95 ms | p99 ms | max ms | CPU s / 1000 votes | peak RSS MiB | limited by |"
+        "| queue | replicas | batch | votes/s | broker ceiling | % of broker | db ceiling | % of db | p50 ms | p95 ms | p99 ms | max ms | CPU s / 1000 votes | peak RSS MiB | machine CPU used | CPU-bound ceiling | limited by |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     for c in &report.configs {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {:.0} | {:.0} % | {:.0} | {:.0} % | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} | {} |",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} % | {:.0} | {:.0} % | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} | {} | {} | {} |",
             c.queue_type,
             c.replicas,
             c.batch_size,
@@ -140,6 +140,15 @@ pub fn markdown_text(report: &LoadReport, chart: Option<&Path>) -> String {
             c.latency_max_ms,
             c.cpu_seconds_per_1000_votes,
             c.peak_rss_mib,
+            match (c.drain_machine_cpu_share, c.drain_machine_busy_share) {
+                (Some(ours), Some(all)) =>
+                    format!("{:.0} % (all work: {:.0} %)", ours * 100.0, all * 100.0),
+                (Some(ours), None) => format!("{:.0} %", ours * 100.0),
+                _ => "n/a".into(),
+            },
+            c.cpu_bound_votes_per_second
+                .map(|x| format!("{x:.0}"))
+                .unwrap_or_else(|| "n/a".into()),
             c.limited_by
         );
     }
