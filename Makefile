@@ -11,7 +11,7 @@ VOTES_POSTGRES_IMAGE ?= $(shell docker image inspect $(OFFLINE_POSTGRES_IMAGE) >
 VOTES_RABBITMQ_IMAGE ?= $(shell docker image inspect $(OFFLINE_RABBITMQ_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_RABBITMQ_IMAGE) || echo rabbitmq:4.0)
 export VOTES_POSTGRES_IMAGE VOTES_RABBITMQ_IMAGE
 
-.PHONY: help images test demo build release lint fmt init-db-sql clean-containers
+.PHONY: help images test chaos load demo build release lint fmt init-db-sql clean-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -23,6 +23,14 @@ test: ## run every test against real PostgreSQL and RabbitMQ containers
 	@echo "test servers: $(VOTES_POSTGRES_IMAGE) + $(VOTES_RABBITMQ_IMAGE)"
 	cargo build --workspace --locked   # the suites run the real binaries
 	cargo test --workspace --locked
+
+chaos: ## every chaos scenario, 60 s of faults each + drain (~10 min; SCENARIO=name, DURATION=60s, SEED=n to replay)
+	cargo build --workspace --locked --features vote-aggregator/fault-injection
+	target/debug/vote-chaos --scenario $(or $(SCENARIO),all) --duration $(or $(DURATION),60s) $(if $(SEED),--seed $(SEED))
+
+load: ## capacity baselines vs this machine's broker and database ceilings (~10 min) -> target/load/report.{json,md}, throughput.png
+	cargo build --release --locked -p vote-aggregator -p vote-harness
+	target/release/vote-harness load -n $(or $(VOTES),100000) --steady-seconds 8 --out target/load $(ARGS)
 
 demo: ## start servers + 3 replicas, publish 20 000 votes with duplicates, show the results (ARGS=--keep to leave it running)
 	cargo build --workspace --locked

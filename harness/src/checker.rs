@@ -36,7 +36,9 @@ impl Default for CheckOptions {
     fn default() -> Self {
         CheckOptions {
             drain_timeout: Duration::from_secs(120),
-            settle: Duration::from_secs(3),
+            // Longer than the service's 5 s retry backoff cap: a replica may hold deliveries
+            // unacked that long while it waits to retry a commit.
+            settle: Duration::from_secs(6),
         }
     }
 }

@@ -56,11 +56,7 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
         "2/5 starting {replicas} vote-aggregator processes (batch sizes {}) ...",
         batch_list.join(" / ")
     );
-    let base_env: Vec<(String, String)> = bed
-        .env("unused")
-        .into_iter()
-        .filter(|(k, _)| k != "REPLICA_ID" && k != "METRICS_ADDR")
-        .collect();
+    let base_env = bed.replica_base_env();
     let t = Instant::now();
     let fleet = Fleet::start(FleetOptions::new(&log_dir, base_env)?, specs).await?;
     println!(

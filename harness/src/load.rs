@@ -59,6 +59,8 @@ pub struct LoadOptions {
     pub queue_types: Vec<QueueType>,
     /// Length of the steady-rate latency phase.
     pub steady: Duration,
+    /// `PREFETCH_COUNT` = this × batch size (the service's default is 2).
+    pub prefetch_factor: usize,
     /// Where the JSON, Markdown and PNG go.
     pub out_dir: PathBuf,
     /// Workload seed.
@@ -93,7 +95,7 @@ pub struct ConfigResult {
     pub replicas: usize,
     /// `BATCH_SIZE`.
     pub batch_size: usize,
-    /// `PREFETCH_COUNT` (2 × batch size, the default).
+    /// `PREFETCH_COUNT` (prefetch factor × batch size).
     pub prefetch: usize,
     /// `quorum` or `classic`.
     pub queue_type: String,
@@ -378,8 +380,11 @@ async fn broker_ceiling(
     let expected = workload.main.len();
     let conn = lapin::Connection::connect(&bed.amqp_url, Default::default()).await?;
     let ch = conn.create_channel().await?;
-    ch.basic_qos((batch * 2).min(65_535) as u16, BasicQosOptions::default())
-        .await?;
+    ch.basic_qos(
+        (batch * opts.prefetch_factor.max(1)).min(65_535) as u16,
+        BasicQosOptions::default(),
+    )
+    .await?;
     let mut consumer = ch
         .basic_consume(
             bed.queue.as_str().into(),
@@ -483,13 +488,12 @@ async fn measure_config(
         .join("logs")
         .join(format!("{}-b{batch}-r{replicas}", queue_type.as_str()));
     std::fs::create_dir_all(&log_dir)?;
-    let mut base_env: Vec<(String, String)> = bed
-        .env("unused")
-        .into_iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "REPLICA_ID" | "METRICS_ADDR" | "QUEUE_TYPE"))
-        .collect();
+    let mut base_env = bed.replica_base_env();
+    base_env.retain(|(k, _)| k != "QUEUE_TYPE");
     base_env.push(("QUEUE_TYPE".into(), queue_type.as_str().into()));
     base_env.push(("BATCH_SIZE".into(), batch.to_string()));
+    let prefetch = (batch * opts.prefetch_factor.max(1)).min(65_535);
+    base_env.push(("PREFETCH_COUNT".into(), prefetch.to_string()));
     base_env.push(("RUN_MIGRATIONS".into(), "false".into()));
     base_env.push(("RUST_LOG".into(), "warn".into()));
     let specs: Vec<ReplicaSpec> = (0..replicas)
@@ -592,7 +596,7 @@ async fn measure_config(
     Ok(ConfigResult {
         replicas,
         batch_size: batch,
-        prefetch: batch * 2,
+        prefetch,
         queue_type: queue_type.as_str().into(),
         votes_per_second,
         deliveries_per_second,

@@ -39,6 +39,15 @@ enum Command {
     /// Start PostgreSQL, RabbitMQ and 3 replicas, publish 20 000 votes with duplicates and
     /// malformed ones, and show the results. Leaves nothing running unless --keep.
     Demo(DemoArgs),
+    /// Run chaos scenarios: delegates to the `vote-chaos` binary next to this one with the
+    /// same arguments, e.g. `vote-harness chaos --scenario kill-restart --duration 60s
+    /// --seed 42` (`vote-harness chaos --help` shows its options).
+    #[command(disable_help_flag = true)]
+    Chaos {
+        /// Arguments passed to `vote-chaos` unchanged.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -132,6 +141,9 @@ struct LoadArgs {
     /// Seconds of the steady-rate latency phase.
     #[arg(long, default_value_t = 10)]
     steady_seconds: u64,
+    /// PREFETCH_COUNT as a multiple of the batch size (the service's default is 2).
+    #[arg(long, default_value_t = 2)]
+    prefetch_factor: usize,
     /// Output folder.
     #[arg(long, default_value = "target/load")]
     out: PathBuf,
@@ -184,6 +196,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => {
                 vote_harness::demo::run(args.votes, args.replicas, seed(args.seed), args.keep).await
             }
+            Command::Chaos { args } => chaos_cmd(&args),
         }
     });
     match result {
@@ -193,6 +206,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs `vote-chaos` (next to this executable) with `args`; its exit code becomes ours.
+/// (The chaos crate depends on this one, so it cannot be linked in here.)
+fn chaos_cmd(args: &[String]) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot locate the current executable")?;
+    let path = exe.with_file_name("vote-chaos");
+    if !path.is_file() {
+        anyhow::bail!(
+            "vote-chaos is not at {}: build it with `cargo build -p vote-chaos` (same profile as \
+             this vote-harness; `make chaos` builds everything it needs)",
+            path.display()
+        );
+    }
+    let status = std::process::Command::new(&path)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run {}", path.display()))?;
+    Ok(status
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .map_or(ExitCode::FAILURE, ExitCode::from))
 }
 
 /// The given seed, or a fresh one (printed by the caller so the run can be replayed).
@@ -287,6 +322,12 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
     if args.replicas.iter().any(|&r| r == 0 || r > 16) {
         anyhow::bail!("--replicas must each be from 1 to 16");
     }
+    if !(1..=20).contains(&args.prefetch_factor) {
+        anyhow::bail!(
+            "--prefetch-factor must be from 1 to 20, got {}",
+            args.prefetch_factor
+        );
+    }
     if args.batch_sizes.iter().any(|&b| b == 0 || b > 10_000) {
         anyhow::bail!("--batch-sizes must each be from 1 to 10000");
     }
@@ -305,6 +346,7 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
         batch_sizes: args.batch_sizes,
         queue_types,
         steady: Duration::from_secs(args.steady_seconds),
+        prefetch_factor: args.prefetch_factor,
         out_dir: args.out.clone(),
         seed: seed(args.seed),
         progress: true,

@@ -75,13 +75,17 @@ impl Publisher {
         })
     }
 
-    /// Publishes one raw body and waits for its confirm.
+    /// Sends one message the contract's way (default exchange, routing key = queue,
+    /// mandatory) and returns the pending confirm.
     ///
     /// # Errors
-    /// When the publish is nacked, returned (no such queue) or the channel fails.
-    pub async fn publish_raw(&self, body: &[u8], props: BasicProperties) -> anyhow::Result<()> {
-        let confirm = self
-            .channel
+    /// When the channel fails.
+    pub async fn send(
+        &self,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<lapin::PublisherConfirm, lapin::Error> {
+        self.channel
             .basic_publish(
                 "".into(),
                 self.queue.as_str().into(),
@@ -92,8 +96,15 @@ impl Publisher {
                 body,
                 props,
             )
-            .await?
-            .await?;
+            .await
+    }
+
+    /// Publishes one raw body and waits for its confirm.
+    ///
+    /// # Errors
+    /// When the publish is nacked, returned (no such queue) or the channel fails.
+    pub async fn publish_raw(&self, body: &[u8], props: BasicProperties) -> anyhow::Result<()> {
+        let confirm = self.send(body, props).await?.await?;
         check(confirm, &self.queue)
     }
 
@@ -106,20 +117,7 @@ impl Publisher {
         for chunk in votes.chunks(CONFIRM_WINDOW) {
             let mut pending = Vec::with_capacity(chunk.len());
             for vote in chunk {
-                pending.push(
-                    self.channel
-                        .basic_publish(
-                            "".into(),
-                            self.queue.as_str().into(),
-                            BasicPublishOptions {
-                                mandatory: true,
-                                ..BasicPublishOptions::default()
-                            },
-                            &vote.to_json(),
-                            vote_properties(vote),
-                        )
-                        .await?,
-                );
+                pending.push(self.send(&vote.to_json(), vote_properties(vote)).await?);
             }
             for confirm in pending {
                 check(confirm.await?, &self.queue)?;
@@ -292,19 +290,7 @@ async fn publish_on_one_connection(
                 }
                 sent += 1;
                 let (body, props) = message_parts(&m);
-                let res = publisher
-                    .channel
-                    .basic_publish(
-                        "".into(),
-                        queue.into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &body,
-                        props,
-                    )
-                    .await;
+                let res = publisher.send(&body, props).await;
                 match res {
                     Ok(confirm) => window.push((i, m, Some(confirm))),
                     Err(_) => {

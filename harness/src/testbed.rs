@@ -65,6 +65,15 @@ impl TestBed {
         .collect()
     }
 
+    /// The environment shared by every replica of a [`crate::fleet::Fleet`] on this bed
+    /// (the fleet sets each replica's `REPLICA_ID` and `METRICS_ADDR` itself).
+    pub fn replica_base_env(&self) -> Vec<(String, String)> {
+        self.env("unused")
+            .into_iter()
+            .filter(|(k, _)| k != "REPLICA_ID" && k != "METRICS_ADDR")
+            .collect()
+    }
+
     /// The dead-letter queue's name.
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.dlq", self.queue)

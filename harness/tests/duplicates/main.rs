@@ -43,11 +43,7 @@ async fn run(plan: Plan) -> anyhow::Result<(Report, Vec<Scrape>)> {
         .join("duplicates")
         .join(plan.name);
     std::fs::create_dir_all(&log_dir)?;
-    let base_env: Vec<(String, String)> = bed
-        .env("unused")
-        .into_iter()
-        .filter(|(k, _)| k != "REPLICA_ID" && k != "METRICS_ADDR")
-        .collect();
+    let base_env = bed.replica_base_env();
     let fleet = Fleet::start(FleetOptions::new(&log_dir, base_env)?, replicas()).await?;
 
     let workload = Workload::generate(&plan.spec);

@@ -1,0 +1,244 @@
+//! The system under test of one scenario: a PRIVATE PostgreSQL + RabbitMQ pair, one fresh
+//! database and queue on it, and a fleet of REAL `vote-aggregator` processes, each
+//! reaching both servers through its OWN pair of fault proxies.
+//!
+//! This module owns how that system is wired, because the nemeses depend on it:
+//! - the server pair is private ([`vote_harness::infra::start_private`]) since broker and
+//!   database restarts would disturb any other user of the servers;
+//! - per-replica proxies ([`ReplicaLinks`]) sit in front of the pair's own proxies, so ONE
+//!   replica can be partitioned from the broker or the database while the others, the
+//!   publisher and the checker keep their connections (the pair's proxies keep a fixed
+//!   address across server restarts, so the chain survives them);
+//! - replicas run with a short AMQP heartbeat, so a frozen replica loses its broker session
+//!   (and its unacked deliveries) within seconds;
+//! - at start it checks that the replicas really are a fault-injection build (their log
+//!   says so), because a scenario against a build without the hooks would prove nothing.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use url::Url;
+use vote_harness::fleet::{Fleet, FleetOptions, ReplicaSpec};
+use vote_harness::infra::{self, InfraOptions, PrivateInfra};
+use vote_harness::proxy::FaultProxy;
+use vote_harness::testbed::TestBed;
+
+/// The line a fault-injection build logs at start (see the aggregator's `main.rs`).
+pub const FAULT_BUILD_MARKER: &str = "fault injection compiled in";
+
+/// The command that builds replicas with the hooks.
+pub const BUILD_HINT: &str = "cargo build --workspace --features vote-aggregator/fault-injection";
+
+/// How to start a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Number of replicas (at least 2: a nemesis never takes every replica down at once).
+    pub replicas: usize,
+    /// Directory of the replicas' logs (kept when a scenario fails).
+    pub log_dir: PathBuf,
+    /// `AMQP_HEARTBEAT_SECONDS` of every replica: short, so the broker notices a frozen
+    /// replica quickly.
+    pub heartbeat_secs: u16,
+    /// Extra environment of every replica (e.g. the deliberately broken
+    /// `VOTES_FAULT_ACK_BEFORE_COMMIT=1`).
+    pub extra_env: Vec<(String, String)>,
+}
+
+/// Which connection of a replica a partition cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Replica ↔ RabbitMQ.
+    Broker,
+    /// Replica ↔ PostgreSQL.
+    Database,
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Link::Broker => "broker",
+            Link::Database => "database",
+        })
+    }
+}
+
+/// One replica's own proxies.
+#[derive(Debug)]
+pub struct ReplicaLinks {
+    /// In front of RabbitMQ (the pair's proxy).
+    pub broker: FaultProxy,
+    /// In front of PostgreSQL (the pair's proxy).
+    pub database: FaultProxy,
+}
+
+/// Servers, data set and replicas of one scenario.
+///
+/// Fields drop in declaration order: replicas first (killed if still running), then
+/// their proxies, then the servers.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The replicas.
+    pub fleet: Fleet,
+    /// Per-replica proxies, by replica index.
+    pub links: Vec<ReplicaLinks>,
+    /// Database URL and queue of this scenario (through the pair's proxies: never
+    /// partitioned, so the publisher and checker use it).
+    pub bed: TestBed,
+    /// The private server pair.
+    pub servers: PrivateInfra,
+}
+
+impl Cluster {
+    /// Starts the server pair, a fresh database and queue, the proxies and the replicas,
+    /// and waits until every replica is ready and has shown it is a fault-injection build.
+    ///
+    /// # Errors
+    /// When Docker or a server is unavailable, a replica does not become ready, or the
+    /// replica binary was built without the `fault-injection` feature.
+    pub async fn start(opts: &ClusterOptions) -> anyhow::Result<Cluster> {
+        if opts.replicas < 2 {
+            bail!(
+                "chaos needs at least 2 replicas (got {}): a nemesis never takes every replica down",
+                opts.replicas
+            );
+        }
+        let servers = infra::start_private(InfraOptions::default())
+            .await
+            .context("starting the private PostgreSQL + RabbitMQ pair")?;
+        let bed = TestBed::new(&servers).await?;
+        let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let mut links = Vec::with_capacity(opts.replicas);
+        let mut specs = Vec::with_capacity(opts.replicas);
+        for i in 0..opts.replicas {
+            let broker = FaultProxy::start(loopback, servers.rabbitmq_host_port()).await?;
+            let database = FaultProxy::start(loopback, servers.postgres_host_port()).await?;
+            let batch = ["100", "250", "500"][i % 3];
+            let spec = ReplicaSpec::new(format!("r{i}"))
+                .with_env(
+                    "DATABASE_URL",
+                    with_port(&bed.database_url, database.local_addr())?,
+                )
+                .with_env("AMQP_URL", with_port(&bed.amqp_url, broker.local_addr())?)
+                .with_env("BATCH_SIZE", batch);
+            specs.push(spec);
+            links.push(ReplicaLinks { broker, database });
+        }
+        let mut base_env: Vec<(String, String)> = [
+            ("QUEUE_NAME", bed.queue.as_str()),
+            ("QUEUE_TYPE", "quorum"),
+            ("RUST_LOG", "info"),
+            ("SHUTDOWN_GRACE_SECONDS", "10"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        base_env.push((
+            "AMQP_HEARTBEAT_SECONDS".to_owned(),
+            opts.heartbeat_secs.to_string(),
+        ));
+        base_env.extend(opts.extra_env.iter().cloned());
+        let fleet = Fleet::start(FleetOptions::new(&opts.log_dir, base_env)?, specs).await?;
+        let cluster = Cluster {
+            fleet,
+            links,
+            bed,
+            servers,
+        };
+        for i in 0..cluster.fleet.len() {
+            cluster.ensure_fault_build(i).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Number of replicas.
+    pub fn replicas(&self) -> usize {
+        self.fleet.len()
+    }
+
+    /// The proxy of replica `i`'s `link`.
+    pub fn link(&self, i: usize, link: Link) -> &FaultProxy {
+        match link {
+            Link::Broker => &self.links[i].broker,
+            Link::Database => &self.links[i].database,
+        }
+    }
+
+    /// The log of replica `i` since its latest start (the fleet appends every start to one
+    /// file, behind a marker line).
+    pub fn log_since_last_start(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(self.fleet.log_path(i)).unwrap_or_default();
+        match text.rfind("--- vote-harness fleet: start #") {
+            Some(at) => text[at..].to_owned(),
+            None => text,
+        }
+    }
+
+    /// Checks that replica `i`'s current process logged [`FAULT_BUILD_MARKER`] (polling
+    /// briefly: the line is written right after start).
+    ///
+    /// # Errors
+    /// When it did not: the replicas were built without the hooks.
+    pub async fn ensure_fault_build(&self, i: usize) -> anyhow::Result<()> {
+        for _ in 0..50 {
+            if self.log_since_last_start(i).contains(FAULT_BUILD_MARKER) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!(
+            "replica {} ({}) is not a fault-injection build (its log lacks {FAULT_BUILD_MARKER:?}); \
+             build it with `{BUILD_HINT}` (or run `make chaos`)",
+            self.fleet.name(i),
+            self.fleet.options().binary.display()
+        )
+    }
+
+    /// Stops every replica (SIGTERM, so each finishes its batch in hand).
+    ///
+    /// # Errors
+    /// When a replica does not exit in time (it is killed).
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let Cluster {
+            fleet,
+            links,
+            bed: _,
+            servers,
+        } = self;
+        let stopped = fleet.shutdown().await.map(|_| ());
+        drop(links);
+        drop(servers);
+        stopped
+    }
+}
+
+/// `url` with its host and port replaced by `addr` (a proxy's).
+fn with_port(url: &str, addr: SocketAddr) -> anyhow::Result<String> {
+    let mut parsed = Url::parse(url).context("parsing a server URL")?;
+    parsed
+        .set_ip_host(addr.ip())
+        .map_err(|()| anyhow::anyhow!("cannot set the host of a server URL"))?;
+    parsed
+        .set_port(Some(addr.port()))
+        .map_err(|()| anyhow::anyhow!("cannot set the port of a server URL"))?;
+    Ok(parsed.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_pointed_at_a_proxy() {
+        let addr: SocketAddr = "127.0.0.1:4242".parse().expect("addr");
+        assert_eq!(
+            with_port("postgres://votes:votes@127.0.0.1:5432/votes_test_1", addr).expect("url"),
+            "postgres://votes:votes@127.0.0.1:4242/votes_test_1"
+        );
+        assert_eq!(
+            with_port("amqp://votes:votes@127.0.0.1:5672/%2f", addr).expect("url"),
+            "amqp://votes:votes@127.0.0.1:4242/%2f"
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! Nemeses: the objects that inject faults into a [`Cluster`], one kind each, with
+//! explicit verbs (`kill`/`restart`, `pause`/`resume`, `cut`/`heal`, ...).
+//!
+//! Every verb VERIFIES its effect before it reports success (the process is gone from
+//! `/proc`, the container has a new start time, the proxy's connections dropped to 0, the
+//! replica died by SIGABRT inside the commit-ack window, ...). A [`Fault`] records what was
+//! done, when (relative to the start of the scenario), and either the evidence that it
+//! really happened or why it could not be verified; the report counts only verified
+//! faults, and a scenario with an unverified fault fails.
+//!
+//! [`Nemeses::strike`] runs one complete fault of a given [`FaultKind`] (inject, verify,
+//! hold, heal): the scenario's seeded schedule decides which and when.
+
+pub mod broker;
+pub mod commit_ack;
+pub mod database;
+pub mod kill;
+pub mod partition;
+pub mod pause;
+
+use std::fmt;
+use std::time::Duration;
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use tokio::time::Instant;
+
+use crate::cluster::Cluster;
+
+/// The kinds of fault the nemeses inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FaultKind {
+    /// SIGKILL one replica, restart it after a delay.
+    Kill,
+    /// SIGSTOP one replica past the broker's heartbeat timeout, then SIGCONT (a zombie).
+    Pause,
+    /// Stop RabbitMQ gracefully and start it again.
+    BrokerRestart,
+    /// SIGKILL the RabbitMQ container and start it again.
+    BrokerKill,
+    /// Stop PostgreSQL (fast shutdown) and start it again.
+    DatabaseRestart,
+    /// `pg_terminate_backend` every replica session, without a restart.
+    BackendTerminate,
+    /// Cut one replica's connections to the broker or the database, then restore them.
+    Partition,
+    /// Restart one replica armed to abort between a batch's COMMIT and its ack.
+    CommitAck,
+}
+
+impl FaultKind {
+    /// Short name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+            FaultKind::BrokerRestart => "broker-restart",
+            FaultKind::BrokerKill => "broker-kill",
+            FaultKind::DatabaseRestart => "db-restart",
+            FaultKind::BackendTerminate => "backend-terminate",
+            FaultKind::Partition => "partition",
+            FaultKind::CommitAck => "commit-ack",
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One fault as it happened.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// What kind.
+    pub kind: FaultKind,
+    /// Whom it hit (a replica name, `rabbitmq`, `postgres`, `r1→broker`, ...).
+    pub target: String,
+    /// When it was injected, since the scenario started.
+    pub at: Duration,
+    /// When it was healed (the system given back its resource), since the start.
+    pub healed: Duration,
+    /// The evidence that it happened, or why that could not be verified.
+    pub outcome: Result<String, String>,
+    /// Set when healing failed (e.g. a restarted replica never became ready): the
+    /// system did not recover from this fault.
+    pub heal_error: Option<String>,
+}
+
+impl Fault {
+    /// Whether the fault verifiably happened.
+    pub fn verified(&self) -> bool {
+        self.outcome.is_ok()
+    }
+}
+
+/// Time since the start of a scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    t0: Instant,
+}
+
+impl Clock {
+    /// A clock starting now.
+    pub fn start() -> Self {
+        Clock { t0: Instant::now() }
+    }
+
+    /// Time since the start.
+    pub fn now(&self) -> Duration {
+        self.t0.elapsed()
+    }
+}
+
+/// A duration drawn uniformly from `[lo, hi]` seconds.
+pub fn between(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> Duration {
+    Duration::from_secs_f64(if hi > lo {
+        rng.random_range(lo..=hi)
+    } else {
+        lo
+    })
+}
+
+/// A random replica that is running, chosen only when at least one OTHER replica runs
+/// too (a nemesis never takes every replica down at once).
+pub fn pick_replica(cluster: &mut Cluster, rng: &mut ChaCha8Rng) -> Option<usize> {
+    let running: Vec<usize> = (0..cluster.replicas())
+        .filter(|&i| cluster.fleet.is_running(i) && !cluster.fleet.is_paused(i))
+        .collect();
+    if running.len() < 2 {
+        return None;
+    }
+    Some(running[rng.random_range(0..running.len())])
+}
+
+/// Every nemesis, configured for one scenario.
+#[derive(Debug, Clone, Default)]
+pub struct Nemeses {
+    /// `kill`.
+    pub kill: kill::KillNemesis,
+    /// `pause`.
+    pub pause: pause::PauseNemesis,
+    /// `broker`.
+    pub broker: broker::BrokerNemesis,
+    /// `database`.
+    pub database: database::DatabaseNemesis,
+    /// `partition`.
+    pub partition: partition::PartitionNemesis,
+    /// `commit-ack`.
+    pub commit_ack: commit_ack::CommitAckNemesis,
+}
+
+impl Nemeses {
+    /// Nemeses for replicas whose AMQP heartbeat is `heartbeat_secs`.
+    pub fn new(heartbeat_secs: u16) -> Self {
+        Nemeses {
+            pause: pause::PauseNemesis::for_heartbeat(heartbeat_secs),
+            ..Nemeses::default()
+        }
+    }
+
+    /// Runs one complete fault of `kind` (inject, verify, hold, heal) and records it.
+    pub async fn strike(
+        &self,
+        kind: FaultKind,
+        cluster: &mut Cluster,
+        rng: &mut ChaCha8Rng,
+        clock: &Clock,
+    ) -> Fault {
+        match kind {
+            FaultKind::Kill => self.kill.strike(cluster, rng, clock).await,
+            FaultKind::Pause => self.pause.strike(cluster, rng, clock).await,
+            FaultKind::BrokerRestart => self.broker.strike(cluster, false, clock).await,
+            FaultKind::BrokerKill => self.broker.strike(cluster, true, clock).await,
+            FaultKind::DatabaseRestart => self.database.strike_restart(cluster, clock).await,
+            FaultKind::BackendTerminate => self.database.strike_terminate(cluster, clock).await,
+            FaultKind::Partition => self.partition.strike(cluster, rng, clock).await,
+            FaultKind::CommitAck => self.commit_ack.strike(cluster, rng, clock).await,
+        }
+    }
+}
+
+/// A fault that could not even be attempted (no eligible target).
+pub(crate) fn not_attempted(kind: FaultKind, clock: &Clock, why: &str) -> Fault {
+    let now = clock.now();
+    Fault {
+        kind,
+        target: "-".into(),
+        at: now,
+        healed: now,
+        outcome: Err(why.to_owned()),
+        heal_error: None,
+    }
+}
+
+/// `{e:#}` of an error, on one line.
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " | ")
+}

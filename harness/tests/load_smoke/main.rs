@@ -1,0 +1,69 @@
+//! A few-second run of the load runner, so `make load` keeps working. It asserts that
+//! every output is produced and every figure is present, never how fast anything is
+//! (timings are benchmarks, not tests).
+
+use std::time::Duration;
+
+use vote_aggregator::config::QueueType;
+use vote_harness::load::{self, LoadOptions};
+use vote_harness::load_report;
+
+#[tokio::test]
+async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Result<()> {
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("load-smoke");
+    let _ = std::fs::remove_dir_all(&out);
+    let opts = LoadOptions {
+        votes: 2_000,
+        duplicates: 0.1,
+        replicas: vec![1, 2],
+        batch_sizes: vec![100],
+        queue_types: vec![QueueType::Classic],
+        steady: Duration::from_secs(1),
+        prefetch_factor: 2,
+        out_dir: out.clone(),
+        seed: 3,
+        progress: false,
+    };
+    let report = load::run(&opts, "load smoke test".into()).await?;
+    assert_eq!(report.configs.len(), 2);
+    for c in &report.configs {
+        assert!(c.votes_per_second > 0.0, "{c:?}");
+        assert!(c.broker_ceiling_votes_per_second > 0.0);
+        assert!(c.db_ceiling_votes_per_second > 0.0);
+        assert!(c.ratio_to_broker_ceiling > 0.0);
+        assert!(c.latency_samples > 0);
+        assert!(c.latency_p99_ms >= c.latency_p50_ms);
+        assert!(c.peak_rss_mib > 0.0);
+        assert!(c.cpu_seconds_per_1000_votes > 0.0);
+        assert!(!c.limited_by.is_empty());
+    }
+    assert_eq!(
+        report.machine.postgres_fsync, "on",
+        "baselines pay for durability"
+    );
+    let written = load_report::write_all(&report, &out)?;
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&written.json)?)?;
+    for key in [
+        "replicas",
+        "batch_size",
+        "queue_type",
+        "votes_per_second",
+        "broker_ceiling_votes_per_second",
+        "db_ceiling_votes_per_second",
+        "ratio_to_broker_ceiling",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "cpu_seconds_per_1000_votes",
+        "peak_rss_mib",
+    ] {
+        assert!(json["configs"][0].get(key).is_some(), "JSON lacks {key}");
+    }
+    let md = std::fs::read_to_string(&written.markdown)?;
+    assert!(md.contains("| classic | 1 | 100 |"), "{md}");
+    assert!(md.contains("### Targets"));
+    let chart = written
+        .chart
+        .expect("chart drawn (fonts-dejavu-core is installed)");
+    assert!(std::fs::read(chart)?.starts_with(b"\x89PNG"));
+    Ok(())
+}
