@@ -18,12 +18,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vote_harness::ledger::Ledger;
-use vote_harness::publish::vote_properties;
 use vote_harness::workload::{Message, Workload, WorkloadSpec};
 
 /// Most messages published before their confirms are awaited.
@@ -157,18 +156,6 @@ async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
     Ok((connection, channel))
 }
 
-fn parts(m: &Message) -> (Vec<u8>, BasicProperties) {
-    match m {
-        Message::Original(v) | Message::Duplicate(v) | Message::Conflict(v) => {
-            (v.to_json(), vote_properties(v))
-        }
-        Message::Malformed(body) => (
-            body.clone(),
-            BasicProperties::default().with_delivery_mode(2),
-        ),
-    }
-}
-
 async fn run(
     url: &str,
     queue: &str,
@@ -233,7 +220,7 @@ async fn run(
                 pending.push((i, None));
                 continue;
             }
-            let (body, props) = parts(&messages[i]);
+            let (body, props) = vote_harness::publish::message_parts(&messages[i]);
             if let Message::Malformed(b) = &messages[i] {
                 out.malformed_sent.insert(b.clone());
             }

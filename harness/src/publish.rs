@@ -231,7 +231,9 @@ pub async fn publish_messages(
     }
 }
 
-fn message_parts(m: &crate::workload::Message) -> (Vec<u8>, BasicProperties) {
+/// The body and properties a workload message is published with: votes as the contract
+/// says ([`vote_properties`]), malformed bodies as they are, persistent.
+pub fn message_parts(m: &crate::workload::Message) -> (Vec<u8>, BasicProperties) {
     use crate::workload::Message;
     match m {
         Message::Original(v) | Message::Duplicate(v) | Message::Conflict(v) => {
