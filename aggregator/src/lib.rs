@@ -39,7 +39,6 @@ use tracing::{error, info, warn};
 pub use crate::config::Config;
 pub use crate::error::Error;
 pub use crate::metrics::Metrics;
-pub use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::consumer::{Ctx, SessionEnd};
 use crate::error::BrokerError;
