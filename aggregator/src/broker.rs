@@ -10,10 +10,26 @@
 //! Topology (declared by every replica at start with the same arguments every time):
 //! - exchange `votes.dlx` (direct, durable);
 //! - queue `<queue>` (durable, `x-queue-type` as configured, dead-letter exchange
-//!   `votes.dlx`; quorum queues also get `x-dead-letter-strategy=at-least-once` with
-//!   `x-overflow=reject-publish`, so dead-lettering itself cannot lose a message);
+//!   `votes.dlx` with routing key `<queue>.dlq.unexplained`; quorum queues also get
+//!   `x-delivery-limit=-1`, `x-dead-letter-strategy=at-least-once` and
+//!   `x-overflow=reject-publish`);
 //! - queue `<queue>.dlq` (durable, same type) bound to `votes.dlx` with routing key
-//!   `<queue>`.
+//!   `<queue>`: the aggregator's own dead letters, each with its `x-reject-reason`;
+//! - queue `<queue>.dlq.unexplained` (durable, same type) bound to `votes.dlx` with its own
+//!   name as routing key: whatever the BROKER dead-letters from the votes queue (a
+//!   per-message TTL, a delivery limit imposed by a policy, a reject). Those messages carry
+//!   no reason, may be valid votes, and are never expected: each replica exports the
+//!   queue's depth and operators alert on it (a vote moved back to `<queue>` is counted
+//!   once: the UUID key makes that safe).
+//!
+//! Why `x-delivery-limit=-1`: RabbitMQ 4.0 gives quorum queues a default delivery limit
+//! of 20, and a return on channel close (a crashed, killed or disconnected replica, a
+//! graceful stop with prefetched deliveries) counts towards it; a valid vote returned 21
+//! times would be dead-lettered uncounted. -1 disables the limit (the broker honours it:
+//! a message returned 25 times stays in the queue). A POLICY with a positive
+//! `delivery-limit` still overrides the argument (seen on 4.0.5), which AMQP cannot
+//! detect; the consumer therefore warns about deliveries with a high `x-delivery-count`,
+//! and the unexplained queue catches what the broker diverts anyway.
 
 use std::str::FromStr;
 
@@ -35,6 +51,8 @@ use crate::error::BrokerError;
 pub const DEAD_LETTER_EXCHANGE: &str = "votes.dlx";
 /// Header carrying why a message was dead-lettered.
 pub const REJECT_REASON_HEADER: &str = "x-reject-reason";
+/// Header quorum queues set on a redelivery: how often the message was delivered before.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// Header a publisher may set: publish time in milliseconds since the Unix epoch (more
 /// precise than the AMQP `timestamp` property, which has whole seconds). Used for the
 /// publish-to-commit latency metric.
@@ -51,8 +69,14 @@ pub struct Session {
     pub publish: Channel,
 }
 
-/// The arguments the votes queue is declared with.
-pub fn queue_arguments(queue_type: QueueType) -> FieldTable {
+/// Name of the queue that receives what the broker dead-letters from `queue_name`
+/// (no `x-reject-reason`; also the routing key it is bound with).
+pub fn unexplained_queue(queue_name: &str) -> String {
+    format!("{queue_name}.dlq.unexplained")
+}
+
+/// The arguments the votes queue `queue_name` is declared with.
+pub fn queue_arguments(queue_name: &str, queue_type: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -62,7 +86,12 @@ pub fn queue_arguments(queue_type: QueueType) -> FieldTable {
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),
     );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(unexplained_queue(queue_name).into()),
+    );
     if queue_type == QueueType::Quorum {
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(-1));
         args.insert(
             "x-dead-letter-strategy".into(),
             AMQPValue::LongString("at-least-once".into()),
@@ -113,14 +142,7 @@ pub async fn connect(config: &Config) -> Result<Session, BrokerError> {
         .await
         .map_err(|e| amqp_err(config, e))?;
     declare_topology(&consume, config).await?;
-    let publish = connection
-        .create_channel()
-        .await
-        .map_err(|e| amqp_err(config, e))?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| amqp_err(config, e))?;
+    let publish = open_publish_channel(&connection, config).await?;
     Ok(Session {
         connection,
         consume,
@@ -147,30 +169,35 @@ async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), Brok
         .queue_declare(
             config.queue_name.as_str().into(),
             durable,
-            queue_arguments(config.queue_type),
+            queue_arguments(&config.queue_name, config.queue_type),
         )
         .await
         .map_err(|e| mismatch_or(config, &config.queue_name, e))?;
-    let dlq = config.dead_letter_queue();
-    let mut dlq_args = FieldTable::default();
-    dlq_args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(config.queue_type.as_str().into()),
-    );
-    channel
-        .queue_declare(dlq.as_str().into(), durable, dlq_args)
-        .await
-        .map_err(|e| mismatch_or(config, &dlq, e))?;
-    channel
-        .queue_bind(
-            dlq.as_str().into(),
-            DEAD_LETTER_EXCHANGE.into(),
-            config.queue_name.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| amqp_err(config, e))?;
+    let unexplained = unexplained_queue(&config.queue_name);
+    for (queue, routing_key) in [
+        (config.dead_letter_queue(), config.queue_name.clone()),
+        (unexplained.clone(), unexplained.clone()),
+    ] {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(config.queue_type.as_str().into()),
+        );
+        channel
+            .queue_declare(queue.as_str().into(), durable, args)
+            .await
+            .map_err(|e| mismatch_or(config, &queue, e))?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                DEAD_LETTER_EXCHANGE.into(),
+                routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_err(config, e))?;
+    }
     Ok(())
 }
 
@@ -179,22 +206,35 @@ fn mismatch_or(config: &Config, queue: &str, e: lapin::Error) -> BrokerError {
     if let lapin::ErrorKind::ProtocolError(p) = e.kind()
         && p.get_id() == 406
     {
+        let detail = p.get_message().to_string();
+        let fix = if detail.contains("x-delivery-limit")
+            || detail.contains("x-dead-letter-routing-key")
+        {
+            "it was declared by an older release whose broker-side delivery limit can dead-letter valid votes uncounted after repeated redeliveries: stop the publishers, let the older replicas drain it, delete it, then start this release (it declares the queue with x-delivery-limit=-1)"
+        } else {
+            "set QUEUE_TYPE to the existing queue's type, or drain and delete the queue so it is declared again with the aggregator's arguments"
+        };
         return BrokerError::QueueMismatch {
             queue: queue.to_string(),
-            detail: p.get_message().to_string(),
+            detail,
+            fix: fix.to_string(),
         };
     }
     amqp_err(config, e)
 }
 
-/// Messages ready in the queue (passive declare: never creates or changes it).
+/// Messages ready in `queue` (passive declare: never creates or changes it).
 ///
 /// # Errors
 /// [`BrokerError`] when the channel fails.
-pub async fn queue_depth(channel: &Channel, config: &Config) -> Result<u32, BrokerError> {
+pub async fn message_count(
+    channel: &Channel,
+    config: &Config,
+    queue: &str,
+) -> Result<u32, BrokerError> {
     let q = channel
         .queue_declare(
-            config.queue_name.as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
@@ -234,7 +274,7 @@ pub async fn dead_letter(
         "x-rejected-by".into(),
         AMQPValue::LongString(config.replica_id.as_str().into()),
     );
-    let props = original.clone().with_headers(headers).with_delivery_mode(2);
+    let props = dead_letter_properties(original, headers);
     let confirm = session
         .publish
         .basic_publish(
@@ -262,6 +302,82 @@ pub async fn dead_letter(
             })
         }
     }
+}
+
+/// The properties of a dead-letter copy: the original's, with `headers`, persistent, and
+/// WITHOUT `expiration` (evidence must not expire) or `user_id` (the broker refuses a
+/// publish whose `user_id` is not the publishing connection's user, which would close the
+/// publish channel).
+pub fn dead_letter_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let copy = |v: &Option<ShortString>| v.clone();
+    if let Some(v) = copy(original.content_type()) {
+        props = props.with_content_type(v);
+    }
+    if let Some(v) = copy(original.content_encoding()) {
+        props = props.with_content_encoding(v);
+    }
+    if let Some(v) = copy(original.correlation_id()) {
+        props = props.with_correlation_id(v);
+    }
+    if let Some(v) = copy(original.reply_to()) {
+        props = props.with_reply_to(v);
+    }
+    if let Some(v) = copy(original.message_id()) {
+        props = props.with_message_id(v);
+    }
+    if let Some(v) = copy(original.kind()) {
+        props = props.with_type(v);
+    }
+    if let Some(v) = copy(original.app_id()) {
+        props = props.with_app_id(v);
+    }
+    if let Some(v) = *original.priority() {
+        props = props.with_priority(v);
+    }
+    if let Some(v) = *original.timestamp() {
+        props = props.with_timestamp(v);
+    }
+    props
+}
+
+/// How often the broker delivered this message before ([`DELIVERY_COUNT_HEADER`], set
+/// by quorum queues on redeliveries).
+pub fn delivery_count(props: &BasicProperties) -> Option<i64> {
+    match props
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(DELIVERY_COUNT_HEADER)?
+    {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+/// Opens the confirm-mode channel for dead-letter publishes (again, after the broker
+/// closed it).
+///
+/// # Errors
+/// [`BrokerError`] when the connection cannot open it.
+pub async fn open_publish_channel(
+    connection: &Connection,
+    config: &Config,
+) -> Result<Channel, BrokerError> {
+    let publish = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp_err(config, e))?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| amqp_err(config, e))?;
+    Ok(publish)
 }
 
 /// The publish time a publisher stamped on a delivery, in milliseconds since the Unix

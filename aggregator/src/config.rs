@@ -24,8 +24,12 @@
 //! | `RUN_MIGRATIONS` | `true` | `run` applies pending migrations before consuming |
 //! | `AMQP_HEARTBEAT_SECONDS` | `10` | heartbeat asked of the broker when the URL sets none (0 disables) |
 //! | `REPLICA_ID` | host name | names this replica in its consumer tag, connection name and logs |
+//! | `DB_STATEMENT_TIMEOUT_MS` | `10000` | server-side `statement_timeout` of every service session |
+//! | `DB_LOCK_TIMEOUT_MS` | `5000` | server-side `lock_timeout` (≤ statement timeout) |
+//! | `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS` | `10000` | server-side `idle_in_transaction_session_timeout` |
+//! | `DB_ATTEMPT_TIMEOUT_MS` | `30000` | client-side limit of one batch attempt (> statement timeout); the attempt is then cancelled on the server |
 //!
-//! Later issues add TLS and outbox settings here; keep one struct, one parser.
+//! Keep one struct, one parser: new settings go here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -123,6 +127,36 @@ pub struct Config {
     pub amqp_heartbeat: Option<u16>,
     /// Name of this replica (consumer tag, connection name, logs).
     pub replica_id: String,
+    /// Server-side limits every service session sets (see [`SessionTimeouts`]).
+    pub db_timeouts: SessionTimeouts,
+    /// Client-side limit of one batch attempt (checkout, statement and COMMIT); longer
+    /// than the server-side statement timeout, so the server normally ends a stuck attempt
+    /// first. When it fires, the attempt is cancelled on the server too.
+    pub db_attempt_timeout: Duration,
+}
+
+/// Timeouts set on every PostgreSQL session of the service, so an abandoned or stuck
+/// attempt can never keep locks (and a backend) on the server after the client gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTimeouts {
+    /// `statement_timeout`: longest a statement may run.
+    pub statement: Duration,
+    /// `lock_timeout`: longest a statement may wait for a lock (tally rows held by a
+    /// stuck session elsewhere).
+    pub lock: Duration,
+    /// `idle_in_transaction_session_timeout`: a session left idle inside a transaction is
+    /// terminated, releasing its locks.
+    pub idle_in_transaction: Duration,
+}
+
+impl Default for SessionTimeouts {
+    fn default() -> Self {
+        SessionTimeouts {
+            statement: Duration::from_secs(10),
+            lock: Duration::from_secs(5),
+            idle_in_transaction: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Config {
@@ -144,6 +178,8 @@ impl Config {
             run_migrations: true,
             amqp_heartbeat: Some(10),
             replica_id: default_replica_id(),
+            db_timeouts: SessionTimeouts::default(),
+            db_attempt_timeout: Duration::from_secs(30),
         }
     }
 
@@ -257,6 +293,35 @@ impl Config {
             }
             config.replica_id = id;
         }
+        let ms = |key: &str, default: Duration| -> Result<Duration, ConfigError> {
+            Ok(env
+                .int(key, 100, 3_600_000)?
+                .map_or(default, Duration::from_millis))
+        };
+        let t = config.db_timeouts;
+        config.db_timeouts = SessionTimeouts {
+            statement: ms("DB_STATEMENT_TIMEOUT_MS", t.statement)?,
+            lock: ms("DB_LOCK_TIMEOUT_MS", t.lock)?,
+            idle_in_transaction: ms("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", t.idle_in_transaction)?,
+        };
+        config.db_attempt_timeout = ms("DB_ATTEMPT_TIMEOUT_MS", config.db_attempt_timeout)?;
+        if config.db_timeouts.lock > config.db_timeouts.statement {
+            return Err(ConfigError::invalid(
+                "DB_LOCK_TIMEOUT_MS",
+                &config.db_timeouts.lock.as_millis().to_string(),
+                "at most DB_STATEMENT_TIMEOUT_MS, or the statement timeout ends a lock wait first",
+            ));
+        }
+        if config.db_attempt_timeout <= config.db_timeouts.statement {
+            return Err(ConfigError::invalid(
+                "DB_ATTEMPT_TIMEOUT_MS",
+                &config.db_attempt_timeout.as_millis().to_string(),
+                &format!(
+                    "more than DB_STATEMENT_TIMEOUT_MS ({}), so the server ends a stuck statement before the client gives up",
+                    config.db_timeouts.statement.as_millis()
+                ),
+            ));
+        }
         Ok(config)
     }
 }
@@ -355,13 +420,46 @@ fn default_replica_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Shows a URL with its password (and any query secrets) replaced by `***`, for logs
-/// and error messages. Input that does not parse as a URL is hidden entirely.
+/// Query-string keys whose values are secrets (libpq's `password`, `sslpassword`, and
+/// anything naming a password, key, token or secret, compared case-insensitively).
+fn is_secret_query_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "passwd",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "auth",
+        "credential",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
+}
+
+/// Shows a URL with its password and every secret-bearing query value (see
+/// [`is_secret_query_key`]) replaced by `***`, for logs and error messages. Input that
+/// does not parse as a URL is hidden entirely.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
+            }
+            if u.query().is_some() {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let shown = if is_secret_query_key(&k) {
+                            "***".to_string()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), shown)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
             }
             u.to_string()
         }
@@ -497,5 +595,43 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
         assert_eq!(redact_url("not a url hunter2"), "<unparseable URL hidden>");
+    }
+
+    #[test]
+    fn redaction_hides_secret_query_values() {
+        let shown = redact_url(
+            "postgres://db/votes?user=v&password=hunter2&sslpassword=keypw&sslmode=require&PassWord=x2",
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("keypw"),
+            "{shown}"
+        );
+        assert!(!shown.contains("x2"), "{shown}");
+        assert!(
+            shown.contains("user=v") && shown.contains("sslmode=require"),
+            "{shown}"
+        );
+        let e = err(&[("DATABASE_URL", "mysql://db/votes?password=hunter2")]);
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn session_timeouts_are_checked_against_each_other() {
+        let c = parse(&[]).expect("defaults");
+        assert!(c.db_attempt_timeout > c.db_timeouts.statement);
+        let e = err(&[("DB_STATEMENT_TIMEOUT_MS", "30000")]);
+        assert!(
+            e.starts_with("invalid DB_ATTEMPT_TIMEOUT_MS=\"30000\""),
+            "{e}"
+        );
+        let e = err(&[("DB_LOCK_TIMEOUT_MS", "20000")]);
+        assert!(e.starts_with("invalid DB_LOCK_TIMEOUT_MS"), "{e}");
+        let c = parse(&[
+            ("DB_LOCK_TIMEOUT_MS", "1000"),
+            ("DB_ATTEMPT_TIMEOUT_MS", "15000"),
+        ])
+        .expect("valid");
+        assert_eq!(c.db_timeouts.lock, Duration::from_millis(1000));
+        assert_eq!(c.db_attempt_timeout, Duration::from_millis(15000));
     }
 }

@@ -18,8 +18,6 @@
 //!   per channel, so they can never be acked on a new one. The broker redelivers them.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,13 +36,9 @@ use uuid::Uuid;
 use crate::broker::{self, Session};
 use crate::config::Config;
 use crate::db::{self, BatchColumns, BatchOutcome, PgPool};
-use crate::error::BrokerError;
+use crate::error::{BrokerError, DbError};
 use crate::metrics::{DEP_POSTGRES, DEP_RABBITMQ, Metrics};
 use crate::vote::{self, Vote};
-
-/// Longest a single batch transaction may take before it is abandoned and retried
-/// (protects against a database that stops answering without closing the socket).
-const COMMIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Batch transactions one replica runs at once. Two keep the database busy while the
 /// previous COMMIT's round trip and fsync complete; acks still go strictly in order.
@@ -137,51 +131,100 @@ impl Batch {
     }
 }
 
-type CommitFuture = Pin<Box<dyn Future<Output = Batch> + Send>>;
+/// A commit running as its own task: it makes progress whatever the consume loop is
+/// awaiting (a dead-letter confirm, an ack), so a transaction is never held open by
+/// anything but the database.
+type CommitTask = tokio::task::JoinHandle<Committed>;
 
-/// Commits `batch`, retrying with capped backoff until it succeeds. Metrics are
-/// recorded here; the caller acks.
-async fn commit(ctx: Ctx, batch: Batch) -> Batch {
+/// A batch after its commit task ended.
+struct Committed {
+    batch: Batch,
+    /// False when the session ended before the batch could be committed (the broker
+    /// redelivers its deliveries; nothing may be acked).
+    done: bool,
+}
+
+/// Commits `batch` as a task, retrying with capped backoff until it succeeds or
+/// `session_gone` fires (then it gives up between attempts: the session's deliveries are
+/// back in the queue and can no longer be acked). Metrics are recorded here; the caller
+/// acks.
+fn spawn_commit(ctx: &Ctx, batch: Batch, session_gone: &CancellationToken) -> CommitTask {
+    tokio::spawn(commit(ctx.clone(), batch, session_gone.clone()))
+}
+
+async fn commit(ctx: Ctx, batch: Batch, session_gone: CancellationToken) -> Committed {
     let mut backoff = retry_backoff();
-    let shard = batch.shard;
+    // Set while an earlier attempt's COMMIT has no known outcome.
+    let mut in_doubt: Option<db::InDoubt> = None;
     loop {
         let started = Instant::now();
-        let attempt = tokio::time::timeout(
-            COMMIT_ATTEMPT_TIMEOUT,
-            db::write_batch(&ctx.pool, &ctx.config.database_url, &batch.columns, shard),
-        )
-        .await;
+        let attempt = attempt(&ctx, &batch, &mut in_doubt).await;
         match attempt {
-            Ok(Ok(outcome)) => {
+            Ok(outcome) => {
                 ctx.metrics
                     .commit_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
+                ctx.metrics.commits_failing.set(0);
                 ctx.metrics.set_up(DEP_POSTGRES, true);
                 record_outcome(&ctx.metrics, &batch, &outcome);
-                return batch;
+                return Committed { batch, done: true };
             }
-            Ok(Err(e)) => {
-                if e.is_transient() {
+            Err(failure) => {
+                if failure.error.is_transient() {
                     ctx.metrics.database_connection_failures.inc();
+                    ctx.metrics.set_up(DEP_POSTGRES, false);
                 }
-                ctx.metrics.set_up(DEP_POSTGRES, false);
+                ctx.metrics.commits_failing.set(1);
                 ctx.metrics.commit_retries.inc();
+                if failure.in_doubt.is_some() {
+                    in_doubt = failure.in_doubt;
+                }
                 let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %e, votes = batch.columns.len(), retry_in_ms = wait.as_millis() as u64,
+                warn!(error = %failure.error, votes = batch.columns.len(), in_doubt = in_doubt.is_some(),
+                      retry_in_ms = wait.as_millis() as u64,
                       "batch not committed; holding its deliveries unacked and retrying");
-                tokio::time::sleep(wait).await;
-            }
-            Err(_) => {
-                ctx.metrics.database_connection_failures.inc();
-                ctx.metrics.set_up(DEP_POSTGRES, false);
-                ctx.metrics.commit_retries.inc();
-                warn!(
-                    timeout_s = COMMIT_ATTEMPT_TIMEOUT.as_secs(),
-                    "batch transaction timed out; retrying"
-                );
+                tokio::select! {
+                    _ = session_gone.cancelled() => return Committed { batch, done: false },
+                    _ = tokio::time::sleep(wait) => {}
+                }
             }
         }
     }
+}
+
+/// One attempt at a batch: if an earlier attempt's COMMIT is in doubt, ask the server
+/// how it ended (and reuse its outcome if it committed); otherwise write the batch.
+async fn attempt(
+    ctx: &Ctx,
+    batch: &Batch,
+    in_doubt: &mut Option<db::InDoubt>,
+) -> Result<BatchOutcome, db::WriteFailure> {
+    if let Some(doubt) = in_doubt.take() {
+        match db::transaction_committed(&ctx.pool, &ctx.config.database_url, doubt.xid).await {
+            // It committed: its outcome stands, and its votes count as counted by this
+            // replica (not as duplicates found by a rewrite).
+            Ok(Some(true)) => return Ok(doubt.outcome),
+            // It rolled back: write the batch again.
+            Ok(Some(false)) => {}
+            Ok(None) => {
+                let xid = doubt.xid;
+                *in_doubt = Some(doubt);
+                return Err(DbError::CommitInProgress { xid }.into());
+            }
+            Err(e) => {
+                *in_doubt = Some(doubt);
+                return Err(e.into());
+            }
+        }
+    }
+    db::write_batch_attempt(
+        &ctx.pool,
+        &ctx.config.database_url,
+        &batch.columns,
+        batch.shard,
+        ctx.config.db_attempt_timeout,
+    )
+    .await
 }
 
 fn record_outcome(m: &Metrics, batch: &Batch, outcome: &BatchOutcome) {
@@ -255,7 +298,7 @@ async fn ack(session: &Session, ctx: &Ctx, tag: u64) -> Result<(), String> {
 /// credentials); transient failures end the session with [`SessionEnd::Lost`].
 pub(crate) async fn run_session(
     ctx: &Ctx,
-    session: Session,
+    mut session: Session,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, BrokerError> {
     let config = &ctx.config;
@@ -285,29 +328,17 @@ pub(crate) async fn run_session(
     info!(queue = %config.queue_name, prefetch = config.prefetch_count,
           batch_size = config.batch_size, "consuming");
 
-    // Queue depth, read on its own channel so a failure there cannot touch the acks.
     let monitor_stop = shutdown.child_token();
-    if let Ok(channel) = session.connection.create_channel().await {
-        let (ctx2, stop) = (ctx.clone(), monitor_stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => match broker::queue_depth(&channel, &ctx2.config).await {
-                        Ok(depth) => ctx2.metrics.queue_depth.set(i64::from(depth)),
-                        Err(_) => break,
-                    },
-                }
-            }
-        });
-    }
+    spawn_queue_monitor(ctx, &session, monitor_stop.clone()).await;
     let _stop_monitor = monitor_stop.drop_guard();
 
     let mut filling = Batch::new(config.batch_size);
     // Commits in flight, resolved strictly in the order they started (= delivery order),
     // so each multiple-ack only ever covers committed batches.
-    let mut committing: FuturesOrdered<CommitFuture> = FuturesOrdered::new();
+    let mut committing: FuturesOrdered<CommitTask> = FuturesOrdered::new();
+    // Fired when the session is lost: commits still retrying give up (their deliveries
+    // are back in the queue and can no longer be acked on this channel).
+    let session_gone = CancellationToken::new();
     // Consecutive batches of this session use different tally shards, so two commits in
     // flight never queue on the same tally rows.
     let mut next_shard = rand::rng().random_range(0..config.tally_shards);
@@ -331,28 +362,33 @@ pub(crate) async fn run_session(
                 crate::fault::in_commit_ack_window();
                 batch.acked = true;
             }
-            committing.push_back(Box::pin(commit(ctx.clone(), batch)));
+            committing.push_back(spawn_commit(ctx, batch, &session_gone));
             continue;
         }
 
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break SessionEnd::Stopped,
-            Some(done) = committing.next(), if !committing.is_empty() => {
-                if let Err(e) = ack_committed(&session, ctx, &done).await {
+            Some(joined) = committing.next(), if !committing.is_empty() => {
+                let acked = match joined {
+                    Ok(done) => ack_committed(&session, ctx, &done).await,
+                    Err(e) => Err(format!("commit task failed: {e}")),
+                };
+                if let Err(e) = acked {
                     break SessionEnd::Lost(e);
                 }
             }
             next = consumer.next(), if !full => match next {
                 Some(Ok(delivery)) => {
                     ctx.metrics.votes_received.inc();
+                    note_delivery_count(ctx, &delivery.properties);
                     match vote::decode(&delivery.data) {
                         Ok(v) => {
                             let published = broker::published_at_ms(&delivery.properties);
                             filling.add(v, delivery.delivery_tag, delivery.redelivered, published);
                         }
                         Err(rejection) => {
-                            if let Err(e) = dead_letter(ctx, &session, &delivery, &rejection).await {
+                            if let Err(e) = dead_letter(ctx, &mut session, &delivery, &rejection).await {
                                 break SessionEnd::Lost(e);
                             }
                         }
@@ -376,10 +412,14 @@ pub(crate) async fn run_session(
                 .await;
             if !filling.is_empty() {
                 filling.shard = next_shard as i16;
-                committing.push_back(Box::pin(commit(ctx.clone(), filling)));
+                committing.push_back(spawn_commit(ctx, filling, &session_gone));
             }
-            while let Some(done) = committing.next().await {
-                if let Err(e) = ack_committed(&session, ctx, &done).await {
+            while let Some(joined) = committing.next().await {
+                let acked = match joined {
+                    Ok(done) => ack_committed(&session, ctx, &done).await,
+                    Err(e) => Err(format!("commit task failed: {e}")),
+                };
+                if let Err(e) = acked {
                     warn!(error = %e, "could not ack the last batch; the broker will redeliver it");
                 }
             }
@@ -390,19 +430,85 @@ pub(crate) async fn run_session(
             Ok(SessionEnd::Stopped)
         }
         SessionEnd::Lost(reason) => {
-            // Commits in flight finish (their rows are durable or not; either way the
-            // broker redelivers and the UUID key dedupes), but nothing more is acked.
-            while committing.next().await.is_some() {}
+            // Release every delivery at once (closing the connection returns them to the
+            // queue, for another replica to take), then let the commits in flight end:
+            // an attempt under way finishes or times out (its rows are durable or not;
+            // either way the UUID key dedupes the redelivery), and none is retried, so a
+            // database outage cannot hold this session open. Nothing more is acked.
+            session_gone.cancel();
+            let _ = session.connection.close(320, "session lost".into()).await;
             ctx.metrics.set_up(DEP_RABBITMQ, false);
+            while committing.next().await.is_some() {}
             Ok(SessionEnd::Lost(reason))
         }
     }
 }
 
+/// Every 2 s, reads the votes queue's depth and the number of messages the broker
+/// dead-lettered without a reason (see [`broker::unexplained_queue`]) into the metrics,
+/// on a channel of its own so a failure there cannot touch the acks. Warns when
+/// unexplained dead letters appear: they may be valid votes that were never counted.
+async fn spawn_queue_monitor(ctx: &Ctx, session: &Session, stop: CancellationToken) {
+    let Ok(channel) = session.connection.create_channel().await else {
+        return;
+    };
+    let ctx = ctx.clone();
+    let unexplained = broker::unexplained_queue(&ctx.config.queue_name);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let depth = broker::message_count(&channel, &ctx.config, &ctx.config.queue_name).await;
+            let odd = broker::message_count(&channel, &ctx.config, &unexplained).await;
+            let (Ok(depth), Ok(odd)) = (depth, odd) else {
+                break;
+            };
+            ctx.metrics.queue_depth.set(i64::from(depth));
+            let before = ctx.metrics.dead_letters_unexplained.replace(i64::from(odd));
+            if i64::from(odd) > before {
+                warn!(queue = %unexplained, messages = odd,
+                      "the broker dead-lettered messages without a reason (TTL, a delivery-limit policy, a reject); \
+                       they may be valid votes that were NOT counted: inspect them and move them back to the votes queue \
+                       (the vote UUID makes recounting safe)");
+            }
+        }
+    });
+}
+
+/// Deliveries already delivered this often get a warning: a broker-side delivery limit
+/// (a policy can impose one even though the queue is declared without) would soon
+/// dead-letter them uncounted.
+const HIGH_DELIVERY_COUNT: i64 = 10;
+
+/// Counts (and now and then logs) deliveries the broker reports as delivered at least
+/// [`HIGH_DELIVERY_COUNT`] times (quorum queues' `x-delivery-count` header).
+fn note_delivery_count(ctx: &Ctx, props: &lapin::BasicProperties) {
+    let Some(count) = broker::delivery_count(props) else {
+        return;
+    };
+    if count < HIGH_DELIVERY_COUNT {
+        return;
+    }
+    ctx.metrics.high_delivery_count.inc();
+    if ctx.metrics.high_delivery_count.get() % 1000 == 1 {
+        warn!(
+            delivery_count = count,
+            queue = %ctx.config.queue_name,
+            "a vote has been delivered {count} times without being acked (replicas crashing or \
+             losing their connection?); make sure no policy sets a delivery-limit on this queue, \
+             or votes will be dead-lettered uncounted"
+        );
+    }
+}
+
 /// Acks a committed batch (one `multiple` ack up to its last delivery tag), unless the
 /// broken test build already acked it.
-async fn ack_committed(session: &Session, ctx: &Ctx, batch: &Batch) -> Result<(), String> {
-    if batch.acked {
+async fn ack_committed(session: &Session, ctx: &Ctx, done: &Committed) -> Result<(), String> {
+    let batch = &done.batch;
+    if batch.acked || !done.done {
         return Ok(());
     }
     #[cfg(feature = "fault-injection")]
@@ -413,7 +519,7 @@ async fn ack_committed(session: &Session, ctx: &Ctx, batch: &Batch) -> Result<()
 /// Sends a malformed delivery to the dead-letter queue with its reason, then acks it.
 async fn dead_letter(
     ctx: &Ctx,
-    session: &Session,
+    session: &mut Session,
     delivery: &lapin::message::Delivery,
     rejection: &vote::Rejection,
 ) -> Result<(), String> {
@@ -439,8 +545,15 @@ async fn dead_letter(
             .map_err(|e| format!("ack of dead-lettered delivery failed: {e}")),
         Err(e) => {
             // Never requeue a poison message: reject so the broker's own dead-lettering
-            // moves it (its x-death header then says "rejected").
+            // moves it to the unexplained queue (its x-death header then says "rejected").
             warn!(error = %e, "dead-letter publish failed; rejecting without requeue instead");
+            if !session.publish.status().connected() {
+                // The broker closed the publish channel: open it again for the next one.
+                match broker::open_publish_channel(&session.connection, &ctx.config).await {
+                    Ok(channel) => session.publish = channel,
+                    Err(e) => warn!(error = %e, "cannot reopen the dead-letter channel"),
+                }
+            }
             session
                 .consume
                 .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })

@@ -27,11 +27,11 @@ use diesel::sql_types::{Array, BigInt, Bool, Int2, Int4, Nullable, Text, Timesta
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::bb8::Pool;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, TransactionManager as _};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::redact_url;
+use crate::config::{SessionTimeouts, redact_url};
 use crate::error::DbError;
 use crate::vote::Vote;
 
@@ -49,24 +49,113 @@ const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A pool of PostgreSQL connections.
 pub type PgPool = Pool<AsyncPgConnection>;
 
-/// Adds `application_name=vote-aggregator` to a URL that sets none, so operators (and the
-/// chaos suite's `pg_terminate_backend`) can tell the replicas' sessions apart.
-fn with_application_name(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if !u.query_pairs().any(|(k, _)| k == "application_name") => {
-            u.query_pairs_mut()
-                .append_pair("application_name", "vote-aggregator");
-            u.to_string()
+/// `application_name` of the service's sessions (unless the URL sets one), so operators
+/// (and the chaos suite's `pg_terminate_backend`) can tell the replicas' sessions apart.
+pub const APPLICATION_NAME: &str = "vote-aggregator";
+
+/// The URL the service's sessions connect with: the operator's URL plus
+/// `application_name` (unless set) and, through the startup `options` parameter (no extra
+/// round trip), the settings every session pins:
+/// - `synchronous_commit=on`: a COMMIT returns only once its WAL is flushed, so an ack
+///   after COMMIT never covers a vote a server crash could still lose (a database or
+///   role default of `off` is overridden);
+/// - with `timeouts` (the service's pool): `statement_timeout`, `lock_timeout` and
+///   `idle_in_transaction_session_timeout`, so a session the client gave up on cannot
+///   keep its locks on the server. Migrations and `verify` pass `None`: they may wait
+///   for the migration lock or scan for longer.
+///
+/// Operator `options` in the URL are kept; these settings are appended after them and so
+/// win.
+pub fn session_url(url: &str, timeouts: Option<&SessionTimeouts>) -> String {
+    let Ok(mut u) = url::Url::parse(url) else {
+        return url.to_string();
+    };
+    let mut options = Vec::new();
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for (k, v) in u.query_pairs() {
+        if k == "options" {
+            options.push(v.into_owned());
+        } else {
+            pairs.push((k.into_owned(), v.into_owned()));
         }
-        _ => url.to_string(),
+    }
+    if !pairs.iter().any(|(k, _)| k == "application_name") {
+        pairs.push(("application_name".into(), APPLICATION_NAME.into()));
+    }
+    options.push(format!("-c synchronous_commit={}", synchronous_commit()));
+    if let Some(t) = timeouts {
+        options.push(format!(
+            "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+            t.statement.as_millis(),
+            t.lock.as_millis(),
+            t.idle_in_transaction.as_millis()
+        ));
+    }
+    pairs.push(("options".into(), options.join(" ")));
+    // libpq-style URLs percent-decode but do not turn '+' into a space, so encode spaces
+    // as %20 (form encoding writes '+', and a literal '+' as %2B).
+    let encode = |v: &str| {
+        url::form_urlencoded::byte_serialize(v.as_bytes())
+            .collect::<String>()
+            .replace('+', "%20")
+    };
+    let query: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect();
+    u.set_query(Some(&query.join("&")));
+    u.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_url_pins_settings_after_the_operators_options() {
+        let url = session_url(
+            "postgres://u:p@db/votes?options=-c%20work_mem%3D8MB&sslmode=disable",
+            Some(&SessionTimeouts::default()),
+        );
+        assert!(url.contains("sslmode=disable"), "{url}");
+        assert!(url.contains("application_name=vote-aggregator"), "{url}");
+        assert!(
+            !url.contains('+'),
+            "spaces must be %20 for libpq-style parsers: {url}"
+        );
+        let options = url::Url::parse(&url)
+            .expect("url")
+            .query_pairs()
+            .find(|(k, _)| k == "options")
+            .map(|(_, v)| v.into_owned())
+            .expect("options");
+        assert_eq!(
+            options,
+            "-c work_mem=8MB -c synchronous_commit=on -c statement_timeout=10000 \
+             -c lock_timeout=5000 -c idle_in_transaction_session_timeout=10000"
+        );
+        let bare = session_url("postgres://db/votes?application_name=mine", None);
+        assert!(bare.contains("application_name=mine") && !bare.contains("statement_timeout"));
     }
 }
 
+/// `on`, except in the deliberately broken fault-injection build that proves the chaos
+/// suite catches a server crash losing acked commits.
+fn synchronous_commit() -> &'static str {
+    #[cfg(feature = "fault-injection")]
+    if crate::fault::synchronous_commit_off() {
+        return "off";
+    }
+    "on"
+}
+
 /// Builds the pool without connecting: the service starts (and reports `/readyz` 503)
-/// even while PostgreSQL is down, and connects when it comes back.
-pub fn pool(url: &SecretString, size: u32) -> PgPool {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(with_application_name(
+/// even while PostgreSQL is down, and connects when it comes back. Every session sets
+/// `timeouts` (see [`session_url`]).
+pub fn pool(url: &SecretString, size: u32, timeouts: &SessionTimeouts) -> PgPool {
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(session_url(
         url.expose_secret(),
+        Some(timeouts),
     ));
     Pool::builder()
         .max_size(size)
@@ -91,7 +180,7 @@ async fn checkout<'a>(pool: &'a PgPool, url: &SecretString) -> Result<PooledConn
 /// [`DbError::Connect`] when PostgreSQL cannot be reached, [`DbError::Migration`] when
 /// a migration fails (the failed migration's transaction is rolled back).
 pub async fn run_migrations(url: &SecretString) -> Result<Vec<String>, DbError> {
-    let raw = url.expose_secret().to_string();
+    let raw = session_url(url.expose_secret(), None);
     let shown = redact_url(&raw);
     // diesel_migrations is synchronous; the wrapper drives the async connection from a
     // blocking thread.
@@ -186,6 +275,8 @@ struct WriteResult {
     conflicting: Vec<i32>,
     #[diesel(sql_type = Array<Int4>)]
     unresolved: Vec<i32>,
+    #[diesel(sql_type = BigInt)]
+    xid: i64,
 }
 
 #[derive(QueryableByName)]
@@ -200,18 +291,22 @@ WITH input AS (
                          $6::bool[], $7::int4[])
         AS t(vote_id, election_id, candidate_id, precinct_id, cast_at, is_first, ord)
 ),
+-- One offered row per UUID (the earliest), so each inserted row maps back to exactly one
+-- ord: two rows of one UUID can never both be counted, whatever the caller sent.
+offered AS (
+    SELECT DISTINCT ON (vote_id) * FROM input WHERE is_first ORDER BY vote_id, ord
+),
 ins AS (
     INSERT INTO votes (vote_id, election_id, candidate_id, precinct_id, cast_at)
     SELECT vote_id, election_id, candidate_id, precinct_id, cast_at
-    FROM input WHERE is_first
+    FROM offered
     ORDER BY vote_id
     ON CONFLICT (vote_id) DO NOTHING
     RETURNING vote_id
 ),
 counted AS (
-    SELECT i.ord, i.election_id, i.candidate_id
-    FROM input i JOIN ins ON ins.vote_id = i.vote_id
-    WHERE i.is_first
+    SELECT o.ord, o.election_id, o.candidate_id
+    FROM offered o JOIN ins ON ins.vote_id = o.vote_id
 ),
 tally AS (
     INSERT INTO tally_shards AS t (election_id, candidate_id, shard, votes)
@@ -257,7 +352,8 @@ conflicts AS (
 )
 SELECT coalesce((SELECT array_agg(ord) FROM counted), '{}') AS counted,
        coalesce((SELECT array_agg(ord) FROM judged WHERE conflicting), '{}') AS conflicting,
-       coalesce((SELECT array_agg(ord) FROM judged WHERE conflicting IS NULL), '{}') AS unresolved
+       coalesce((SELECT array_agg(ord) FROM judged WHERE conflicting IS NULL), '{}') AS unresolved,
+       pg_current_xact_id()::text::bigint AS xid
 "#;
 
 /// Judges rows whose UUID another transaction inserted concurrently (now committed and
@@ -285,67 +381,204 @@ conflicts AS (
 SELECT coalesce((SELECT array_agg(ord) FROM judged WHERE conflicting), '{}') AS conflicting
 "#;
 
-/// Writes one batch in one transaction. The caller acks the batch's deliveries only
-/// after this returns `Ok` (the commit happened).
+/// A batch transaction whose COMMIT was sent but whose answer never came (connection
+/// lost, attempt timed out): it may or may not have committed. Its id lets a retry ask the
+/// server ([`transaction_committed`]) instead of writing again and mistaking its own
+/// earlier commit for duplicates.
+#[derive(Debug, Clone)]
+pub struct InDoubt {
+    /// Transaction id (`pg_current_xact_id()`).
+    pub xid: i64,
+    /// What the batch statement decided inside that transaction.
+    pub outcome: BatchOutcome,
+}
+
+/// Why one attempt at a batch failed.
+#[derive(Debug)]
+pub struct WriteFailure {
+    /// The error (already redacted).
+    pub error: DbError,
+    /// Set when the failure came after COMMIT was sent (the outcome is unknown).
+    pub in_doubt: Option<InDoubt>,
+}
+
+impl From<DbError> for WriteFailure {
+    fn from(error: DbError) -> Self {
+        WriteFailure {
+            error,
+            in_doubt: None,
+        }
+    }
+}
+
+/// How far one attempt got, kept outside the attempt's future so it survives a timeout.
+#[derive(Default)]
+struct Progress {
+    cancel: Option<tokio_postgres::CancelToken>,
+    commit_sent: Option<InDoubt>,
+}
+
+/// Writes one batch in one transaction, giving up after `attempt_timeout` (checkout,
+/// statement and COMMIT together). The caller acks the batch's deliveries only after this
+/// returns `Ok` (the commit happened).
+///
+/// On timeout the running statement is cancelled on the server (a cancel request), and
+/// the connection is discarded, so the abandoned attempt keeps no locks there; the
+/// session's own `statement_timeout`/`lock_timeout` (see [`session_url`]) normally end a
+/// stuck statement before that.
 ///
 /// # Errors
-/// [`DbError`]; nothing was committed (or, if the connection died during COMMIT, the
-/// outcome is unknown — redelivery plus the UUID key make both cases safe).
+/// [`WriteFailure`]: nothing was committed, or (with [`WriteFailure::in_doubt`]) COMMIT
+/// was sent and its outcome is unknown.
+pub async fn write_batch_attempt(
+    pool: &PgPool,
+    url: &SecretString,
+    batch: &BatchColumns,
+    shard: i16,
+    attempt_timeout: Duration,
+) -> Result<BatchOutcome, WriteFailure> {
+    let mut progress = Progress::default();
+    let attempt = tokio::time::timeout(
+        attempt_timeout,
+        write_batch_once(pool, url, batch, shard, &mut progress),
+    )
+    .await;
+    match attempt {
+        Ok(result) => result.map_err(|error| WriteFailure {
+            error,
+            in_doubt: progress.commit_sent.take(),
+        }),
+        Err(_) => {
+            if let Some(token) = progress.cancel {
+                // Best effort: the server's own statement_timeout is the backstop.
+                let _ = token.cancel_query(tokio_postgres::NoTls).await;
+            }
+            Err(WriteFailure {
+                error: DbError::Timeout {
+                    ms: attempt_timeout.as_millis() as u64,
+                },
+                in_doubt: progress.commit_sent,
+            })
+        }
+    }
+}
+
+/// [`write_batch_attempt`] without a time limit or in-doubt details (tools and tests).
+///
+/// # Errors
+/// [`DbError`] when the batch was not (or not surely) committed.
 pub async fn write_batch(
     pool: &PgPool,
     url: &SecretString,
     batch: &BatchColumns,
     shard: i16,
 ) -> Result<BatchOutcome, DbError> {
+    write_batch_once(pool, url, batch, shard, &mut Progress::default()).await
+}
+
+async fn write_batch_once(
+    pool: &PgPool,
+    url: &SecretString,
+    batch: &BatchColumns,
+    shard: i16,
+    progress: &mut Progress,
+) -> Result<BatchOutcome, DbError> {
+    type Tm = diesel_async::AnsiTransactionManager;
     let mut conn = checkout(pool, url).await?;
+    progress.cancel = Some(conn.cancel_token());
+    // A failure (or a drop on timeout) between BEGIN and the end of COMMIT leaves the
+    // transaction manager "in a transaction", so the pool discards the connection.
+    Tm::begin_transaction(&mut *conn).await?;
+    let written = batch_statements(&mut conn, batch, shard).await;
+    let (outcome, xid) = match written {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = Tm::rollback_transaction(&mut *conn).await;
+            return Err(e);
+        }
+    };
+    progress.commit_sent = Some(InDoubt {
+        xid,
+        outcome: outcome.clone(),
+    });
+    Tm::commit_transaction(&mut *conn).await?;
+    progress.commit_sent = None;
+    Ok(outcome)
+}
+
+/// The batch's statements inside the open transaction: the write, then (rarely) the
+/// second judgement of rows another transaction inserted concurrently.
+async fn batch_statements(
+    conn: &mut AsyncPgConnection,
+    batch: &BatchColumns,
+    shard: i16,
+) -> Result<(BatchOutcome, i64), DbError> {
     let ords = batch.ords();
-    conn.transaction::<_, DbError, _>(async |conn| {
-        let res: WriteResult = diesel::sql_query(WRITE_BATCH_SQL)
-            .bind::<Array<Uuid>, _>(&batch.vote_ids)
-            .bind::<Array<Text>, _>(&batch.election_ids)
-            .bind::<Array<Text>, _>(&batch.candidate_ids)
-            .bind::<Array<Nullable<Text>>, _>(&batch.precinct_ids)
-            .bind::<Array<Timestamptz>, _>(&batch.cast_ats)
-            .bind::<Array<Bool>, _>(&batch.is_first)
-            .bind::<Array<Int4>, _>(&ords)
-            .bind::<Int2, _>(shard)
+    let res: WriteResult = diesel::sql_query(WRITE_BATCH_SQL)
+        .bind::<Array<Uuid>, _>(&batch.vote_ids)
+        .bind::<Array<Text>, _>(&batch.election_ids)
+        .bind::<Array<Text>, _>(&batch.candidate_ids)
+        .bind::<Array<Nullable<Text>>, _>(&batch.precinct_ids)
+        .bind::<Array<Timestamptz>, _>(&batch.cast_ats)
+        .bind::<Array<Bool>, _>(&batch.is_first)
+        .bind::<Array<Int4>, _>(&ords)
+        .bind::<Int2, _>(shard)
+        .get_result(conn)
+        .await?;
+    let mut outcome = BatchOutcome {
+        counted: res.counted,
+        conflicting: res.conflicting,
+    };
+    if !res.unresolved.is_empty() {
+        let idx: Vec<usize> = res.unresolved.iter().map(|&i| i as usize).collect();
+        let pick = |col: &dyn Fn(usize) -> String| idx.iter().map(|&i| col(i)).collect::<Vec<_>>();
+        let resolved: ConflictResult = diesel::sql_query(RESOLVE_CONFLICTS_SQL)
+            .bind::<Array<Uuid>, _>(idx.iter().map(|&i| batch.vote_ids[i]).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(pick(&|i| batch.election_ids[i].clone()))
+            .bind::<Array<Text>, _>(pick(&|i| batch.candidate_ids[i].clone()))
+            .bind::<Array<Nullable<Text>>, _>(
+                idx.iter()
+                    .map(|&i| batch.precinct_ids[i].clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind::<Array<Timestamptz>, _>(
+                idx.iter().map(|&i| batch.cast_ats[i]).collect::<Vec<_>>(),
+            )
+            .bind::<Array<Int4>, _>(&res.unresolved)
             .get_result(conn)
             .await?;
-        let mut outcome = BatchOutcome {
-            counted: res.counted,
-            conflicting: res.conflicting,
-        };
-        if !res.unresolved.is_empty() {
-            let pick = |i: &i32| *i as usize;
-            let idx: Vec<usize> = res.unresolved.iter().map(pick).collect();
-            let resolved: ConflictResult = diesel::sql_query(RESOLVE_CONFLICTS_SQL)
-                .bind::<Array<Uuid>, _>(idx.iter().map(|&i| batch.vote_ids[i]).collect::<Vec<_>>())
-                .bind::<Array<Text>, _>(
-                    idx.iter()
-                        .map(|&i| batch.election_ids[i].clone())
-                        .collect::<Vec<_>>(),
-                )
-                .bind::<Array<Text>, _>(
-                    idx.iter()
-                        .map(|&i| batch.candidate_ids[i].clone())
-                        .collect::<Vec<_>>(),
-                )
-                .bind::<Array<Nullable<Text>>, _>(
-                    idx.iter()
-                        .map(|&i| batch.precinct_ids[i].clone())
-                        .collect::<Vec<_>>(),
-                )
-                .bind::<Array<Timestamptz>, _>(
-                    idx.iter().map(|&i| batch.cast_ats[i]).collect::<Vec<_>>(),
-                )
-                .bind::<Array<Int4>, _>(&res.unresolved)
-                .get_result(conn)
-                .await?;
-            outcome.conflicting.extend(resolved.conflicting);
-        }
-        Ok(outcome)
+        outcome.conflicting.extend(resolved.conflicting);
+    }
+    Ok((outcome, res.xid))
+}
+
+#[derive(QueryableByName)]
+struct XactStatus {
+    #[diesel(sql_type = Nullable<Text>)]
+    status: Option<String>,
+}
+
+/// Whether transaction `xid` committed: `Some(true)` committed, `Some(false)` aborted
+/// (or too old for the server to remember, which cannot happen to a batch of this
+/// process), `None` still in progress (ask again later).
+///
+/// # Errors
+/// [`DbError`] when the server cannot be asked.
+pub async fn transaction_committed(
+    pool: &PgPool,
+    url: &SecretString,
+    xid: i64,
+) -> Result<Option<bool>, DbError> {
+    let mut conn = checkout(pool, url).await?;
+    let row: XactStatus = diesel::sql_query("SELECT pg_xact_status($1::text::xid8) AS status")
+        .bind::<Text, _>(xid.to_string())
+        .get_result(&mut conn)
+        .await?;
+    Ok(match row.status.as_deref() {
+        Some("committed") => Some(true),
+        Some("in progress") => None,
+        _ => Some(false),
     })
-    .await
 }
 
 /// One (election, candidate) whose tally disagrees with its counted votes.
@@ -395,7 +628,7 @@ struct Totals {
 /// # Errors
 /// [`DbError`] when the database cannot be read.
 pub async fn verify(url: &SecretString) -> Result<VerifyReport, DbError> {
-    let mut conn = AsyncPgConnection::establish(url.expose_secret())
+    let mut conn = AsyncPgConnection::establish(&session_url(url.expose_secret(), None))
         .await
         .map_err(|e| DbError::Connect {
             url: redact_url(url.expose_secret()),

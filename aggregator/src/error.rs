@@ -65,6 +65,18 @@ pub enum DbError {
     /// Applying migrations failed.
     #[error("migrations failed: {0}")]
     Migration(String),
+    /// A batch attempt took longer than `DB_ATTEMPT_TIMEOUT_MS`; it was cancelled on the
+    /// server and is retried.
+    #[error(
+        "PostgreSQL did not finish a batch within {ms} ms (DB_ATTEMPT_TIMEOUT_MS); cancelled it on the server and retrying (look for locks held by other sessions)"
+    )]
+    Timeout { ms: u64 },
+    /// An earlier attempt's COMMIT is still running on the server; its outcome decides
+    /// whether the batch must be written again.
+    #[error(
+        "the previous attempt's COMMIT (transaction {xid}) is still in progress on PostgreSQL; asking again"
+    )]
+    CommitInProgress { xid: i64 },
 }
 
 impl DbError {
@@ -73,12 +85,21 @@ impl DbError {
     pub fn is_transient(&self) -> bool {
         use diesel::result::{DatabaseErrorKind as K, Error as E};
         match self {
-            DbError::Connect { .. } => true,
+            DbError::Connect { .. }
+            | DbError::Timeout { .. }
+            | DbError::CommitInProgress { .. } => true,
             DbError::Query(E::DatabaseError(kind, info)) => {
                 matches!(
                     kind,
                     K::SerializationFailure | K::ClosedConnection | K::UnableToSendCommand
-                ) || matches!(info.message(), m if m.contains("deadlock") || m.contains("terminating connection"))
+                ) || {
+                    let m = info.message();
+                    // deadlock, admin termination, and the session's own statement_timeout
+                    // / lock_timeout (a lock held elsewhere: waiting may fix it).
+                    m.contains("deadlock")
+                        || m.contains("terminating connection")
+                        || m.contains("canceling statement due to")
+                }
             }
             DbError::Query(E::BrokenTransactionManager) => true,
             DbError::Query(_) => false,
@@ -99,10 +120,12 @@ pub enum BrokerError {
     },
     /// The queue exists with arguments other than the ones this replica declares.
     /// Retrying cannot fix this, so start-up stops.
-    #[error(
-        "queue '{queue}' already exists with other arguments ({detail}); fix: set QUEUE_TYPE to the existing queue's type, or drain and delete the queue so it is declared again with the aggregator's arguments"
-    )]
-    QueueMismatch { queue: String, detail: String },
+    #[error("queue '{queue}' already exists with other arguments ({detail}); fix: {fix}")]
+    QueueMismatch {
+        queue: String,
+        detail: String,
+        fix: String,
+    },
     /// The broker refused the credentials.
     #[error("RabbitMQ at {url} refused the credentials: check the user and password in AMQP_URL")]
     AuthRefused { url: String },

@@ -10,6 +10,10 @@
 //! - `VOTES_FAULT_ACK_BEFORE_COMMIT=1`: a deliberately BROKEN replica that acks each
 //!   batch when its transaction starts instead of after COMMIT, so a crash mid-commit
 //!   loses votes. The chaos suite must fail against it.
+//! - `VOTES_FAULT_SYNCHRONOUS_COMMIT_OFF=1`: a deliberately BROKEN replica whose sessions
+//!   set `synchronous_commit=off`, so a COMMIT returns (and the batch is acked) before its
+//!   WAL is flushed and a PostgreSQL crash right after loses acked votes. The chaos
+//!   suite's database-kill nemesis must catch it.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,4 +38,10 @@ pub(crate) fn in_commit_ack_window() {
 pub(crate) fn ack_before_commit() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| env_u64("VOTES_FAULT_ACK_BEFORE_COMMIT") == Some(1))
+}
+
+/// Whether this replica is the deliberately broken "synchronous_commit=off" one.
+pub(crate) fn synchronous_commit_off() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| env_u64("VOTES_FAULT_SYNCHRONOUS_COMMIT_OFF") == Some(1))
 }

@@ -73,10 +73,13 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
-            let down: Vec<&str> = [DEP_RABBITMQ, DEP_POSTGRES]
+            let mut down: Vec<&str> = [DEP_RABBITMQ, DEP_POSTGRES]
                 .into_iter()
                 .filter(|d| !metrics.is_up(d))
                 .collect();
+            if metrics.commits_failing.get() != 0 {
+                down.push("batch commits (failing)");
+            }
             if down.is_empty() {
                 text(StatusCode::OK, "ready\n".into())
             } else {

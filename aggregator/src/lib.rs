@@ -105,7 +105,11 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
     info!(replica = %config.replica_id, %metrics_addr, "vote-aggregator starting");
 
     let ctx = Ctx {
-        pool: db::pool(&config.database_url, config.db_pool_size),
+        pool: db::pool(
+            &config.database_url,
+            config.db_pool_size,
+            &config.db_timeouts,
+        ),
         config: Arc::new(config),
         metrics: metrics.clone(),
     };
@@ -131,6 +135,10 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
         task,
     })
 }
+
+/// A broker session that lasted at least this long counts as healthy: losing it resets
+/// the reconnect backoff. Shorter sessions keep backing off.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
 
 /// Migrate, watch the database, then consume session after session until shutdown.
 async fn serve(ctx: Ctx, shutdown: CancellationToken) -> Result<(), Error> {
@@ -159,12 +167,25 @@ async fn serve(ctx: Ctx, shutdown: CancellationToken) -> Result<(), Error> {
         match session {
             Ok(session) => {
                 info!(amqp = %config::redact_url(ctx.config.amqp_url.expose_secret()), "connected to RabbitMQ");
+                let started = tokio::time::Instant::now();
                 match consumer::run_session(&ctx, session, &shutdown).await? {
                     SessionEnd::Stopped => return Ok(()),
                     SessionEnd::Lost(reason) => {
                         ctx.metrics.broker_connection_failures.inc();
-                        warn!(%reason, "RabbitMQ session lost; unacked deliveries will be redelivered; reconnecting");
-                        backoff = consumer::retry_backoff();
+                        let lasted = started.elapsed();
+                        // Only a session that lived resets the backoff: one that dies right
+                        // after connecting (consume refused, exclusive consumer elsewhere)
+                        // must not turn into a reconnect storm.
+                        if lasted >= STABLE_SESSION {
+                            backoff = consumer::retry_backoff();
+                        }
+                        let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                        warn!(%reason, lasted_ms = lasted.as_millis() as u64, retry_in_ms = wait.as_millis() as u64,
+                              "RabbitMQ session lost; unacked deliveries will be redelivered; reconnecting");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(wait) => {}
+                        }
                     }
                 }
             }

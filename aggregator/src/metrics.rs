@@ -56,6 +56,32 @@ pub struct Metrics {
     pub up: IntGaugeVec,
     /// Messages ready in the queue, as last seen by this replica.
     pub queue_depth: IntGauge,
+    /// Messages in the unexplained dead-letter queue (dead-lettered by the broker, not by
+    /// a replica; may hold valid votes), as last seen by this replica.
+    pub dead_letters_unexplained: ReplaceableGauge,
+    /// 1 while the latest batch commit attempt failed (the replica is not ready even if
+    /// PostgreSQL answers `SELECT 1`), else 0.
+    pub commits_failing: IntGauge,
+    /// Deliveries whose `x-delivery-count` was at least 10.
+    pub high_delivery_count: IntCounter,
+}
+
+/// An [`IntGauge`] whose previous value can be swapped out in one step.
+#[derive(Clone)]
+pub struct ReplaceableGauge(IntGauge);
+
+impl ReplaceableGauge {
+    /// Sets `value` and returns the previous one.
+    pub fn replace(&self, value: i64) -> i64 {
+        let before = self.0.get();
+        self.0.set(value);
+        before
+    }
+
+    /// The current value.
+    pub fn get(&self) -> i64 {
+        self.0.get()
+    }
 }
 
 impl Metrics {
@@ -91,6 +117,14 @@ impl Metrics {
                 .register(Box::new(h.clone()))
                 .expect("unique metric");
             h
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::with_opts(Opts::new(format!("{PREFIX}_{name}"), help))
+                .expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
         };
         let latency_buckets = vec![
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -167,17 +201,22 @@ impl Metrics {
                     .expect("unique metric");
                 g
             },
-            queue_depth: {
-                let g = IntGauge::with_opts(Opts::new(
-                    format!("{PREFIX}_queue_depth"),
-                    "Messages ready in the queue, as last seen by this replica.",
-                ))
-                .expect("valid metric");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric");
-                g
-            },
+            queue_depth: gauge(
+                "queue_depth",
+                "Messages ready in the queue, as last seen by this replica.",
+            ),
+            dead_letters_unexplained: ReplaceableGauge(gauge(
+                "dead_letters_unexplained",
+                "Messages the broker dead-lettered without a reason (may be uncounted valid votes); alert on > 0.",
+            )),
+            commits_failing: gauge(
+                "commits_failing",
+                "1 while the latest batch commit attempt failed, else 0.",
+            ),
+            high_delivery_count: counter(
+                "high_delivery_count_total",
+                "Deliveries the broker had already delivered at least 10 times (x-delivery-count).",
+            ),
             registry,
         };
         // Pre-create label values so dashboards see zeros rather than absent series.

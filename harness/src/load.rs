@@ -426,7 +426,7 @@ async fn broker_ceiling(
 async fn db_ceiling(servers: &Infra, workload: &Workload, batch: usize) -> anyhow::Result<f64> {
     let bed = fresh_bed(servers, QueueType::Classic).await?;
     let url = SecretString::from(bed.database_url.clone());
-    let pool = db::pool(&url, 1);
+    let pool = db::pool(&url, 1, &Default::default());
     let votes: Vec<_> = workload
         .main
         .iter()

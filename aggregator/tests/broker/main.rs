@@ -179,7 +179,7 @@ async fn a_batch_committed_but_never_acked_is_redelivered_and_not_counted_again(
     // library's own batch write, then close the channel without acking.
     let config = bed.config("crashy");
     vote_aggregator::db::run_migrations(&config.database_url).await?;
-    let pool = db::pool(&config.database_url, 1);
+    let pool = db::pool(&config.database_url, 1, &Default::default());
     let conn = lapin::Connection::connect(&bed.amqp_url, Default::default()).await?;
     let channel = conn.create_channel().await?;
     channel.basic_qos(100, BasicQosOptions::default()).await?;

@@ -90,7 +90,7 @@ async fn a_consumer_that_drops_a_batch_fails_with_the_lost_votes() -> anyhow::Re
     let ledger = publish(&bed, &spec).await?;
     let config = bed.config("lossy");
     db::run_migrations(&config.database_url).await?;
-    let pool = db::pool(&config.database_url, 1);
+    let pool = db::pool(&config.database_url, 1, &Default::default());
     let conn = lapin::Connection::connect(&bed.amqp_url, Default::default()).await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(50, BasicQosOptions::default()).await?;
