@@ -20,6 +20,8 @@ use vote_harness::publish::vote_properties;
 use vote_harness::testbed::TestBed;
 use vote_harness::votes;
 
+mod hardening;
+
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn bed() -> anyhow::Result<TestBed> {

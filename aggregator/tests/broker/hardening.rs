@@ -1,0 +1,330 @@
+//! Exactly-once hardening against the real servers: redeliveries that must never divert a
+//! vote, dead letters the broker makes on its own, commits that fail while `SELECT 1`
+//! works, a batch that offers one UUID twice, a reconnect storm, evidence that must not
+//! expire, and a schema revert that would drop counted votes.
+
+use super::*;
+
+use diesel_async::AsyncPgConnection;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_migrations::MigrationHarness as _;
+use lapin::options::BasicCancelOptions;
+use vote_aggregator::broker;
+use vote_aggregator::config::QueueType;
+
+/// Takes every message of `queue` `times` times without acking, closing the connection
+/// after each take so the broker returns them (as a crashed or disconnected replica
+/// would).
+async fn take_without_ack(bed: &TestBed, expected: usize, times: usize) -> anyhow::Result<()> {
+    for take in 0..times {
+        let conn = lapin::Connection::connect(&bed.amqp_url, Default::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(expected as u16 * 2, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                bed.queue.as_str().into(),
+                "taker".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for _ in 0..expected {
+            tokio::time::timeout(WAIT, consumer.next())
+                .await
+                .with_context(|| format!("take {take}: fewer than {expected} deliveries"))?
+                .context("consumer ended")??;
+        }
+        conn.close(320, "crashed".into()).await?;
+    }
+    Ok(())
+}
+
+async fn redelivered_votes_are_counted(queue_type: QueueType) -> anyhow::Result<()> {
+    let bed = bed().await?;
+    let mut config = bed.config("r1");
+    config.queue_type = queue_type;
+    broker::connect(&config).await?; // declares the topology
+    let votes = votes::spread(10, &["e"], &["a", "b"]);
+    let publisher = bed.publisher().await?;
+    publisher.publish_votes(&votes).await?;
+    // RabbitMQ 4.0's default quorum delivery limit is 20: 25 returns exceed it.
+    take_without_ack(&bed, votes.len(), 25).await?;
+
+    let replica = Replica::start(config).await?;
+    wait_stored(&bed, 10).await?;
+    let mut db = bed.db().await?;
+    assert_eq!(db.tallies().await?, expected(&votes));
+    let broker = bed.broker().await?;
+    let unexplained = broker::unexplained_queue(&bed.queue);
+    for queue in [bed.queue.clone(), bed.dead_letter_queue(), unexplained] {
+        let (ready, _) = broker.queue_state(&queue).await?;
+        assert_eq!(ready, 0, "{queue} must be empty");
+    }
+    assert!(
+        replica.running.metrics().high_delivery_count.get() >= 10
+            || queue_type == QueueType::Classic
+    );
+    replica.stop().await
+}
+
+#[tokio::test]
+async fn a_quorum_vote_returned_25_times_is_still_counted_once() -> anyhow::Result<()> {
+    redelivered_votes_are_counted(QueueType::Quorum).await
+}
+
+#[tokio::test]
+async fn a_classic_vote_returned_25_times_is_still_counted_once() -> anyhow::Result<()> {
+    redelivered_votes_are_counted(QueueType::Classic).await
+}
+
+#[tokio::test]
+async fn a_queue_with_the_brokers_default_delivery_limit_stops_startup() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    // The queue as an older release declared it: quorum, dead-letter exchange, no limit
+    // argument (so the broker's default of 20 applies).
+    let conn = lapin::Connection::connect(&bed.amqp_url, Default::default()).await?;
+    let channel = conn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString(broker::DEAD_LETTER_EXCHANGE.into()),
+    );
+    channel
+        .queue_declare(
+            bed.queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            args,
+        )
+        .await?;
+    conn.close(200, "declared".into()).await?;
+
+    let err = Replica::start(bed.config("r1"))
+        .await?
+        .running
+        .join()
+        .await
+        .expect_err("must refuse a queue that can divert votes");
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("queue '{}'", bed.queue)), "{msg}");
+    assert!(
+        msg.contains("delivery limit") && msg.contains("delete"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_vote_the_broker_dead_letters_on_its_own_is_counted_in_a_metric() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    bed.declare().await?;
+    let publisher = bed.publisher().await?;
+    // A valid vote with a 1 ms per-message TTL expires before any replica takes it: the
+    // broker dead-letters it without a reason.
+    let vote = votes::vote("e", "a");
+    publisher
+        .publish_raw(
+            &vote.to_json(),
+            vote_properties(&vote).with_expiration("1".into()),
+        )
+        .await?;
+    let replica = Replica::start(bed.config("r1")).await?;
+    let m = replica.running.metrics().clone();
+    eventually("the unexplained dead letter is seen", WAIT, async || {
+        Ok(m.dead_letters_unexplained.get() == 1)
+    })
+    .await?;
+    let (status, page) = http_get(replica.running.metrics_addr(), "/metrics").await?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric_value(&page, "vote_aggregator_dead_letters_unexplained"),
+        Some(1.0),
+        "{page}"
+    );
+    // The evidence sits in the unexplained queue, not in the reasoned DLQ.
+    let broker = bed.broker().await?;
+    assert_eq!(broker.queue_state(&bed.dead_letter_queue()).await?.0, 0);
+    let letters = broker
+        .drain(
+            &broker::unexplained_queue(&bed.queue),
+            Duration::from_millis(200),
+        )
+        .await?;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, None);
+    replica.stop().await
+}
+
+#[tokio::test]
+async fn readiness_turns_503_while_commits_fail_though_select_1_works() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    let replica = Replica::start(bed.config("r1")).await?;
+    let addr = replica.running.metrics_addr();
+    eventually("ready", WAIT, async || {
+        Ok(http_get(addr, "/readyz").await?.0 == 200)
+    })
+    .await?;
+
+    // A read-only database: SELECT 1 answers, every INSERT fails.
+    let db_name = bed
+        .database_url
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let mut admin = bed.db().await?;
+    let kick = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{db_name}' AND application_name = 'vote-aggregator'"
+    );
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{db_name}\" SET default_transaction_read_only = on"
+        ))
+        .await?;
+    admin.execute(&kick).await?;
+    let publisher = bed.publisher().await?;
+    let vote = votes::vote("e", "a");
+    publisher.publish_votes(std::slice::from_ref(&vote)).await?;
+    eventually("503 while commits fail", WAIT, async || {
+        let (status, body) = http_get(addr, "/readyz").await?;
+        Ok(status == 503 && body.contains("commits"))
+    })
+    .await?;
+    assert_eq!(replica.counted(), 0);
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{db_name}\" RESET default_transaction_read_only"
+        ))
+        .await?;
+    admin.execute(&kick).await?;
+    wait_stored(&bed, 1).await?;
+    eventually("ready again", WAIT, async || {
+        Ok(http_get(addr, "/readyz").await?.0 == 200)
+    })
+    .await?;
+    replica.stop().await
+}
+
+#[tokio::test]
+async fn two_first_rows_of_one_uuid_never_add_two_to_a_tally() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    let url = secrecy::SecretString::from(bed.database_url.clone());
+    db::run_migrations(&url).await?;
+    let pool = db::pool(&url, 1, &Default::default());
+    let first = votes::vote("e", "a");
+    let mut second = first.clone();
+    second.candidate_id = "b".into();
+    let mut columns = BatchColumns::default();
+    // A caller that (wrongly) offers both rows of one UUID for insertion.
+    columns.push(&first, true);
+    columns.push(&second, true);
+    let outcome = db::write_batch(&pool, &url, &columns, 0).await?;
+    assert_eq!(outcome.counted, vec![0], "only the first row counts");
+    assert_eq!(
+        outcome.conflicting,
+        vec![1],
+        "the other payload is a conflict"
+    );
+    let report = db::verify(&url).await?;
+    assert_eq!((report.votes, report.tallied), (1, 1), "{report:?}");
+    assert!(report.drift.is_empty(), "{report:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_exclusive_consumer_elsewhere_does_not_cause_a_reconnect_storm() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    // Classic: RabbitMQ 4.0.5 lets a second consumer onto a quorum queue that has an
+    // exclusive one (seen here), a classic queue refuses it with 403.
+    let mut config = bed.config("r1");
+    config.queue_type = QueueType::Classic;
+    broker::connect(&config).await?;
+    let conn = lapin::Connection::connect(&bed.amqp_url, Default::default()).await?;
+    let channel = conn.create_channel().await?;
+    let _hog = channel
+        .basic_consume(
+            bed.queue.as_str().into(),
+            "hog".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let replica = Replica::start(config).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let attempts = replica.running.metrics().broker_connection_failures.get();
+    assert!(
+        (1..10).contains(&attempts),
+        "{attempts} lost sessions in 5 s: expected backoff across short sessions"
+    );
+    channel
+        .basic_cancel("hog".into(), BasicCancelOptions::default())
+        .await?;
+    conn.close(200, "done".into()).await?;
+    replica.stop().await
+}
+
+#[tokio::test]
+async fn a_dead_letter_copy_does_not_expire() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    let replica = Replica::start(bed.config("r1")).await?;
+    let publisher = eventually_publisher(&bed).await?;
+    // Malformed, with a 3 s TTL: taken at once, its dead-letter copy must outlive that.
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_expiration("3000".into());
+    publisher.publish_raw(b"{not json", props).await?;
+    let m = replica.running.metrics().clone();
+    eventually("dead-lettered", WAIT, async || {
+        Ok(m.votes_rejected
+            .with_label_values(&["malformed_json"])
+            .get()
+            == 1)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let letters = bed
+        .broker()
+        .await?
+        .drain(&bed.dead_letter_queue(), Duration::from_millis(200))
+        .await?;
+    assert_eq!(letters.len(), 1, "the evidence expired");
+    assert!(letters[0].reason.is_some());
+    replica.stop().await
+}
+
+#[tokio::test]
+async fn reverting_the_schema_refuses_while_votes_are_counted() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    let url = secrecy::SecretString::from(bed.database_url.clone());
+    db::run_migrations(&url).await?;
+    let pool = db::pool(&url, 1, &Default::default());
+    let mut columns = BatchColumns::default();
+    columns.push(&votes::vote("e", "a"), true);
+    db::write_batch(&pool, &url, &columns, 0).await?;
+
+    let raw = bed.database_url.clone();
+    let reverted = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut conn =
+            <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(&raw)?;
+        conn.revert_last_migration(db::MIGRATIONS)
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    })
+    .await?;
+    let err = reverted.expect_err("the revert must refuse").to_string();
+    assert!(err.contains("refusing to revert"), "{err}");
+    let mut db = bed.db().await?;
+    assert_eq!(db.vote_count().await?, 1, "the counted vote survived");
+    Ok(())
+}
