@@ -113,7 +113,11 @@ impl Db {
         .await
     }
 
-    async fn scalar(&mut self, sql: &str) -> anyhow::Result<i64> {
+    /// Runs `sql`, which returns one row with one `bigint` column named `n`.
+    ///
+    /// # Errors
+    /// On a failed query.
+    pub async fn scalar(&mut self, sql: &str) -> anyhow::Result<i64> {
         let row: One = diesel::sql_query(sql).get_result(&mut self.conn).await?;
         Ok(row.n)
     }

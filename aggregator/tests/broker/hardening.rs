@@ -328,3 +328,71 @@ async fn reverting_the_schema_refuses_while_votes_are_counted() -> anyhow::Resul
     assert_eq!(db.vote_count().await?, 1, "the counted vote survived");
     Ok(())
 }
+
+/// Backends of the service's sessions on `db_name`.
+async fn service_backends(
+    db: &mut vote_harness::inspect::Db,
+    db_name: &str,
+) -> anyhow::Result<i64> {
+    db.scalar(&format!(
+        "SELECT count(*) AS n FROM pg_stat_activity \
+         WHERE datname = '{db_name}' AND application_name = 'vote-aggregator'"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn a_lock_held_elsewhere_never_leaks_backends_and_counting_resumes() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    let mut config = bed.config("r1");
+    config.batch_size = 10;
+    config.db_pool_size = 2;
+    config.db_timeouts.statement = Duration::from_millis(1500);
+    config.db_timeouts.lock = Duration::from_millis(1000);
+    config.db_timeouts.idle_in_transaction = Duration::from_millis(1500);
+    config.db_attempt_timeout = Duration::from_millis(3000);
+    let replica = Replica::start(config).await?;
+    let addr = replica.running.metrics_addr();
+    eventually("ready", WAIT, async || {
+        Ok(http_get(addr, "/readyz").await?.0 == 200)
+    })
+    .await?;
+
+    let db_name = bed
+        .database_url
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    // An operator's session holds every tally row (as a stuck job or a psql left open
+    // would) for longer than the service's own 30 s default attempt timeout.
+    let mut holder = bed.db().await?;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE tally_shards IN EXCLUSIVE MODE")
+        .await?;
+    let publisher = bed.publisher().await?;
+    let batch = votes::spread(50, &["e"], &["a", "b"]);
+    publisher.publish_votes(&batch).await?;
+    let mut watcher = bed.db().await?;
+    let mut most = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(35);
+    while tokio::time::Instant::now() < until {
+        most = most.max(service_backends(&mut watcher, &db_name).await?);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        most <= 2,
+        "{most} backends with DB_POOL_SIZE=2: abandoned attempts leak"
+    );
+    assert_eq!(
+        replica.counted(),
+        0,
+        "nothing can commit while the lock is held"
+    );
+    assert!(replica.running.metrics().commit_retries.get() > 0);
+
+    holder.batch_execute("COMMIT").await?;
+    wait_stored(&bed, 50).await?;
+    assert_eq!(bed.db().await?.tallies().await?, expected(&batch));
+    replica.stop().await
+}

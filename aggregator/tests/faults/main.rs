@@ -134,3 +134,108 @@ async fn broker_connection_cut_reconnects_and_loses_nothing() -> anyhow::Result<
     replica.join().await?;
     Ok(())
 }
+
+/// Sets or clears a memory alarm on the RabbitMQ node: while it is set, the broker stops
+/// reading from every connection that publishes (so a dead-letter confirm never comes).
+fn memory_alarm(container: &str, on: bool) -> anyhow::Result<()> {
+    let call = if on { "set_alarm" } else { "clear_alarm" };
+    let expr = if on {
+        "rabbit_alarm:set_alarm({{resource_limit, memory, node()}, []})."
+    } else {
+        "rabbit_alarm:clear_alarm({resource_limit, memory, node()})."
+    };
+    let out = std::process::Command::new("docker")
+        .args(["exec", container, "rabbitmqctl", "eval", expr])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rabbitmqctl {call} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stalled_dead_letter_confirm_never_holds_a_transaction_open() -> anyhow::Result<()> {
+    let servers = infra::start_private(InfraOptions::default()).await?;
+    let bed = TestBed::new(&servers).await?;
+    bed.declare().await?;
+    let publisher = bed.publisher().await?;
+    let first = votes::spread(15, &["e"], &["a", "b"]);
+    let rest = votes::spread(200, &["e"], &["a", "b"]);
+    publisher.publish_votes(&first).await?;
+    publisher
+        .publish_raw(
+            b"{poison",
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await?;
+    publisher.publish_votes(&rest).await?;
+    publisher.close().await;
+
+    // One tally shard: both replicas need the same tally rows.
+    let mut config = bed.config("r1");
+    config.batch_size = 10;
+    config.prefetch_count = 40;
+    config.tally_shards = 1;
+    memory_alarm(servers.rabbitmq_container_id(), true)?;
+    let stop = CancellationToken::new();
+    let stalled = vote_aggregator::spawn(config.clone(), stop.clone()).await?;
+    let stalled_metrics = stalled.metrics().clone();
+    eventually("r1 took the poison message", WAIT, async || {
+        Ok(stalled_metrics
+            .votes_rejected
+            .with_label_values(&["malformed_json"])
+            .get()
+            == 1)
+    })
+    .await?;
+
+    config.replica_id = "r2".into();
+    let other = vote_aggregator::spawn(config, stop.clone()).await?;
+    let other_metrics = other.metrics().clone();
+    let mut db = bed.db().await?;
+    let db_name = bed
+        .database_url
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let idle_sql = format!(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{db_name}' \
+         AND state LIKE 'idle in transaction%' AND state_change < now() - interval '1 second'"
+    );
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(
+            db.scalar(&idle_sql).await?,
+            0,
+            "a backend sat idle in transaction > 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        other_metrics.votes_counted.get() >= 100,
+        "the other replica must keep committing: {} counted",
+        other_metrics.votes_counted.get()
+    );
+
+    memory_alarm(servers.rabbitmq_container_id(), false)?;
+    eventually(
+        "every vote stored once the alarm clears",
+        WAIT,
+        async || Ok(db.vote_count().await? == 215),
+    )
+    .await?;
+    assert_eq!(db.tallies().await?.values().sum::<i64>(), 215);
+    let letters = bed
+        .broker()
+        .await?
+        .drain(&bed.dead_letter_queue(), Duration::from_millis(500))
+        .await?;
+    assert_eq!(letters.len(), 1);
+    stop.cancel();
+    stalled.join().await?;
+    other.join().await?;
+    Ok(())
+}
