@@ -40,7 +40,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::ConfigError;
 
-/// Name of the default queue, from the contract in DESIGN.md.
+/// Name of the default queue, from the contract (docs/design.md).
 pub const DEFAULT_QUEUE_NAME: &str = "votes.aggregation";
 
 /// RabbitMQ queue type of the votes queue.

@@ -621,7 +621,7 @@ struct Totals {
     candidates: i64,
 }
 
-/// Checks invariant 1 of DESIGN.md: for every (election, candidate), the sum of its
+/// Checks invariant 1 of docs/design.md: for every (election, candidate), the sum of its
 /// tally shards equals its rows in `votes`. Runs in one REPEATABLE READ snapshot so a
 /// live system is checked consistently.
 ///

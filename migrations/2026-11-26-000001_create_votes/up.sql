@@ -1,4 +1,4 @@
--- The vote-aggregator schema. See DESIGN.md ("Contract", "Invariants").
+-- The vote-aggregator schema. See docs/design.md ("Contract", "Invariants").
 --
 -- votes         one row per distinct vote UUID, append-only (trigger below)
 -- tally_shards  per-candidate counters spread over `shard` rows so concurrent replicas
