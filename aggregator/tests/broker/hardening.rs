@@ -396,3 +396,31 @@ async fn a_lock_held_elsewhere_never_leaks_backends_and_counting_resumes() -> an
     assert_eq!(bed.db().await?.tallies().await?, expected(&batch));
     replica.stop().await
 }
+
+#[tokio::test]
+async fn an_in_doubt_commit_is_resolved_by_asking_the_server() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    let url = secrecy::SecretString::from(bed.database_url.clone());
+    let pool = db::pool(&url, 1, &Default::default());
+    let mut db = bed.db().await?;
+    let xid_sql = "SELECT pg_current_xact_id()::text::bigint AS n";
+    db.batch_execute("BEGIN").await?;
+    let committed = db.scalar(xid_sql).await?;
+    db.batch_execute("COMMIT; BEGIN").await?;
+    let aborted = db.scalar(xid_sql).await?;
+    assert_eq!(
+        db::transaction_committed(&pool, &url, aborted).await?,
+        None,
+        "still open: ask again later"
+    );
+    db.batch_execute("ROLLBACK").await?;
+    assert_eq!(
+        db::transaction_committed(&pool, &url, committed).await?,
+        Some(true)
+    );
+    assert_eq!(
+        db::transaction_committed(&pool, &url, aborted).await?,
+        Some(false)
+    );
+    Ok(())
+}
