@@ -252,6 +252,20 @@ impl BatchColumns {
         self.vote_ids.is_empty()
     }
 
+    /// The rows at `indices`, in that order.
+    fn rows(&self, indices: impl Iterator<Item = usize>) -> BatchColumns {
+        let mut out = BatchColumns::default();
+        for i in indices {
+            out.vote_ids.push(self.vote_ids[i]);
+            out.election_ids.push(self.election_ids[i].clone());
+            out.candidate_ids.push(self.candidate_ids[i].clone());
+            out.precinct_ids.push(self.precinct_ids[i].clone());
+            out.cast_ats.push(self.cast_ats[i]);
+            out.is_first.push(self.is_first[i]);
+        }
+        out
+    }
+
     fn ords(&self) -> Vec<i32> {
         (0..self.len() as i32).collect()
     }
@@ -530,20 +544,13 @@ async fn batch_statements(
         conflicting: res.conflicting,
     };
     if !res.unresolved.is_empty() {
-        let idx: Vec<usize> = res.unresolved.iter().map(|&i| i as usize).collect();
-        let pick = |col: &dyn Fn(usize) -> String| idx.iter().map(|&i| col(i)).collect::<Vec<_>>();
+        let rows = batch.rows(res.unresolved.iter().map(|&i| i as usize));
         let resolved: ConflictResult = diesel::sql_query(RESOLVE_CONFLICTS_SQL)
-            .bind::<Array<Uuid>, _>(idx.iter().map(|&i| batch.vote_ids[i]).collect::<Vec<_>>())
-            .bind::<Array<Text>, _>(pick(&|i| batch.election_ids[i].clone()))
-            .bind::<Array<Text>, _>(pick(&|i| batch.candidate_ids[i].clone()))
-            .bind::<Array<Nullable<Text>>, _>(
-                idx.iter()
-                    .map(|&i| batch.precinct_ids[i].clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind::<Array<Timestamptz>, _>(
-                idx.iter().map(|&i| batch.cast_ats[i]).collect::<Vec<_>>(),
-            )
+            .bind::<Array<Uuid>, _>(&rows.vote_ids)
+            .bind::<Array<Text>, _>(&rows.election_ids)
+            .bind::<Array<Text>, _>(&rows.candidate_ids)
+            .bind::<Array<Nullable<Text>>, _>(&rows.precinct_ids)
+            .bind::<Array<Timestamptz>, _>(&rows.cast_ats)
             .bind::<Array<Int4>, _>(&res.unresolved)
             .get_result(conn)
             .await?;
