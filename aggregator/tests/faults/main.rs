@@ -239,3 +239,114 @@ async fn a_stalled_dead_letter_confirm_never_holds_a_transaction_open() -> anyho
     other.join().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_commit_whose_answer_is_lost_counts_its_votes_as_counted() -> anyhow::Result<()> {
+    let servers = infra::start_private(InfraOptions::default()).await?;
+    let bed = TestBed::new(&servers).await?;
+    let mut config = bed.config("r1");
+    config.batch_size = 100;
+    let stop = CancellationToken::new();
+    let replica = vote_aggregator::spawn(config, stop.clone()).await?;
+    let (addr, metrics) = (replica.metrics_addr(), replica.metrics().clone());
+    eventually("replica ready", WAIT, async || {
+        Ok(http_get(addr, "/readyz").await?.0 == 200)
+    })
+    .await?;
+    // Test-only: make the next COMMIT take 3 s on the server (a deferred trigger sleeps
+    // once per transaction), so the connection can be cut while COMMIT runs.
+    let mut db = bed.db().await?;
+    db.batch_execute(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF current_setting('test.slept', true) IS NULL THEN \
+             PERFORM set_config('test.slept', '1', true); PERFORM pg_sleep(3); \
+           END IF; RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON votes \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    )
+    .await?;
+    let batch = votes::spread(20, &["e"], &["a", "b"]);
+    bed.publisher().await?.publish_votes(&batch).await?;
+    eventually("COMMIT under way", WAIT, async || {
+        Ok(db
+            .scalar(
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE application_name = 'vote-aggregator' AND wait_event = 'PgSleep'",
+            )
+            .await?
+            == 1)
+    })
+    .await?;
+    // The client loses the connection mid-COMMIT; the server goes on and commits.
+    servers.postgres_proxy().break_all();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    servers.postgres_proxy().restore();
+
+    let mut db = bed.db().await?; // the test's own session went through the proxy too
+    eventually("20 votes stored and reported", WAIT, async || {
+        Ok(db.vote_count().await? == 20 && metrics.batches_committed.get() >= 1)
+    })
+    .await?;
+    assert!(
+        metrics.commit_retries.get() >= 1,
+        "the COMMIT's answer was lost"
+    );
+    assert_eq!(metrics.votes_counted.get(), 20, "counted by this replica");
+    let duplicates: u64 = ["true", "false"]
+        .iter()
+        .map(|f| metrics.votes_duplicate.with_label_values(&[*f]).get())
+        .sum();
+    assert_eq!(duplicates, 0, "its own commit is not a duplicate");
+    stop.cancel();
+    replica.join().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_lost_while_postgres_is_down_ends_at_once() -> anyhow::Result<()> {
+    let servers = infra::start_private(InfraOptions::default()).await?;
+    let bed = TestBed::new(&servers).await?;
+    let mut config = bed.config("r1");
+    config.batch_size = 50;
+    let stop = CancellationToken::new();
+    let replica = vote_aggregator::spawn(config, stop.clone()).await?;
+    let (addr, metrics) = (replica.metrics_addr(), replica.metrics().clone());
+    eventually("replica ready", WAIT, async || {
+        Ok(http_get(addr, "/readyz").await?.0 == 200)
+    })
+    .await?;
+    servers.stop_postgres().await?;
+    let batch = votes::spread(100, &["e"], &["a", "b"]);
+    bed.publisher().await?.publish_votes(&batch).await?;
+    eventually("deliveries in hand, commits retrying", WAIT, async || {
+        Ok(metrics.votes_received.get() == 100 && metrics.commit_retries.get() > 0)
+    })
+    .await?;
+
+    // The broker connection goes: the session must end now (its deliveries are back in
+    // the queue), not when PostgreSQL returns.
+    servers.rabbitmq_proxy().break_all();
+    eventually("session ended", Duration::from_secs(15), async || {
+        Ok(!metrics.is_up(vote_aggregator::metrics::DEP_RABBITMQ))
+    })
+    .await?;
+    servers.rabbitmq_proxy().restore();
+    let broker = bed.broker().await?;
+    eventually("every delivery back in the queue", WAIT, async || {
+        Ok(broker.queue_state(&bed.queue).await? == (100, 0))
+    })
+    .await?;
+
+    servers.start_postgres().await?;
+    let mut db = bed.db().await?;
+    eventually(
+        "all 100 counted once PostgreSQL is back",
+        WAIT,
+        async || Ok(db.vote_count().await? == 100),
+    )
+    .await?;
+    assert_eq!(db.tallies().await?.values().sum::<i64>(), 100);
+    stop.cancel();
+    replica.join().await?;
+    Ok(())
+}
