@@ -406,3 +406,52 @@ pub fn published_at_ms(props: &BasicProperties) -> Option<i64> {
         .and_then(|s| i64::try_from(s).ok())
         .map(|s| s * 1000)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_copy_keeps_the_evidence_but_not_expiration_or_user_id() {
+        let original = BasicProperties::default()
+            .with_expiration("1000".into())
+            .with_user_id("publisher".into())
+            .with_message_id("m-1".into())
+            .with_content_type("application/json".into())
+            .with_timestamp(1_700_000_000)
+            .with_priority(3);
+        let mut headers = FieldTable::default();
+        headers.insert(
+            REJECT_REASON_HEADER.into(),
+            AMQPValue::LongString("why".into()),
+        );
+        let copy = dead_letter_properties(&original, headers);
+        assert_eq!(copy.expiration(), &None);
+        assert_eq!(copy.user_id(), &None);
+        assert_eq!(copy.message_id(), original.message_id());
+        assert_eq!(copy.content_type(), original.content_type());
+        assert_eq!(copy.timestamp(), original.timestamp());
+        assert_eq!(copy.priority(), original.priority());
+        assert_eq!(copy.delivery_mode(), &Some(2));
+        assert!(
+            copy.headers()
+                .as_ref()
+                .is_some_and(|h| h.inner().contains_key(REJECT_REASON_HEADER))
+        );
+    }
+
+    #[test]
+    fn quorum_votes_queues_have_no_delivery_limit_and_an_unexplained_route() {
+        let args = queue_arguments("votes.aggregation", QueueType::Quorum);
+        let inner = args.inner();
+        assert_eq!(inner.get("x-delivery-limit"), Some(&AMQPValue::LongInt(-1)));
+        assert_eq!(
+            inner.get("x-dead-letter-routing-key"),
+            Some(&AMQPValue::LongString(
+                "votes.aggregation.dlq.unexplained".into()
+            ))
+        );
+        let classic = queue_arguments("q", QueueType::Classic);
+        assert!(!classic.inner().contains_key("x-delivery-limit"));
+    }
+}
