@@ -210,7 +210,7 @@ fn mismatch_or(config: &Config, queue: &str, e: lapin::Error) -> BrokerError {
         let fix = if detail.contains("x-delivery-limit")
             || detail.contains("x-dead-letter-routing-key")
         {
-            "it was declared by an older release whose broker-side delivery limit can dead-letter valid votes uncounted after repeated redeliveries: stop the publishers, let the older replicas drain it, delete it, then start this release (it declares the queue with x-delivery-limit=-1)"
+            "it was declared by a release with other dead-letter settings (older releases left quorum queues the broker's delivery limit, which can dead-letter valid votes uncounted): stop the publishers, let the replicas that declared it drain it, delete it, then start this release"
         } else {
             "set QUEUE_TYPE to the existing queue's type, or drain and delete the queue so it is declared again with the aggregator's arguments"
         };

@@ -23,7 +23,7 @@
 //! | `SHUTDOWN_GRACE_SECONDS` | `25` | on SIGTERM, time allowed to commit and ack the batch in hand (1–3600) |
 //! | `RUN_MIGRATIONS` | `true` | `run` applies pending migrations before consuming |
 //! | `AMQP_HEARTBEAT_SECONDS` | `10` | heartbeat asked of the broker when the URL sets none (0 disables) |
-//! | `REPLICA_ID` | host name | names this replica in its consumer tag, connection name and logs |
+//! | `REPLICA_ID` | host name + pid | names this replica in its consumer tag, connection name and logs |
 //! | `DB_STATEMENT_TIMEOUT_MS` | `10000` | server-side `statement_timeout` of every service session |
 //! | `DB_LOCK_TIMEOUT_MS` | `5000` | server-side `lock_timeout` (≤ statement timeout) |
 //! | `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS` | `10000` | server-side `idle_in_transaction_session_timeout` |
@@ -387,6 +387,11 @@ impl Env<'_> {
             }
         };
         match url::Url::parse(&raw) {
+            Ok(u) if hides_credentials(&raw, &u) => Err(ConfigError::invalid(
+                key,
+                "<hidden>",
+                "user name and password percent-encoded: '/', '?', '#' and '@' in them must be written %2F, %3F, %23, %40",
+            )),
             Ok(u) if schemes.contains(&u.scheme()) && u.host_str().is_some() => {
                 Ok(SecretString::from(raw))
             }
@@ -438,12 +443,40 @@ fn is_secret_query_key(key: &str) -> bool {
     .any(|word| key.contains(word))
 }
 
+/// Whether `raw` has user info that `parsed` did not see as such: an unescaped '/', '?'
+/// or '#' in a password ends the authority early for a WHATWG parser (the password then
+/// lands in the path), while PostgreSQL's and AMQP's parsers still read it as a password.
+fn hides_credentials(raw: &str, parsed: &url::Url) -> bool {
+    let after_scheme = raw.split_once("://").map_or(raw, |(_, rest)| rest);
+    let authority_end = after_scheme
+        .find(['/', '?', '#'])
+        .unwrap_or(after_scheme.len());
+    let userinfo_seen = !parsed.username().is_empty() || parsed.password().is_some();
+    let rest = after_scheme[authority_end..]
+        .split('#')
+        .next()
+        .unwrap_or_default();
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // '@' in a query VALUE is fine (`?user=me@corp`); in the path or a query key it is the
+    // end of misread user info.
+    let misread = path.contains('@')
+        || query
+            .split('&')
+            .any(|pair| pair.split('=').next().unwrap_or_default().contains('@'));
+    !userinfo_seen && misread
+}
+
 /// Shows a URL with its password and every secret-bearing query value (see
-/// [`is_secret_query_key`]) replaced by `***`, for logs and error messages. Input that
-/// does not parse as a URL is hidden entirely.
+/// [`is_secret_query_key`]) replaced by `***`, and without a fragment, for logs and error
+/// messages. Input that does not parse as a URL, or whose user info does not parse as such
+/// (see [`hides_credentials`]), is hidden entirely.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
+        Ok(u) if hides_credentials(raw, &u) => {
+            "<URL with unescaped credentials hidden>".to_string()
+        }
         Ok(mut u) => {
+            u.set_fragment(None);
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
             }
@@ -613,6 +646,17 @@ mod tests {
         );
         let e = err(&[("DATABASE_URL", "mysql://db/votes?password=hunter2")]);
         assert!(!e.contains("hunter2"), "{e}");
+        // A password starting with '/' (unescaped) is read as a path by WHATWG parsers.
+        let raw = "postgres://votes:/k3J9hunter2@db/votes#frag";
+        assert!(!redact_url(raw).contains("hunter2"), "{}", redact_url(raw));
+        let e = err(&[("DATABASE_URL", raw)]);
+        assert!(
+            !e.contains("hunter2") && e.contains("percent-encoded"),
+            "{e}"
+        );
+        assert!(!redact_url("amqp://u:p@mq/%2f#hunter2").contains("hunter2"));
+        assert!(!redact_url("postgres://votes:?hunter2@db/votes").contains("hunter2"));
+        assert!(parse(&[("DATABASE_URL", "postgres://db/votes?user=me@corp")]).is_ok());
     }
 
     #[test]

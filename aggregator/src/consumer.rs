@@ -169,22 +169,24 @@ async fn commit(ctx: Ctx, batch: Batch, session_gone: CancellationToken) -> Comm
                 record_outcome(&ctx.metrics, &batch, &outcome);
                 return Committed { batch, done: true };
             }
-            Err(failure) => {
-                if failure.error.is_transient() {
+            Err(error) => {
+                if error.is_transient() && !matches!(error, DbError::CommitInProgress { .. }) {
                     ctx.metrics.database_connection_failures.inc();
                     ctx.metrics.set_up(DEP_POSTGRES, false);
                 }
                 ctx.metrics.commits_failing.set(1);
                 ctx.metrics.commit_retries.inc();
-                if failure.in_doubt.is_some() {
-                    in_doubt = failure.in_doubt;
-                }
                 let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %failure.error, votes = batch.columns.len(), in_doubt = in_doubt.is_some(),
+                warn!(error = %error, votes = batch.columns.len(), in_doubt = in_doubt.is_some(),
                       retry_in_ms = wait.as_millis() as u64,
                       "batch not committed; holding its deliveries unacked and retrying");
                 tokio::select! {
-                    _ = session_gone.cancelled() => return Committed { batch, done: false },
+                    _ = session_gone.cancelled() => {
+                        // Giving up is not a failing database: readiness follows the next
+                        // session's commits.
+                        ctx.metrics.commits_failing.set(0);
+                        return Committed { batch, done: false };
+                    }
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
@@ -193,38 +195,44 @@ async fn commit(ctx: Ctx, batch: Batch, session_gone: CancellationToken) -> Comm
 }
 
 /// One attempt at a batch: if an earlier attempt's COMMIT is in doubt, ask the server
-/// how it ended (and reuse its outcome if it committed); otherwise write the batch.
+/// how it ended (and reuse its outcome if it committed); otherwise write the batch. A
+/// write whose COMMIT answer is lost leaves `in_doubt` set for the next attempt.
 async fn attempt(
     ctx: &Ctx,
     batch: &Batch,
     in_doubt: &mut Option<db::InDoubt>,
-) -> Result<BatchOutcome, db::WriteFailure> {
-    if let Some(doubt) = in_doubt.take() {
-        match db::transaction_committed(&ctx.pool, &ctx.config.database_url, doubt.xid).await {
-            // It committed: its outcome stands, and its votes count as counted by this
-            // replica (not as duplicates found by a rewrite).
-            Ok(Some(true)) => return Ok(doubt.outcome),
-            // It rolled back: write the batch again.
-            Ok(Some(false)) => {}
-            Ok(None) => {
-                let xid = doubt.xid;
-                *in_doubt = Some(doubt);
-                return Err(DbError::CommitInProgress { xid }.into());
-            }
-            Err(e) => {
-                *in_doubt = Some(doubt);
-                return Err(e.into());
-            }
-        }
-    }
-    db::write_batch_attempt(
+) -> Result<BatchOutcome, DbError> {
+    let (pool, url, limit) = (
         &ctx.pool,
         &ctx.config.database_url,
-        &batch.columns,
-        batch.shard,
         ctx.config.db_attempt_timeout,
-    )
-    .await
+    );
+    if let Some(doubt) = in_doubt {
+        let asked = tokio::time::timeout(
+            limit,
+            db::resolve_in_doubt(pool, url, &batch.columns, doubt),
+        )
+        .await
+        .map_err(|_| DbError::Timeout {
+            ms: limit.as_millis() as u64,
+        })??;
+        match asked {
+            // Its votes count as counted by this replica (not as duplicates of a rewrite).
+            db::Resolution::Committed => return Ok(doubt.outcome.clone()),
+            db::Resolution::StillRunning => {
+                return Err(DbError::CommitInProgress { xid: doubt.xid });
+            }
+            db::Resolution::NotCommitted => *in_doubt = None,
+        }
+    }
+    db::write_batch_attempt(pool, url, &batch.columns, batch.shard, limit)
+        .await
+        .map_err(|failure| {
+            if failure.in_doubt.is_some() {
+                *in_doubt = failure.in_doubt;
+            }
+            failure.error
+        })
 }
 
 fn record_outcome(m: &Metrics, batch: &Batch, outcome: &BatchOutcome) {
@@ -339,6 +347,9 @@ pub(crate) async fn run_session(
     // Fired when the session is lost: commits still retrying give up (their deliveries
     // are back in the queue and can no longer be acked on this channel).
     let session_gone = CancellationToken::new();
+    // However this function ends (even dropped when the shutdown grace runs out), commit
+    // tasks still retrying give up.
+    let _give_up_on_exit = session_gone.clone().drop_guard();
     // Consecutive batches of this session use different tally shards, so two commits in
     // flight never queue on the same tally rows.
     let mut next_shard = rand::rng().random_range(0..config.tally_shards);
@@ -370,11 +381,7 @@ pub(crate) async fn run_session(
             biased;
             _ = shutdown.cancelled() => break SessionEnd::Stopped,
             Some(joined) = committing.next(), if !committing.is_empty() => {
-                let acked = match joined {
-                    Ok(done) => ack_committed(&session, ctx, &done).await,
-                    Err(e) => Err(format!("commit task failed: {e}")),
-                };
-                if let Err(e) = acked {
+                if let Err(e) = ack_committed(&session, ctx, joined).await {
                     break SessionEnd::Lost(e);
                 }
             }
@@ -414,13 +421,12 @@ pub(crate) async fn run_session(
                 filling.shard = next_shard as i16;
                 committing.push_back(spawn_commit(ctx, filling, &session_gone));
             }
+            // Stop at the first batch that cannot be acked: a later multiple-ack would
+            // cover its deliveries.
             while let Some(joined) = committing.next().await {
-                let acked = match joined {
-                    Ok(done) => ack_committed(&session, ctx, &done).await,
-                    Err(e) => Err(format!("commit task failed: {e}")),
-                };
-                if let Err(e) = acked {
-                    warn!(error = %e, "could not ack the last batch; the broker will redeliver it");
+                if let Err(e) = ack_committed(&session, ctx, joined).await {
+                    warn!(error = %e, "could not ack a batch in hand; the broker will redeliver it and those after it");
+                    break;
                 }
             }
             let _ = session.consume.close(200, "shutdown".into()).await;
@@ -467,7 +473,8 @@ async fn spawn_queue_monitor(ctx: &Ctx, session: &Session, stop: CancellationTok
                 break;
             };
             ctx.metrics.queue_depth.set(i64::from(depth));
-            let before = ctx.metrics.dead_letters_unexplained.replace(i64::from(odd));
+            let before = ctx.metrics.dead_letters_unexplained.get();
+            ctx.metrics.dead_letters_unexplained.set(i64::from(odd));
             if i64::from(odd) > before {
                 warn!(queue = %unexplained, messages = odd,
                       "the broker dead-lettered messages without a reason (TTL, a delivery-limit policy, a reject); \
@@ -506,7 +513,16 @@ fn note_delivery_count(ctx: &Ctx, props: &lapin::BasicProperties) {
 
 /// Acks a committed batch (one `multiple` ack up to its last delivery tag), unless the
 /// broken test build already acked it.
-async fn ack_committed(session: &Session, ctx: &Ctx, done: &Committed) -> Result<(), String> {
+///
+/// # Errors
+/// When the commit task failed (its batch is not committed, so nothing at or after it may
+/// be acked) or the ack could not be sent.
+async fn ack_committed(
+    session: &Session,
+    ctx: &Ctx,
+    joined: Result<Committed, tokio::task::JoinError>,
+) -> Result<(), String> {
+    let done = joined.map_err(|e| format!("commit task failed: {e}"))?;
     let batch = &done.batch;
     if batch.acked || !done.done {
         return Ok(());

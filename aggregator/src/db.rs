@@ -70,17 +70,25 @@ pub fn session_url(url: &str, timeouts: Option<&SessionTimeouts>) -> String {
     let Ok(mut u) = url::Url::parse(url) else {
         return url.to_string();
     };
+    // Every other query pair is kept byte for byte: libpq-style parsers percent-decode
+    // but do not read '+' as a space, so re-encoding them could change a value.
+    let query = u.query().unwrap_or_default().to_string();
+    let mut kept: Vec<String> = Vec::new();
     let mut options = Vec::new();
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    for (k, v) in u.query_pairs() {
-        if k == "options" {
-            options.push(v.into_owned());
-        } else {
-            pairs.push((k.into_owned(), v.into_owned()));
+    for piece in query.split('&').filter(|p| !p.is_empty()) {
+        match piece.split_once('=') {
+            Some(("options", value)) => {
+                options.push(
+                    percent_encoding::percent_decode_str(value)
+                        .decode_utf8_lossy()
+                        .into_owned(),
+                );
+            }
+            _ => kept.push(piece.to_string()),
         }
     }
-    if !pairs.iter().any(|(k, _)| k == "application_name") {
-        pairs.push(("application_name".into(), APPLICATION_NAME.into()));
+    if !kept.iter().any(|p| p.starts_with("application_name=")) {
+        kept.push(format!("application_name={APPLICATION_NAME}"));
     }
     options.push(format!("-c synchronous_commit={}", synchronous_commit()));
     if let Some(t) = timeouts {
@@ -91,19 +99,11 @@ pub fn session_url(url: &str, timeouts: Option<&SessionTimeouts>) -> String {
             t.idle_in_transaction.as_millis()
         ));
     }
-    pairs.push(("options".into(), options.join(" ")));
-    // libpq-style URLs percent-decode but do not turn '+' into a space, so encode spaces
-    // as %20 (form encoding writes '+', and a literal '+' as %2B).
-    let encode = |v: &str| {
-        url::form_urlencoded::byte_serialize(v.as_bytes())
-            .collect::<String>()
-            .replace('+', "%20")
-    };
-    let query: Vec<String> = pairs
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect();
-    u.set_query(Some(&query.join("&")));
+    let options = options.join(" ");
+    let encoded =
+        percent_encoding::utf8_percent_encode(&options, percent_encoding::NON_ALPHANUMERIC);
+    kept.push(format!("options={encoded}"));
+    u.set_query(Some(&kept.join("&")));
     u.to_string()
 }
 
@@ -114,15 +114,15 @@ mod tests {
     #[test]
     fn session_url_pins_settings_after_the_operators_options() {
         let url = session_url(
-            "postgres://u:p@db/votes?options=-c%20work_mem%3D8MB&sslmode=disable",
+            "postgres://u:p@db/votes?options=-c%20work_mem%3D8MB&sslmode=disable&password=a+b",
             Some(&SessionTimeouts::default()),
         );
         assert!(url.contains("sslmode=disable"), "{url}");
-        assert!(url.contains("application_name=vote-aggregator"), "{url}");
         assert!(
-            !url.contains('+'),
-            "spaces must be %20 for libpq-style parsers: {url}"
+            url.contains("password=a+b"),
+            "other pairs are kept as written: {url}"
         );
+        assert!(url.contains("application_name=vote-aggregator"), "{url}");
         let options = url::Url::parse(&url)
             .expect("url")
             .query_pairs()
@@ -396,9 +396,10 @@ SELECT coalesce((SELECT array_agg(ord) FROM judged WHERE conflicting), '{}') AS 
 "#;
 
 /// A batch transaction whose COMMIT was sent but whose answer never came (connection
-/// lost, attempt timed out): it may or may not have committed. Its id lets a retry ask the
-/// server ([`transaction_committed`]) instead of writing again and mistaking its own
-/// earlier commit for duplicates.
+/// lost, attempt timed out): it may or may not have committed. Its id and outcome let a
+/// retry ask the server ([`resolve_in_doubt`]) instead of writing again and mistaking its
+/// own earlier commit for duplicates. Only batches that counted at least one vote are ever
+/// in doubt (for the others a rewrite reports the same).
 #[derive(Debug, Clone)]
 pub struct InDoubt {
     /// Transaction id (`pg_current_xact_id()`).
@@ -463,9 +464,15 @@ pub async fn write_batch_attempt(
             in_doubt: progress.commit_sent.take(),
         }),
         Err(_) => {
-            if let Some(token) = progress.cancel {
-                // Best effort: the server's own statement_timeout is the backstop.
-                let _ = token.cancel_query(tokio_postgres::NoTls).await;
+            // Cancel the statement on the server, but never a COMMIT already sent (a
+            // cancelled wait for a synchronous standby would still commit locally).
+            if let (Some(token), None) = (progress.cancel, &progress.commit_sent) {
+                // Best effort, bounded: the server's own statement_timeout is the backstop.
+                let _ = tokio::time::timeout(
+                    CHECKOUT_TIMEOUT,
+                    token.cancel_query(tokio_postgres::NoTls),
+                )
+                .await;
             }
             Err(WriteFailure {
                 error: DbError::Timeout {
@@ -511,10 +518,12 @@ async fn write_batch_once(
             return Err(e);
         }
     };
-    progress.commit_sent = Some(InDoubt {
-        xid,
-        outcome: outcome.clone(),
-    });
+    if !outcome.counted.is_empty() {
+        progress.commit_sent = Some(InDoubt {
+            xid,
+            outcome: outcome.clone(),
+        });
+    }
     Tm::commit_transaction(&mut *conn).await?;
     progress.commit_sent = None;
     Ok(outcome)
@@ -560,31 +569,71 @@ async fn batch_statements(
 }
 
 #[derive(QueryableByName)]
-struct XactStatus {
+struct InDoubtCheck {
     #[diesel(sql_type = Nullable<Text>)]
     status: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    found: i64,
 }
 
-/// Whether transaction `xid` committed: `Some(true)` committed, `Some(false)` aborted
-/// (or too old for the server to remember, which cannot happen to a batch of this
-/// process), `None` still in progress (ask again later).
+/// How an in-doubt COMMIT ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// It committed: its outcome stands.
+    Committed,
+    /// It did not commit: write the batch again.
+    NotCommitted,
+    /// Still running on the server: ask again later.
+    StillRunning,
+}
+
+/// Asks PostgreSQL how the in-doubt transaction of `batch` ended.
+///
+/// `pg_xact_status` alone is not enough: a transaction id whose WAL never reached disk
+/// is handed out again after a server crash (or a failover), so "committed" may be
+/// another transaction's status. The batch counts as committed only if, besides, every
+/// vote it counted is stored with that transaction as its `xmin`.
 ///
 /// # Errors
 /// [`DbError`] when the server cannot be asked.
-pub async fn transaction_committed(
+pub async fn resolve_in_doubt(
     pool: &PgPool,
     url: &SecretString,
-    xid: i64,
-) -> Result<Option<bool>, DbError> {
+    batch: &BatchColumns,
+    doubt: &InDoubt,
+) -> Result<Resolution, DbError> {
+    let counted: Vec<uuid::Uuid> = doubt
+        .outcome
+        .counted
+        .iter()
+        .filter_map(|&i| batch.vote_ids.get(i as usize).copied())
+        .collect();
     let mut conn = checkout(pool, url).await?;
-    let row: XactStatus = diesel::sql_query("SELECT pg_xact_status($1::text::xid8) AS status")
-        .bind::<Text, _>(xid.to_string())
-        .get_result(&mut conn)
-        .await?;
-    Ok(match row.status.as_deref() {
-        Some("committed") => Some(true),
-        Some("in progress") => None,
-        _ => Some(false),
+    let checked: Result<InDoubtCheck, _> = diesel::sql_query(
+        "SELECT pg_xact_status($1::text::xid8) AS status, \
+                (SELECT count(*) FROM votes WHERE vote_id = ANY($2) \
+                   AND xmin::text::bigint = $3) AS found",
+    )
+    .bind::<Text, _>(doubt.xid.to_string())
+    .bind::<Array<Uuid>, _>(&counted)
+    .bind::<BigInt, _>(doubt.xid.rem_euclid(1 << 32))
+    .get_result(&mut conn)
+    .await;
+    let check = match checked {
+        Ok(c) => c,
+        // An id the server has not handed out (again) since its restart: lost with the
+        // crash, so not committed.
+        Err(diesel::result::Error::DatabaseError(_, info))
+            if info.message().contains("in the future") =>
+        {
+            return Ok(Resolution::NotCommitted);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(match check.status.as_deref() {
+        Some("in progress") => Resolution::StillRunning,
+        Some("committed") if check.found == counted.len() as i64 => Resolution::Committed,
+        _ => Resolution::NotCommitted,
     })
 }
 

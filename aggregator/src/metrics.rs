@@ -58,30 +58,12 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// Messages in the unexplained dead-letter queue (dead-lettered by the broker, not by
     /// a replica; may hold valid votes), as last seen by this replica.
-    pub dead_letters_unexplained: ReplaceableGauge,
+    pub dead_letters_unexplained: IntGauge,
     /// 1 while the latest batch commit attempt failed (the replica is not ready even if
     /// PostgreSQL answers `SELECT 1`), else 0.
     pub commits_failing: IntGauge,
     /// Deliveries whose `x-delivery-count` was at least 10.
     pub high_delivery_count: IntCounter,
-}
-
-/// An [`IntGauge`] whose previous value can be swapped out in one step.
-#[derive(Clone)]
-pub struct ReplaceableGauge(IntGauge);
-
-impl ReplaceableGauge {
-    /// Sets `value` and returns the previous one.
-    pub fn replace(&self, value: i64) -> i64 {
-        let before = self.0.get();
-        self.0.set(value);
-        before
-    }
-
-    /// The current value.
-    pub fn get(&self) -> i64 {
-        self.0.get()
-    }
 }
 
 impl Metrics {
@@ -205,10 +187,10 @@ impl Metrics {
                 "queue_depth",
                 "Messages ready in the queue, as last seen by this replica.",
             ),
-            dead_letters_unexplained: ReplaceableGauge(gauge(
+            dead_letters_unexplained: gauge(
                 "dead_letters_unexplained",
                 "Messages the broker dead-lettered without a reason (may be uncounted valid votes); alert on > 0.",
-            )),
+            ),
             commits_failing: gauge(
                 "commits_failing",
                 "1 while the latest batch commit attempt failed, else 0.",

@@ -399,28 +399,68 @@ async fn a_lock_held_elsewhere_never_leaks_backends_and_counting_resumes() -> an
 
 #[tokio::test]
 async fn an_in_doubt_commit_is_resolved_by_asking_the_server() -> anyhow::Result<()> {
+    use vote_aggregator::db::{BatchOutcome, InDoubt, Resolution};
     let bed = bed().await?;
     let url = secrecy::SecretString::from(bed.database_url.clone());
+    db::run_migrations(&url).await?;
     let pool = db::pool(&url, 1, &Default::default());
     let mut db = bed.db().await?;
-    let xid_sql = "SELECT pg_current_xact_id()::text::bigint AS n";
-    db.batch_execute("BEGIN").await?;
-    let committed = db.scalar(xid_sql).await?;
-    db.batch_execute("COMMIT; BEGIN").await?;
-    let aborted = db.scalar(xid_sql).await?;
+    // Plays a batch transaction that counted `vote`, returning its id.
+    async fn insert(db: &mut vote_harness::inspect::Db, vote: &Vote) -> anyhow::Result<i64> {
+        db.batch_execute("BEGIN").await?;
+        let xid = db
+            .scalar("SELECT pg_current_xact_id()::text::bigint AS n")
+            .await?;
+        db.batch_execute(&format!(
+            "INSERT INTO votes (vote_id, election_id, candidate_id, cast_at) \
+             VALUES ('{}', 'e', 'a', now())",
+            vote.vote_id
+        ))
+        .await?;
+        Ok(xid)
+    }
+    let doubt_of = |vote: &Vote, xid: i64| {
+        let mut columns = BatchColumns::default();
+        columns.push(vote, true);
+        let outcome = BatchOutcome {
+            counted: vec![0],
+            conflicting: vec![],
+        };
+        (columns, InDoubt { xid, outcome })
+    };
+
+    let (kept, dropped) = (votes::vote("e", "a"), votes::vote("e", "a"));
+    let xid = insert(&mut db, &kept).await?;
+    let (columns, doubt) = doubt_of(&kept, xid);
     assert_eq!(
-        db::transaction_committed(&pool, &url, aborted).await?,
-        None,
-        "still open: ask again later"
+        db::resolve_in_doubt(&pool, &url, &columns, &doubt).await?,
+        Resolution::StillRunning
     );
+    db.batch_execute("COMMIT").await?;
+    assert_eq!(
+        db::resolve_in_doubt(&pool, &url, &columns, &doubt).await?,
+        Resolution::Committed
+    );
+    // The same id "committed", but not with this batch's votes: an id handed out again
+    // after a crash. The batch must be written again.
+    let (other, reused) = doubt_of(&dropped, xid);
+    assert_eq!(
+        db::resolve_in_doubt(&pool, &url, &other, &reused).await?,
+        Resolution::NotCommitted
+    );
+
+    let xid = insert(&mut db, &dropped).await?;
     db.batch_execute("ROLLBACK").await?;
+    let (columns, doubt) = doubt_of(&dropped, xid);
     assert_eq!(
-        db::transaction_committed(&pool, &url, committed).await?,
-        Some(true)
+        db::resolve_in_doubt(&pool, &url, &columns, &doubt).await?,
+        Resolution::NotCommitted
     );
+    // An id the server has not handed out yet (lost with a crash).
+    let (columns, doubt) = doubt_of(&dropped, xid + 1_000_000);
     assert_eq!(
-        db::transaction_committed(&pool, &url, aborted).await?,
-        Some(false)
+        db::resolve_in_doubt(&pool, &url, &columns, &doubt).await?,
+        Resolution::NotCommitted
     );
     Ok(())
 }
