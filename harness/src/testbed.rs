@@ -74,6 +74,15 @@ impl TestBed {
             .collect()
     }
 
+    /// Name of this bed's database (the last path segment of its URL).
+    pub fn database_name(&self) -> String {
+        self.database_url
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// The dead-letter queue's name.
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.dlq", self.queue)

@@ -12,6 +12,14 @@ use lapin::options::BasicCancelOptions;
 use vote_aggregator::broker;
 use vote_aggregator::config::QueueType;
 
+/// Waits until the replica serving `addr` reports ready.
+async fn wait_ready(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    eventually("ready", WAIT, async || {
+        Ok(http_get(addr, "/readyz").await?.0 == 200)
+    })
+    .await
+}
+
 /// Takes every message of `queue` `times` times without acking, closing the connection
 /// after each take so the broker returns them (as a crashed or disconnected replica
 /// would).
@@ -166,18 +174,10 @@ async fn readiness_turns_503_while_commits_fail_though_select_1_works() -> anyho
     let bed = bed().await?;
     let replica = Replica::start(bed.config("r1")).await?;
     let addr = replica.running.metrics_addr();
-    eventually("ready", WAIT, async || {
-        Ok(http_get(addr, "/readyz").await?.0 == 200)
-    })
-    .await?;
+    wait_ready(addr).await?;
 
     // A read-only database: SELECT 1 answers, every INSERT fails.
-    let db_name = bed
-        .database_url
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let db_name = bed.database_name();
     let mut admin = bed.db().await?;
     let kick = format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -353,17 +353,9 @@ async fn a_lock_held_elsewhere_never_leaks_backends_and_counting_resumes() -> an
     config.db_attempt_timeout = Duration::from_millis(3000);
     let replica = Replica::start(config).await?;
     let addr = replica.running.metrics_addr();
-    eventually("ready", WAIT, async || {
-        Ok(http_get(addr, "/readyz").await?.0 == 200)
-    })
-    .await?;
+    wait_ready(addr).await?;
 
-    let db_name = bed
-        .database_url
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let db_name = bed.database_name();
     // An operator's session holds every tally row (as a stuck job or a psql left open
     // would) for longer than the service's own 30 s default attempt timeout.
     let mut holder = bed.db().await?;

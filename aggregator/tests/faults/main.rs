@@ -135,6 +135,20 @@ async fn broker_connection_cut_reconnects_and_loses_nothing() -> anyhow::Result<
     Ok(())
 }
 
+/// Starts an in-process replica and waits until it reports ready.
+async fn start_ready(
+    config: vote_aggregator::Config,
+) -> anyhow::Result<(vote_aggregator::Running, CancellationToken)> {
+    let stop = CancellationToken::new();
+    let replica = vote_aggregator::spawn(config, stop.clone()).await?;
+    let addr = replica.metrics_addr();
+    eventually("replica ready", WAIT, async || {
+        Ok(http_get(addr, "/readyz").await?.0 == 200)
+    })
+    .await?;
+    Ok((replica, stop))
+}
+
 /// Sets or clears a memory alarm on the RabbitMQ node: while it is set, the broker stops
 /// reading from every connection that publishes (so a dead-letter confirm never comes).
 fn memory_alarm(container: &str, on: bool) -> anyhow::Result<()> {
@@ -195,12 +209,7 @@ async fn a_stalled_dead_letter_confirm_never_holds_a_transaction_open() -> anyho
     let other = vote_aggregator::spawn(config, stop.clone()).await?;
     let other_metrics = other.metrics().clone();
     let mut db = bed.db().await?;
-    let db_name = bed
-        .database_url
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let db_name = bed.database_name();
     let idle_sql = format!(
         "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{db_name}' \
          AND state LIKE 'idle in transaction%' AND state_change < now() - interval '1 second'"
@@ -246,13 +255,8 @@ async fn a_commit_whose_answer_is_lost_counts_its_votes_as_counted() -> anyhow::
     let bed = TestBed::new(&servers).await?;
     let mut config = bed.config("r1");
     config.batch_size = 100;
-    let stop = CancellationToken::new();
-    let replica = vote_aggregator::spawn(config, stop.clone()).await?;
-    let (addr, metrics) = (replica.metrics_addr(), replica.metrics().clone());
-    eventually("replica ready", WAIT, async || {
-        Ok(http_get(addr, "/readyz").await?.0 == 200)
-    })
-    .await?;
+    let (replica, stop) = start_ready(config).await?;
+    let metrics = replica.metrics().clone();
     // Test-only: make the next COMMIT take 3 s on the server (a deferred trigger sleeps
     // once per transaction), so the connection can be cut while COMMIT runs.
     let mut db = bed.db().await?;
@@ -308,13 +312,8 @@ async fn a_session_lost_while_postgres_is_down_ends_at_once() -> anyhow::Result<
     let bed = TestBed::new(&servers).await?;
     let mut config = bed.config("r1");
     config.batch_size = 50;
-    let stop = CancellationToken::new();
-    let replica = vote_aggregator::spawn(config, stop.clone()).await?;
-    let (addr, metrics) = (replica.metrics_addr(), replica.metrics().clone());
-    eventually("replica ready", WAIT, async || {
-        Ok(http_get(addr, "/readyz").await?.0 == 200)
-    })
-    .await?;
+    let (replica, stop) = start_ready(config).await?;
+    let metrics = replica.metrics().clone();
     servers.stop_postgres().await?;
     let batch = votes::spread(100, &["e"], &["a", "b"]);
     bed.publisher().await?.publish_votes(&batch).await?;
