@@ -1,5 +1,5 @@
 //! The outputs of a load run: a terminal table, `report.json` (every figure, the settings
-//! and the machine), `report.md` (for the README and issue notes) and `throughput.png`
+//! and the machine), `report.md` (for the README and release notes) and `throughput.png`
 //! (throughput vs replicas and batch size with both ceilings, and latency percentiles),
 //! all under the run's output folder (`target/load/` by default).
 
@@ -166,7 +166,7 @@ fn short_pg(version: &str) -> String {
     version.split(" on ").next().unwrap_or(version).to_string()
 }
 
-/// The issue's targets, each judged from this run's own figures.
+/// The capacity targets (share of the broker ceiling), each judged from this run's own figures.
 pub fn targets(report: &LoadReport) -> Vec<String> {
     let find = |q: &str, r: usize, b: usize| {
         report
