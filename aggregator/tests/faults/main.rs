@@ -243,6 +243,54 @@ async fn a_stalled_dead_letter_confirm_never_holds_a_transaction_open() -> anyho
         .drain(&bed.dead_letter_queue(), Duration::from_millis(500))
         .await?;
     assert_eq!(letters.len(), 1);
+
+    // The broker closes a replica's dead-letter channel (its exchange is gone: 404). The
+    // message is rejected instead, and once the exchange is back the next malformed
+    // message is dead-lettered with its reason again: a closed channel does not stop
+    // dead-lettering for good.
+    let admin = lapin::Connection::connect(&bed.amqp_url, Default::default()).await?;
+    admin
+        .create_channel()
+        .await?
+        .exchange_delete(
+            vote_aggregator::broker::DEAD_LETTER_EXCHANGE.into(),
+            Default::default(),
+        )
+        .await?;
+    let publisher = bed.publisher().await?;
+    let poison = lapin::BasicProperties::default().with_delivery_mode(2);
+    publisher
+        .publish_raw(b"{lost poison", poison.clone())
+        .await?;
+    let rejected = || {
+        stalled_metrics
+            .votes_rejected
+            .with_label_values(&["malformed_json"])
+            .get()
+            + other_metrics
+                .votes_rejected
+                .with_label_values(&["malformed_json"])
+                .get()
+    };
+    eventually("the second poison message taken", WAIT, async || {
+        Ok(rejected() == 2)
+    })
+    .await?;
+    bed.declare().await?; // the exchange and its bindings again
+    publisher.publish_raw(b"{third poison", poison).await?;
+    eventually("the third poison message taken", WAIT, async || {
+        Ok(rejected() == 3)
+    })
+    .await?;
+    let letters = bed
+        .broker()
+        .await?
+        .drain(&bed.dead_letter_queue(), Duration::from_secs(2))
+        .await?;
+    assert_eq!(letters.len(), 1, "dead-lettered through a reopened channel");
+    assert_eq!(letters[0].body, b"{third poison".to_vec());
+    assert!(letters[0].reason.is_some());
+    admin.close(200, "done".into()).await?;
     stop.cancel();
     stalled.join().await?;
     other.join().await?;
