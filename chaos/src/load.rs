@@ -7,10 +7,11 @@
 //! publishing through repeated broker restarts (each can take 10–30 s on a busy machine)
 //! and stop at a moment the scenario chooses. This module keeps the same contract (default
 //! exchange, routing key = queue, persistent, `mandatory`, `message_id` = vote id, confirms)
-//! and the same ledger rules: a message enters the [`Ledger`] only once the broker
-//! confirmed it; an unconfirmed one is published again (the duplicate that may create is
-//! the system's to absorb), and whatever is still unconfirmed when the flush time runs
-//! out is reported, never recorded.
+//! and the same ledger rules: every message is recorded in the [`Ledger`] as attempted
+//! before it is sent, and as confirmed once the broker confirmed it; an unconfirmed one is
+//! published again (the duplicate that may create is the system's to absorb), and whatever
+//! is still unconfirmed when the flush time runs out stays indeterminate (it may or may
+//! not be counted; the checker accepts both).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
@@ -66,7 +67,7 @@ pub fn message_stream(spec: &WorkloadSpec, late_lag: usize) -> Vec<Message> {
 /// What the publisher did.
 #[derive(Debug, Clone, Default)]
 pub struct Published {
-    /// Every confirmed message (what the checker holds the system to).
+    /// Every attempted and every confirmed message (what the checker holds the system to).
     pub ledger: Ledger,
     /// Bodies of the malformed messages that were confirmed.
     pub malformed_confirmed: HashSet<Vec<u8>>,
@@ -74,7 +75,7 @@ pub struct Published {
     pub malformed_sent: HashSet<Vec<u8>>,
     /// Messages taken from the stream (the rest were never sent).
     pub attempted: usize,
-    /// Messages still unconfirmed when the flush time ran out (not in the ledger).
+    /// Messages still unconfirmed when the flush time ran out (attempted, not confirmed).
     pub unconfirmed: usize,
     /// Connections opened (1 when the broker never went away).
     pub connections: u64,
@@ -221,6 +222,8 @@ async fn run(
                 continue;
             }
             let (body, props) = vote_harness::publish::message_parts(&messages[i]);
+            // Recorded before the send: from here on it may reach the queue.
+            out.ledger.attempt(&messages[i]);
             if let Message::Malformed(b) = &messages[i] {
                 out.malformed_sent.insert(b.clone());
             }

@@ -623,7 +623,8 @@ async fn measure_config(
 }
 
 /// Publishes `votes` at `rate` on one connection, re-stamping each vote's `cast_at` with
-/// its publish time (in 20 ms slices), and records the confirmed ones.
+/// its publish time (in 20 ms slices), and records each vote as attempted before it is
+/// sent and as confirmed once it is.
 async fn publish_steady(
     bed: &TestBed,
     votes: &[Message],
@@ -649,6 +650,9 @@ async fn publish_steady(
                 _ => None,
             })
             .collect();
+        for v in &stamped {
+            ledger.attempt(&Message::Original(v.clone()));
+        }
         publisher.publish_votes(&stamped).await?;
         for v in stamped {
             ledger.record(&Message::Original(v));

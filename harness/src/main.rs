@@ -291,12 +291,14 @@ async fn publish_cmd(args: PublishArgs) -> anyhow::Result<ExitCode> {
         .await?;
     }
     println!(
-        "published {} votes (confirmed) · duplicates {} · conflicting copies {} · malformed {} · retried {}",
+        "published {} votes (confirmed) · duplicates {} · conflicting copies {} · malformed {} · retried {} · attempted {} · indeterminate {}",
         ledger.votes.len(),
         ledger.duplicates_sent,
         ledger.conflicts.len(),
         ledger.malformed,
-        ledger.retried
+        ledger.retried,
+        ledger.attempted.len(),
+        ledger.indeterminate().count()
     );
     if let Some(path) = &args.ledger {
         ledger.save(path)?;

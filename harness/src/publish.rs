@@ -1,9 +1,10 @@
 //! Publishing votes the way the contract says publishers must: default exchange, routing
 //! key = queue name, persistent delivery, `message_id` = vote UUID, publisher confirms.
 //!
-//! A publish counts only once the broker confirmed it. `mandatory` is set, so a message
-//! that no queue would take (the queue does not exist yet) comes back as an error
-//! instead of vanishing.
+//! A publish counts only once the broker confirmed it; before it is sent it is recorded as
+//! attempted (see [`crate::ledger`]), since an unconfirmed publish may still reach the
+//! queue. `mandatory` is set, so a message that no queue would take (the queue does not
+//! exist yet) comes back as an error instead of vanishing.
 
 use anyhow::{Context, bail};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -167,10 +168,11 @@ impl Default for PublishOptions {
     }
 }
 
-/// Publishes `messages` with confirms and records each confirmed one in `ledger`.
-/// Publishes whose confirm does not arrive (nack, lost channel) are retried on a fresh
-/// connection; a retried publish may reach the queue twice, which is exactly the kind of
-/// duplicate the aggregator must absorb.
+/// Publishes `messages` with confirms and records in `ledger` each one attempted (marked
+/// before it is sent) and each one confirmed. Publishes whose confirm does not arrive
+/// (nack, lost channel) are retried on a fresh connection; a retried publish may reach the
+/// queue twice, which is exactly the kind of duplicate the aggregator must absorb. The
+/// attempts enter the ledger even when this fails, so whatever reached the queue is known.
 ///
 /// # Errors
 /// When the broker stays unreachable (after about 30 s of retries), refuses the
@@ -183,23 +185,34 @@ pub async fn publish_messages(
     ledger: &mut crate::ledger::Ledger,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     let connections = options.connections.max(1);
     let progress =
         crate::progress::Progress::new("publishing", messages.len() as u64, options.progress);
     let done = Arc::new(AtomicU64::new(0));
+    let attempted: Arc<Vec<AtomicBool>> = Arc::new(
+        (0..messages.len())
+            .map(|_| AtomicBool::new(false))
+            .collect(),
+    );
     let mut tasks = Vec::with_capacity(connections);
     for c in 0..connections {
         let mine: Vec<usize> = (c..messages.len()).step_by(connections).collect();
         let rate = options.rate.map(|r| r / connections as f64);
         let done = done.clone();
+        let attempted = attempted.clone();
         let progress = progress.clone();
         let (url, queue) = (amqp_url.to_string(), queue.to_string());
         let msgs: Vec<(usize, crate::workload::Message)> =
             mine.iter().map(|&i| (i, messages[i].clone())).collect();
         tasks.push(tokio::spawn(async move {
-            publish_on_one_connection(&url, &queue, msgs, rate, &done, &progress).await
+            let counters = Counters {
+                done: &done,
+                attempted: &attempted,
+                progress: &progress,
+            };
+            publish_on_one_connection(&url, &queue, msgs, rate, &counters).await
         }));
     }
     let mut confirmed = Vec::with_capacity(messages.len());
@@ -220,6 +233,11 @@ pub async fn publish_messages(
         }
     }
     progress.finish(done.load(Ordering::Relaxed));
+    for (i, m) in messages.iter().enumerate() {
+        if attempted[i].load(Ordering::Relaxed) {
+            ledger.attempt(m);
+        }
+    }
     confirmed.sort_unstable();
     for i in confirmed {
         ledger.record(&messages[i]);
@@ -246,15 +264,23 @@ pub fn message_parts(m: &crate::workload::Message) -> (Vec<u8>, BasicProperties)
     }
 }
 
+/// What the connections of one [`publish_messages`] share.
+struct Counters<'a> {
+    /// Messages confirmed so far (for the progress display).
+    done: &'a std::sync::atomic::AtomicU64,
+    /// By message index: set BEFORE its first publish is sent.
+    attempted: &'a [std::sync::atomic::AtomicBool],
+    progress: &'a crate::progress::Progress,
+}
+
 /// One connection's share: returns the indexes confirmed and how many publishes were
-/// retried.
+/// retried; marks each message in `counters.attempted` before it is sent.
 async fn publish_on_one_connection(
     amqp_url: &str,
     queue: &str,
     messages: Vec<(usize, crate::workload::Message)>,
     rate: Option<f64>,
-    done: &std::sync::atomic::AtomicU64,
-    progress: &crate::progress::Progress,
+    counters: &Counters<'_>,
 ) -> anyhow::Result<(Vec<usize>, u64)> {
     use std::collections::VecDeque;
     use std::sync::atomic::Ordering;
@@ -292,6 +318,7 @@ async fn publish_on_one_connection(
                 }
                 sent += 1;
                 let (body, props) = message_parts(&m);
+                counters.attempted[i].store(true, Ordering::Relaxed);
                 let res = publisher.send(&body, props).await;
                 match res {
                     Ok(confirm) => window.push((i, m, Some(confirm))),
@@ -315,8 +342,8 @@ async fn publish_on_one_connection(
                 match outcome.and_then(|c| check(c, queue)) {
                     Ok(()) => {
                         confirmed.push(i);
-                        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                        progress.set(n);
+                        let n = counters.done.fetch_add(1, Ordering::Relaxed) + 1;
+                        counters.progress.set(n);
                     }
                     Err(e) if e.to_string().contains("no such queue") => return Err(e),
                     Err(_) => {
