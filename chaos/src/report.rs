@@ -246,8 +246,12 @@ impl fmt::Display for ChaosReport {
         )?;
         writeln!(
             f,
-            "conflicts: {} of {} recorded · unconfirmed publishes that arrived anyway: {}",
-            self.check.conflicts_recorded, self.check.conflicts_expected, self.check.unexpected
+            "conflicts: {} of {} recorded · indeterminate (attempted, never confirmed): {} counted, {} absent · phantoms (counted, never attempted): {}",
+            self.check.conflicts_recorded,
+            self.check.conflicts_expected,
+            self.check.indeterminate_counted,
+            self.check.indeterminate_absent,
+            self.check.unexpected
         )?;
         writeln!(
             f,

@@ -1,15 +1,27 @@
-//! The exactly-once checker: holds the system to what the publisher's [`Ledger`] says
-//! was confirmed, after the queue has drained.
+//! The exactly-once checker: holds the system to the publisher's [`Ledger`] (what was
+//! attempted and what was confirmed), after the queue has drained.
 //!
-//! It checks the four invariants of DESIGN.md:
+//! It checks the service's four invariants:
 //! 1. per (election, candidate): sum of tally shards = rows in `votes` (tally drift 0);
 //! 2. every confirmed vote is in `votes` exactly once, for the candidate it was published
-//!    with (lost 0, double-counted 0);
+//!    with (lost 0, double-counted 0), and nothing is counted that was never published;
 //! 3. every confirmed malformed message is in the dead-letter queue;
 //! 4. every confirmed conflicting copy is recorded in `vote_conflicts` and not counted.
 //!
-//! It never reports success on an empty or partial run: nothing published, or a queue
-//! that never drains, is a failure with its reason.
+//! Like Jepsen's set-full checker it classifies every vote id:
+//!
+//! | ledger | in `votes` | class | verdict |
+//! | --- | --- | --- | --- |
+//! | confirmed | once, its candidate | ok (`counted`) | pass |
+//! | confirmed | absent | `lost` | violation |
+//! | attempted, never confirmed | counted | `indeterminate_counted` | pass, reported |
+//! | attempted, never confirmed | absent | `indeterminate_absent` | pass, reported |
+//! | either | another candidate (not a copy's) | `miscounted` | violation |
+//! | never attempted | counted | `unexpected` (a phantom) | violation |
+//!
+//! and double counting shows as tally increments beyond the stored rows (the primary key
+//! keeps a row from being stored twice). It never reports success on an empty or partial
+//! run: nothing published, or a queue that never drains, is a failure with its reason.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -21,7 +33,7 @@ use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
 use crate::inspect::{Broker, Db};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, LedgerVote};
 
 /// How long to wait for the queue to drain.
 #[derive(Debug, Clone)]
@@ -50,21 +62,34 @@ pub struct Report {
     pub published: usize,
     /// Confirmed exact duplicates.
     pub duplicates_sent: u64,
-    /// Confirmed votes found in `votes` with the right candidate.
+    /// Confirmed votes found in `votes` with the right candidate (class "ok").
     pub counted: usize,
     /// Confirmed votes missing from `votes` (first few kept in `lost_ids`).
     pub lost: usize,
     /// Some lost ids.
     pub lost_ids: Vec<Uuid>,
-    /// Confirmed votes stored under another candidate (a conflicting copy won).
+    /// Votes (confirmed or not) stored under a candidate none of their payloads had.
     pub miscounted: usize,
     /// Some miscounted ids.
     pub miscounted_ids: Vec<Uuid>,
     /// Tally increments beyond the stored votes, summed over candidates.
     pub double_counted: i64,
-    /// Rows in `votes` the ledger does not know (e.g. unconfirmed publishes that arrived).
+    /// Rows in `votes` whose id was never attempted by the publisher: phantoms, counted
+    /// votes nobody cast (a violation).
     pub unexpected: usize,
-    /// Confirmed conflicting copies.
+    /// Some unexpected ids.
+    pub unexpected_ids: Vec<Uuid>,
+    /// Distinct votes whose publish was attempted (confirmed or not).
+    pub attempted: usize,
+    /// Attempted votes whose original was never confirmed: each may or may not have
+    /// reached the queue.
+    pub indeterminate: usize,
+    /// ... of which counted (acceptable).
+    pub indeterminate_counted: usize,
+    /// ... of which absent (acceptable).
+    pub indeterminate_absent: usize,
+    /// Confirmed conflicting copies that must be recorded (their original was confirmed,
+    /// or the other payload was counted), by distinct vote id.
     pub conflicts_expected: usize,
     /// ... of which recorded in `vote_conflicts`.
     pub conflicts_recorded: usize,
@@ -106,6 +131,13 @@ impl Report {
         if self.double_counted > 0 {
             v.push(format!("{} votes double-counted", self.double_counted));
         }
+        if self.unexpected > 0 {
+            v.push(format!(
+                "{} counted vote(s) never published (phantoms), e.g. {}",
+                self.unexpected,
+                ids(&self.unexpected_ids)
+            ));
+        }
         if self.tally_drift != 0 {
             let ex: Vec<String> = self
                 .drift_examples
@@ -139,6 +171,13 @@ impl Report {
     pub fn passed(&self) -> bool {
         self.violations().is_empty()
     }
+
+    fn miscount(&mut self, id: Uuid) {
+        self.miscounted += 1;
+        if self.miscounted_ids.len() < 10 {
+            self.miscounted_ids.push(id);
+        }
+    }
 }
 
 fn ids(ids: &[Uuid]) -> String {
@@ -153,7 +192,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "published {} (confirmed) · duplicates sent {} · counted {} · lost {} · double-counted {} · conflicts {}/{} · dead-lettered {}/{} · tally drift {}",
+            "published {} (confirmed) · duplicates sent {} · counted {} · lost {} · double-counted {} · conflicts {}/{} · dead-lettered {}/{} · tally drift {} · attempted {} · indeterminate {} (counted {}, absent {}) · unexpected {}",
             self.published,
             self.duplicates_sent,
             self.counted,
@@ -163,7 +202,12 @@ impl fmt::Display for Report {
             self.conflicts_expected,
             self.dead_lettered,
             self.malformed,
-            self.tally_drift
+            self.tally_drift,
+            self.attempted,
+            self.indeterminate,
+            self.indeterminate_counted,
+            self.indeterminate_absent,
+            self.unexpected
         )
     }
 }
@@ -187,16 +231,24 @@ pub async fn check(
     amqp_url: &str,
     options: &CheckOptions,
 ) -> anyhow::Result<Report> {
+    let confirmed: HashSet<Uuid> = ledger.votes.iter().map(|v| v.vote_id).collect();
+    let indeterminate: Vec<&LedgerVote> = ledger.indeterminate().collect();
+    // Every id the publisher may have put in the queue (a confirmed vote was attempted,
+    // whether or not its producer said so).
+    let attempted: HashSet<Uuid> = ledger
+        .attempted
+        .iter()
+        .chain(&ledger.conflicts_attempted)
+        .chain(&ledger.conflicts)
+        .map(|v| v.vote_id)
+        .chain(confirmed.iter().copied())
+        .collect();
     let mut report = Report {
         published: ledger.votes.len(),
         duplicates_sent: ledger.duplicates_sent,
-        conflicts_expected: ledger
-            .conflicts
-            .iter()
-            .map(|c| c.vote_id)
-            .collect::<HashSet<_>>()
-            .len(),
         malformed: ledger.malformed,
+        attempted: confirmed.len() + indeterminate.len(),
+        indeterminate: indeterminate.len(),
         ..Report::default()
     };
     if ledger.votes.is_empty() {
@@ -207,6 +259,13 @@ pub async fn check(
     let mut db = Db::connect(database_url).await?;
     let broker = Broker::connect(amqp_url).await?;
     let dlq = format!("{}.dlq", ledger.queue);
+    // Confirmed conflicting copies, by id (distinct ids: the drain waits for as many
+    // recorded conflicts at most).
+    let confirmed_conflicts: HashMap<Uuid, HashSet<&str>> = by_id(ledger.conflicts.iter());
+    let awaited_conflicts = confirmed_conflicts
+        .keys()
+        .filter(|id| confirmed.contains(id))
+        .count();
 
     // Drain: the queue is empty and the database stopped changing (or every confirmed
     // vote, conflict and dead letter is already there).
@@ -226,7 +285,7 @@ pub async fn check(
             stable_since = Instant::now();
         }
         let complete = now.0 >= report.published as i64
-            && now.1 >= report.conflicts_expected as i64
+            && now.1 >= awaited_conflicts as i64
             && u64::from(dead) >= ledger.malformed;
         if ready == 0 && (complete || stable_since.elapsed() >= options.settle) {
             // One more settle period when complete, to catch late double counting.
@@ -247,15 +306,11 @@ pub async fn check(
     }
     report.drain_time = started.elapsed();
 
-    // 2. every confirmed vote exactly once, for its candidate (or, for a vote with a
-    // conflicting copy, for whichever of the two payloads committed first).
-    let mut alternatives: HashMap<Uuid, HashSet<&str>> = HashMap::new();
-    for c in &ledger.conflicts {
-        alternatives
-            .entry(c.vote_id)
-            .or_default()
-            .insert(c.candidate_id.as_str());
-    }
+    // 2. every vote id classified: confirmed ones exactly once, for their candidate (or,
+    // for a vote with a conflicting copy, for whichever of the payloads committed first);
+    // unconfirmed ones counted or not; nothing counted that was never attempted.
+    let alternatives: HashMap<Uuid, HashSet<&str>> =
+        by_id(ledger.conflicts_attempted.iter().chain(&ledger.conflicts));
     let stored: Vec<StoredVote> = diesel::sql_query("SELECT vote_id, candidate_id FROM votes")
         .load(db.connection())
         .await?;
@@ -263,9 +318,13 @@ pub async fn check(
         .into_iter()
         .map(|s| (s.vote_id, s.candidate_id))
         .collect();
-    let mut known = HashSet::with_capacity(ledger.votes.len());
+    let right_candidate = |v: &LedgerVote, c: &str| {
+        c == v.candidate_id
+            || alternatives
+                .get(&v.vote_id)
+                .is_some_and(|alt| alt.contains(c))
+    };
     for v in &ledger.votes {
-        known.insert(v.vote_id);
         match stored.get(&v.vote_id) {
             None => {
                 report.lost += 1;
@@ -273,21 +332,25 @@ pub async fn check(
                     report.lost_ids.push(v.vote_id);
                 }
             }
-            Some(c)
-                if *c != v.candidate_id
-                    && !alternatives
-                        .get(&v.vote_id)
-                        .is_some_and(|alt| alt.contains(c.as_str())) =>
-            {
-                report.miscounted += 1;
-                if report.miscounted_ids.len() < 10 {
-                    report.miscounted_ids.push(v.vote_id);
-                }
-            }
+            Some(c) if !right_candidate(v, c) => report.miscount(v.vote_id),
             Some(_) => report.counted += 1,
         }
     }
-    report.unexpected = stored.keys().filter(|id| !known.contains(id)).count();
+    for v in &indeterminate {
+        match stored.get(&v.vote_id) {
+            None => report.indeterminate_absent += 1,
+            Some(c) if !right_candidate(v, c) => report.miscount(v.vote_id),
+            Some(_) => report.indeterminate_counted += 1,
+        }
+    }
+    let mut phantoms: Vec<Uuid> = stored
+        .keys()
+        .filter(|id| !attempted.contains(id))
+        .copied()
+        .collect();
+    phantoms.sort_unstable();
+    report.unexpected = phantoms.len();
+    report.unexpected_ids = phantoms.into_iter().take(10).collect();
 
     // 1. tally = count per candidate; tally beyond the count is double counting.
     let counted = db.counted_per_candidate().await?;
@@ -307,14 +370,34 @@ pub async fn check(
         }
     }
 
-    // 4. conflicts recorded.
+    // 4. conflicts recorded. A confirmed copy must have lost to the other payload (and
+    // been recorded) when its original was confirmed too, or when the stored row shows
+    // another payload; a copy of an unconfirmed original that never arrived is simply
+    // the vote.
     let recorded: HashSet<Uuid> = db.conflicting_ids().await?.into_iter().collect();
-    report.conflicts_recorded = alternatives
-        .keys()
-        .filter(|id| recorded.contains(id))
-        .count();
+    for (id, copies) in &confirmed_conflicts {
+        let expected =
+            confirmed.contains(id) || stored.get(id).is_some_and(|c| !copies.contains(c.as_str()));
+        if expected {
+            report.conflicts_expected += 1;
+            if recorded.contains(id) {
+                report.conflicts_recorded += 1;
+            }
+        }
+    }
 
     // 3. dead letters (counted without consuming them).
     report.dead_lettered = u64::from(broker.queue_state(&dlq).await.map(|s| s.0).unwrap_or(0));
     Ok(report)
+}
+
+/// Candidates by vote id.
+fn by_id<'a>(votes: impl Iterator<Item = &'a LedgerVote>) -> HashMap<Uuid, HashSet<&'a str>> {
+    let mut out: HashMap<Uuid, HashSet<&str>> = HashMap::new();
+    for v in votes {
+        out.entry(v.vote_id)
+            .or_default()
+            .insert(v.candidate_id.as_str());
+    }
+    out
 }

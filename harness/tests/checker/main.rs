@@ -1,6 +1,8 @@
 //! The checker is itself tested: an honest run passes with exact figures, and test
-//! doubles of broken consumers (one that drops a batch, one that skips dedupe) make it
-//! fail with the right numbers. Empty and never-draining runs fail with a reason.
+//! doubles of broken consumers (one that drops a batch, one that skips dedupe, one that
+//! invents a vote) make it fail with the right numbers. A vote whose publish was
+//! attempted but never confirmed may be counted or absent (indeterminate, reported), a
+//! confirmed one missing is lost. Empty and never-draining runs fail with a reason.
 
 use std::time::Duration;
 
@@ -11,13 +13,13 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use vote_aggregator::db::{self, BatchColumns};
-use vote_aggregator::vote;
+use vote_aggregator::vote::{self, Vote};
 use vote_harness::checker::{self, CheckOptions};
 use vote_harness::infra;
 use vote_harness::ledger::Ledger;
 use vote_harness::publish::{PublishOptions, publish_messages};
 use vote_harness::testbed::TestBed;
-use vote_harness::workload::{Workload, WorkloadSpec};
+use vote_harness::workload::{Message, Workload, WorkloadSpec};
 
 fn quick() -> CheckOptions {
     CheckOptions {
@@ -244,5 +246,132 @@ async fn an_empty_run_or_a_queue_that_never_drains_is_a_failure_with_a_reason() 
         "{v:?}"
     );
     assert_eq!(report.lost, 20);
+    Ok(())
+}
+
+/// Starts an in-process replica on `bed` and waits until it consumes.
+async fn replica(
+    bed: &TestBed,
+    name: &str,
+) -> anyhow::Result<(CancellationToken, vote_aggregator::Running)> {
+    let stop = CancellationToken::new();
+    let replica = vote_aggregator::spawn(bed.config(name), stop.clone()).await?;
+    let addr = replica.metrics_addr();
+    vote_harness::inspect::eventually("replica ready", Duration::from_secs(60), async || {
+        Ok(vote_harness::inspect::http_get(addr, "/readyz").await?.0 == 200)
+    })
+    .await?;
+    Ok((stop, replica))
+}
+
+/// A vote of election-0 that no workload contains.
+fn fresh_vote(candidate: &str) -> Vote {
+    Vote {
+        vote_id: uuid::Uuid::now_v7(),
+        election_id: "election-0".into(),
+        candidate_id: candidate.into(),
+        precinct_id: None,
+        cast_at: chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6),
+    }
+}
+
+/// The real service counts every published vote, and a consumer double writes one vote
+/// that nobody published, through the real batch write (tally and rows agree, nothing is
+/// lost or double-counted): the run must FAIL, naming the phantom.
+#[tokio::test]
+async fn a_consumer_that_invents_a_vote_fails_naming_the_phantom() -> anyhow::Result<()> {
+    let bed = TestBed::new(infra::shared().await?).await?;
+    let spec = WorkloadSpec {
+        votes: 200,
+        seed: 13,
+        ..WorkloadSpec::default()
+    };
+    let ledger = publish(&bed, &spec).await?;
+    let config = bed.config("inventive");
+    db::run_migrations(&config.database_url).await?;
+    let phantom = fresh_vote("candidate-0");
+    let mut columns = BatchColumns::default();
+    columns.push(&phantom, true);
+    let pool = db::pool(&config.database_url, 1, &Default::default());
+    let written = db::write_batch(&pool, &config.database_url, &columns, 0).await?;
+    assert_eq!(written.counted.len(), 1, "the phantom is counted");
+    let (stop, running) = replica(&bed, "honest").await?;
+    let report = checker::check(&ledger, &bed.database_url, &bed.amqp_url, &quick()).await?;
+    stop.cancel();
+    running.join().await?;
+    assert!(!report.passed(), "a phantom vote passed: {report}");
+    assert_eq!(report.unexpected, 1, "{report}");
+    assert_eq!(report.unexpected_ids, vec![phantom.vote_id]);
+    assert_eq!(report.counted, 200);
+    assert_eq!(report.lost, 0);
+    assert_eq!(report.double_counted, 0);
+    assert_eq!(report.tally_drift, 0, "the phantom is consistently counted");
+    let text = report.violations().join("\n");
+    assert!(
+        text.contains("1 counted vote(s) never published (phantoms), e.g. ")
+            && text.contains(&phantom.vote_id.to_string()),
+        "{text}"
+    );
+    assert!(report.to_string().contains("unexpected 1"), "{report}");
+    Ok(())
+}
+
+/// Two votes are attempted but never confirmed: one reaches the queue (published without
+/// waiting for its confirm), the other never does. Both are acceptable outcomes and the
+/// report says which is which. A CONFIRMED vote that is missing, though, is lost.
+#[tokio::test]
+async fn unconfirmed_votes_are_indeterminate_and_a_missing_confirmed_vote_is_lost()
+-> anyhow::Result<()> {
+    let bed = TestBed::new(infra::shared().await?).await?;
+    let spec = WorkloadSpec {
+        votes: 100,
+        seed: 17,
+        ..WorkloadSpec::default()
+    };
+    let mut ledger = publish(&bed, &spec).await?;
+    let arrives = Message::Original(fresh_vote("candidate-1"));
+    let never_sent = Message::Original(fresh_vote("candidate-2"));
+    ledger.attempt(&arrives);
+    ledger.attempt(&never_sent);
+    let publisher = bed.publisher().await?;
+    let (body, props) = vote_harness::publish::message_parts(&arrives);
+    // Sent, its confirm never awaited: the ledger only knows it was attempted.
+    let _unawaited = publisher.send(&body, props).await?;
+    let (stop, running) = replica(&bed, "honest").await?;
+    let report = checker::check(&ledger, &bed.database_url, &bed.amqp_url, &quick()).await?;
+    assert!(report.passed(), "{report}\n{:?}", report.violations());
+    assert_eq!(report.published, 100);
+    assert_eq!(report.counted, 100);
+    assert_eq!(report.attempted, 102, "{report}");
+    assert_eq!(report.indeterminate, 2, "{report}");
+    assert_eq!(report.indeterminate_counted, 1, "{report}");
+    assert_eq!(report.indeterminate_absent, 1, "{report}");
+    assert_eq!(report.unexpected, 0, "an attempted vote is no phantom");
+    assert!(
+        report
+            .to_string()
+            .contains("indeterminate 2 (counted 1, absent 1)"),
+        "{report}"
+    );
+    publisher.close().await;
+    stop.cancel();
+    running.join().await?;
+
+    // The same absence is a loss once the broker had CONFIRMED that vote (as if it
+    // confirmed the publish and then lost the message).
+    ledger.record(&never_sent);
+    let report = checker::check(&ledger, &bed.database_url, &bed.amqp_url, &quick()).await?;
+    assert!(!report.passed(), "{report}");
+    assert_eq!(report.lost, 1, "{report}");
+    let Message::Original(gone) = &never_sent else {
+        unreachable!("an original")
+    };
+    assert_eq!(report.lost_ids, vec![gone.vote_id]);
+    assert_eq!(report.counted, 100);
+    assert_eq!(report.tally_drift, 0);
+    assert_eq!(report.indeterminate, 1, "{report}");
+    assert_eq!(report.indeterminate_counted, 1, "{report}");
+    let text = report.violations().join("\n");
+    assert!(text.contains("1 confirmed votes lost, e.g. "), "{text}");
     Ok(())
 }
