@@ -873,6 +873,12 @@ impl Scrape {
         whole(self.sum("vote_aggregator_votes_counted_total"))
     }
 
+    /// `vote_aggregator_batches_committed_total` (0 when absent): a batch is acked right
+    /// after it counts here.
+    pub fn batches_committed(&self) -> u64 {
+        whole(self.sum("vote_aggregator_batches_committed_total"))
+    }
+
     /// `vote_aggregator_votes_received_total` (0 when absent).
     pub fn received(&self) -> u64 {
         whole(self.sum("vote_aggregator_votes_received_total"))

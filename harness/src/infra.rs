@@ -104,6 +104,9 @@ pub struct InfraOptions {
     pub fsync: bool,
     /// PostgreSQL `max_connections` (default 300: several replicas with pools plus tests).
     pub max_connections: u32,
+    /// More PostgreSQL settings, each `name=value` (passed as `-c name=value`, after the
+    /// ones above, so they win), e.g. `wal_writer_delay=1000ms`.
+    pub postgres_settings: Vec<String>,
     /// PostgreSQL image; default from `VOTES_POSTGRES_IMAGE`, else `postgres:17`.
     pub postgres_image: String,
     /// RabbitMQ image; default from `VOTES_RABBITMQ_IMAGE`, else `rabbitmq:4.0`.
@@ -115,6 +118,7 @@ impl Default for InfraOptions {
         InfraOptions {
             fsync: false,
             max_connections: 300,
+            postgres_settings: Vec::new(),
             postgres_image: image_from_env(ENV_POSTGRES_IMAGE, DEFAULT_POSTGRES_IMAGE),
             rabbitmq_image: image_from_env(ENV_RABBITMQ_IMAGE, DEFAULT_RABBITMQ_IMAGE),
         }
@@ -282,6 +286,19 @@ impl std::fmt::Debug for PrivateInfra {
     }
 }
 
+/// A container's state as Docker reports it (see [`PrivateInfra::container_state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerState {
+    /// When Docker last started it (RFC 3339): a restart shows as a new value.
+    pub started_at: String,
+    /// Whether it runs now.
+    pub running: bool,
+    /// Host pid of its main process (0 when it is not running).
+    pub pid: i64,
+    /// Exit code of its last run (128 + signal when a signal ended it: 137 = SIGKILL).
+    pub exit_code: i64,
+}
+
 /// One container of a private pair and the container port its proxy forwards to.
 struct Managed {
     id: String,
@@ -330,7 +347,12 @@ impl PrivateInfra {
     /// transactions roll back) and waits until the container has exited.
     pub async fn stop_postgres(&self) -> anyhow::Result<()> {
         let id = self.postgres.id.clone();
-        on_docker(async move { stop_gracefully(&docker().await?, &id, "SIGINT").await }).await
+        on_docker(async move {
+            stop_gracefully(&docker().await?, &id, "SIGINT")
+                .await
+                .map(drop)
+        })
+        .await
     }
 
     /// Starts PostgreSQL again after [`PrivateInfra::stop_postgres`], re-points the proxy at
@@ -376,7 +398,12 @@ impl PrivateInfra {
     /// Stops RabbitMQ (SIGTERM, graceful) and waits until the container has exited.
     pub async fn stop_rabbitmq(&self) -> anyhow::Result<()> {
         let id = self.rabbitmq.id.clone();
-        on_docker(async move { stop_gracefully(&docker().await?, &id, "SIGTERM").await }).await
+        on_docker(async move {
+            stop_gracefully(&docker().await?, &id, "SIGTERM")
+                .await
+                .map(drop)
+        })
+        .await
     }
 
     /// Starts RabbitMQ again after [`PrivateInfra::stop_rabbitmq`], re-points the proxy
@@ -391,13 +418,44 @@ impl PrivateInfra {
     /// until the container has exited. Start it again with [`PrivateInfra::start_rabbitmq`].
     pub async fn kill_rabbitmq(&self) -> anyhow::Result<()> {
         let id = self.rabbitmq.id.clone();
+        on_docker(async move {
+            stop_gracefully(&docker().await?, &id, "SIGKILL")
+                .await
+                .map(drop)
+        })
+        .await
+    }
+
+    /// Kills PostgreSQL abruptly (SIGKILL to the container's main process, the postmaster:
+    /// every backend dies with it and whatever sat in its shared memory, WAL buffers
+    /// included, is gone, like a crashed server) and waits
+    /// until the container has exited. [`PrivateInfra::start_postgres`] then starts it
+    /// again, and it runs crash recovery from its WAL. Returns the moment Docker's kill
+    /// returned (the signal delivered).
+    ///
+    /// # Errors
+    /// When Docker refuses or the container does not exit.
+    pub async fn kill_postgres(&self) -> anyhow::Result<Instant> {
+        let id = self.postgres.id.clone();
         on_docker(async move { stop_gracefully(&docker().await?, &id, "SIGKILL").await }).await
     }
 
     /// When Docker last started the container `id` (one of this pair's, see
     /// [`PrivateInfra::postgres_container_id`]), as Docker reports it (RFC 3339), and
     /// whether it runs now. A restart shows as a new start time.
+    ///
+    /// # Errors
+    /// When Docker cannot inspect the container.
     pub async fn container_started_at(&self, id: &str) -> anyhow::Result<(String, bool)> {
+        let state = self.container_state(id).await?;
+        Ok((state.started_at, state.running))
+    }
+
+    /// What Docker reports about the container `id` (one of this pair's).
+    ///
+    /// # Errors
+    /// When Docker cannot inspect the container.
+    pub async fn container_state(&self, id: &str) -> anyhow::Result<ContainerState> {
         let id = id.to_owned();
         on_docker(async move {
             let state = docker()
@@ -407,10 +465,38 @@ impl PrivateInfra {
                 .with_context(|| format!("inspecting container {id}"))?
                 .state
                 .with_context(|| format!("container {id} has no state"))?;
-            Ok((
-                state.started_at.unwrap_or_default(),
-                state.running.unwrap_or(false),
-            ))
+            Ok(ContainerState {
+                started_at: state.started_at.unwrap_or_default(),
+                running: state.running.unwrap_or(false),
+                pid: state.pid.unwrap_or(0),
+                exit_code: state.exit_code.unwrap_or(0),
+            })
+        })
+        .await
+    }
+
+    /// The log (stdout and stderr) the container `id` wrote since `since` (a UNIX time in
+    /// seconds; Docker's resolution), across restarts.
+    ///
+    /// # Errors
+    /// When Docker cannot read the log.
+    pub async fn container_log_since(&self, id: &str, since: i64) -> anyhow::Result<String> {
+        let id = id.to_owned();
+        let since = i32::try_from(since).context("log start time out of range")?;
+        on_docker(async move {
+            let options = LogsOptionsBuilder::new()
+                .stdout(true)
+                .stderr(true)
+                .since(since)
+                .build();
+            let docker = docker().await?;
+            let mut logs = docker.logs(&id, Some(options));
+            let mut text = String::new();
+            while let Some(frame) = logs.next().await {
+                let frame = frame.with_context(|| format!("reading the log of {id}"))?;
+                text.push_str(&String::from_utf8_lossy(&frame.into_bytes()));
+            }
+            Ok(text)
         })
         .await
     }
@@ -756,6 +842,10 @@ fn postgres_spec(opts: &InfraOptions, scope: &'static str) -> ContainerSpec {
             cmd.push(setting.to_owned());
         }
     }
+    for setting in &opts.postgres_settings {
+        cmd.push("-c".to_owned());
+        cmd.push(setting.clone());
+    }
     ContainerSpec {
         role: "postgres",
         scope,
@@ -974,9 +1064,10 @@ async fn host_addr(docker: &Docker, id: &str, port: u16) -> anyhow::Result<Socke
 }
 
 /// Sends `signal`, waits until the container exited, and falls back to SIGKILL after 30 s.
-/// (A signal-less `docker stop` would use the image's STOPSIGNAL, which may differ between
-/// the official and the offline images; the engine's stop `signal` needs API 1.42.)
-async fn stop_gracefully(docker: &Docker, id: &str, signal: &str) -> anyhow::Result<()> {
+/// Returns the moment Docker's kill request returned. (A signal-less `docker stop` would use the
+/// image's STOPSIGNAL, which may differ between the official and the offline images; the
+/// engine's stop `signal` needs API 1.42.)
+async fn stop_gracefully(docker: &Docker, id: &str, signal: &str) -> anyhow::Result<Instant> {
     docker
         .kill_container(
             id,
@@ -984,6 +1075,7 @@ async fn stop_gracefully(docker: &Docker, id: &str, signal: &str) -> anyhow::Res
         )
         .await
         .with_context(|| format!("sending {signal} to container {id}"))?;
+    let delivered = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let inspect = docker
@@ -995,9 +1087,9 @@ async fn stop_gracefully(docker: &Docker, id: &str, signal: &str) -> anyhow::Res
             .and_then(|state| state.running)
             .unwrap_or(false)
         {
-            return Ok(());
+            return Ok(delivered);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tracing::warn!(
         container = id,
@@ -1007,7 +1099,8 @@ async fn stop_gracefully(docker: &Docker, id: &str, signal: &str) -> anyhow::Res
     docker
         .stop_container(id, Some(StopContainerOptionsBuilder::new().t(0).build()))
         .await
-        .with_context(|| format!("stopping container {id}"))
+        .with_context(|| format!("stopping container {id}"))?;
+    Ok(delivered)
 }
 
 /// Whether the engine runs on this host (unix socket or a loopback TCP address).
