@@ -44,6 +44,9 @@ pub struct ClusterOptions {
     /// Extra environment of every replica (e.g. the deliberately broken
     /// `VOTES_FAULT_ACK_BEFORE_COMMIT=1`).
     pub extra_env: Vec<(String, String)>,
+    /// How to start the server pair (e.g. PostgreSQL with `fsync` on, for the faults that
+    /// crash it).
+    pub infra: InfraOptions,
 }
 
 /// Which connection of a replica a partition cuts.
@@ -104,7 +107,7 @@ impl Cluster {
                 opts.replicas
             );
         }
-        let servers = infra::start_private(InfraOptions::default())
+        let servers = infra::start_private(opts.infra.clone())
             .await
             .context("starting the private PostgreSQL + RabbitMQ pair")?;
         let bed = TestBed::new(&servers).await?;

@@ -7,14 +7,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use vote_chaos::scenario::{self, Scenario, ScenarioOptions};
+use vote_chaos::scenario::{self, Broken, Scenario, ScenarioOptions};
 
-/// Run chaos scenarios: faults (kills, pauses, broker and database restarts, backend
-/// terminations, partitions, a crash between COMMIT and ack) injected on a seeded schedule
-/// into 3 real vote-aggregator replicas under steady load, then the exactly-once checker.
+/// Run chaos scenarios: faults (kills, pauses, broker and database restarts, database
+/// crashes, backend terminations, partitions, a crash between COMMIT and ack) injected on a
+/// seeded schedule into 3 real vote-aggregator replicas under steady load, then the
+/// exactly-once checker.
 ///
-/// Scenarios: kill-restart, zombie-pause, broker-restart, db-restart, backend-terminate,
-/// partition, commit-ack, mixed (or all). The replicas must be a fault-injection build:
+/// Scenarios: kill-restart, zombie-pause, broker-restart, db-restart, db-kill,
+/// backend-terminate, partition, commit-ack, mixed (or all). The replicas must be a fault-injection build:
 /// `cargo build --workspace --features vote-aggregator/fault-injection`. Needs Docker and
 /// the server images (VOTES_POSTGRES_IMAGE, VOTES_RABBITMQ_IMAGE; see `make images`).
 #[derive(Parser)]
@@ -45,10 +46,15 @@ struct Cli {
     /// Keep each run's folder even when it passed.
     #[arg(long)]
     keep: bool,
-    /// Run the deliberately BROKEN aggregator (acks before commit): the scenarios should
-    /// FAIL, which proves the suite catches the bug it exists for.
-    #[arg(long)]
-    broken: bool,
+    /// Run a deliberately BROKEN aggregator: `ack-before-commit` (the default; caught by
+    /// kill-restart and commit-ack) or `synchronous-commit-off` (caught by db-kill). The
+    /// scenarios should FAIL, which proves the suite catches the bug it exists for.
+    #[arg(long, value_name = "BUG", num_args = 0..=1, default_missing_value = "ack-before-commit")]
+    broken: Option<Broken>,
+    /// An extra PostgreSQL setting for the scenario's server, `name=value` (repeatable),
+    /// e.g. `--postgres-setting wal_writer_delay=1000ms`.
+    #[arg(long, value_name = "NAME=VALUE")]
+    postgres_setting: Vec<String>,
 }
 
 /// Parses `60s`, `2m`, `1500ms` or a bare number of seconds.
@@ -109,6 +115,7 @@ fn main() -> ExitCode {
     opts.drain_timeout = cli.drain_timeout;
     opts.keep = cli.keep;
     opts.broken = cli.broken;
+    opts.postgres_settings = cli.postgres_setting;
     opts.progress = true;
     if let Some(dir) = cli.out_dir {
         opts.out_dir = dir;

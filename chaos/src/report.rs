@@ -15,6 +15,7 @@ use std::time::Duration;
 use vote_harness::checker;
 
 use crate::nemesis::{Fault, FaultKind};
+use crate::scenario::Broken;
 
 /// The dead-letter queue, read after the checker.
 #[derive(Debug, Clone, Default)]
@@ -50,8 +51,8 @@ pub struct ChaosReport {
     pub seed: u64,
     /// Length of the fault period asked for.
     pub duration: Duration,
-    /// Whether the replicas were the deliberately broken build (ack before commit).
-    pub broken: bool,
+    /// The deliberately broken build the replicas ran, if any.
+    pub broken: Option<Broken>,
     /// Replicas.
     pub replicas: usize,
     /// Publish rate asked for (messages per second).
@@ -160,7 +161,9 @@ impl ChaosReport {
         format!(
             "{}{} seed {}: {} · {} faults verified · lost {} · double-counted {} · tally drift {} · drained {:.1}s after the last fault · replicas recovered {}/{}",
             self.scenario,
-            if self.broken { " (BROKEN build)" } else { "" },
+            self.broken
+                .map(|b| format!(" (BROKEN build: {b})"))
+                .unwrap_or_default(),
             self.seed,
             if self.passed() { "PASS" } else { "FAIL" },
             self.verified(),
@@ -195,11 +198,9 @@ impl fmt::Display for ChaosReport {
             self.duration.as_secs_f64(),
             self.replicas,
             self.rate,
-            if self.broken {
-                " · BROKEN build (ack before commit)"
-            } else {
-                ""
-            }
+            self.broken
+                .map(|b| format!(" · BROKEN build ({b})"))
+                .unwrap_or_default()
         )?;
         writeln!(
             f,

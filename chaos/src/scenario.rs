@@ -27,6 +27,7 @@ use rand::seq::SliceRandom as _;
 use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
 use vote_harness::checker::{self, CheckOptions};
+use vote_harness::infra::InfraOptions;
 use vote_harness::inspect::{Broker, Db};
 use vote_harness::workload::WorkloadSpec;
 
@@ -37,6 +38,66 @@ use crate::report::{ChaosReport, DeadLetters, Recovery};
 
 /// The aggregator's test-only switch that makes a replica ack before commit (broken).
 pub const ACK_BEFORE_COMMIT_ENV: &str = "VOTES_FAULT_ACK_BEFORE_COMMIT";
+/// The aggregator's test-only switch that makes every PostgreSQL session of a replica
+/// commit with `synchronous_commit=off` (broken: COMMIT returns, and the batch is acked,
+/// before its WAL is flushed).
+pub const SYNCHRONOUS_COMMIT_OFF_ENV: &str = "VOTES_FAULT_SYNCHRONOUS_COMMIT_OFF";
+
+/// A deliberately broken aggregator (a fault-injection build with one of its switches
+/// on): a scenario run against it must FAIL, which proves the suite catches that bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Broken {
+    /// Acks each batch when its transaction starts, before COMMIT: a replica crash loses
+    /// votes (caught by `kill-restart` and `commit-ack`).
+    AckBeforeCommit,
+    /// Commits with `synchronous_commit=off`: a database crash right after an ack loses
+    /// votes (caught by `db-kill`).
+    SynchronousCommitOff,
+}
+
+impl Broken {
+    /// Every kind.
+    pub const ALL: [Broken; 2] = [Broken::AckBeforeCommit, Broken::SynchronousCommitOff];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Broken::AckBeforeCommit => "ack-before-commit",
+            Broken::SynchronousCommitOff => "synchronous-commit-off",
+        }
+    }
+
+    /// The replica environment variable that switches it on (to `1`).
+    pub fn env(self) -> &'static str {
+        match self {
+            Broken::AckBeforeCommit => ACK_BEFORE_COMMIT_ENV,
+            Broken::SynchronousCommitOff => SYNCHRONOUS_COMMIT_OFF_ENV,
+        }
+    }
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Broken {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Broken::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .with_context(|| {
+                let names: Vec<&str> = Broken::ALL.iter().map(|b| b.name()).collect();
+                format!(
+                    "unknown broken build {s:?}: use one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
 
 /// A named scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,6 +110,9 @@ pub enum Scenario {
     BrokerRestart,
     /// PostgreSQL restarted under load.
     DbRestart,
+    /// PostgreSQL SIGKILLed right after acks (fsync and synchronous commit on), then
+    /// recovered from its WAL.
+    DbKill,
     /// Every replica session terminated with `pg_terminate_backend`, repeatedly.
     BackendTerminate,
     /// One replica at a time cut off from the broker or the database.
@@ -61,11 +125,12 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order `all` runs them.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::KillRestart,
         Scenario::ZombiePause,
         Scenario::BrokerRestart,
         Scenario::DbRestart,
+        Scenario::DbKill,
         Scenario::BackendTerminate,
         Scenario::Partition,
         Scenario::CommitAck,
@@ -79,6 +144,7 @@ impl Scenario {
             Scenario::ZombiePause => "zombie-pause",
             Scenario::BrokerRestart => "broker-restart",
             Scenario::DbRestart => "db-restart",
+            Scenario::DbKill => "db-kill",
             Scenario::BackendTerminate => "backend-terminate",
             Scenario::Partition => "partition",
             Scenario::CommitAck => "commit-ack",
@@ -94,6 +160,7 @@ impl Scenario {
             Scenario::ZombiePause => &[FaultKind::Pause],
             Scenario::BrokerRestart => &[FaultKind::BrokerRestart, FaultKind::BrokerKill],
             Scenario::DbRestart => &[FaultKind::DatabaseRestart],
+            Scenario::DbKill => &[FaultKind::DbKill],
             Scenario::BackendTerminate => &[FaultKind::BackendTerminate],
             Scenario::Partition => &[FaultKind::Partition],
             Scenario::CommitAck => &[FaultKind::CommitAck],
@@ -103,6 +170,7 @@ impl Scenario {
                 FaultKind::BrokerRestart,
                 FaultKind::BrokerKill,
                 FaultKind::DatabaseRestart,
+                FaultKind::DbKill,
                 FaultKind::BackendTerminate,
                 FaultKind::Partition,
                 FaultKind::CommitAck,
@@ -116,7 +184,7 @@ impl Scenario {
         match self {
             Scenario::KillRestart => (2.0, 5.0),
             Scenario::ZombiePause => (8.0, 11.0),
-            Scenario::BrokerRestart | Scenario::DbRestart => (4.0, 8.0),
+            Scenario::BrokerRestart | Scenario::DbRestart | Scenario::DbKill => (4.0, 8.0),
             Scenario::BackendTerminate => (1.0, 3.0),
             Scenario::Partition => (4.0, 7.0),
             Scenario::CommitAck => (3.0, 6.0),
@@ -165,8 +233,10 @@ pub struct ScenarioOptions {
     pub out_dir: PathBuf,
     /// Keep the run's folder even when it passed.
     pub keep: bool,
-    /// Run the deliberately broken aggregator (acks before commit): the run should FAIL.
-    pub broken: bool,
+    /// Run a deliberately broken aggregator: the run should FAIL.
+    pub broken: Option<Broken>,
+    /// More PostgreSQL settings (`name=value`) for the scenario's server.
+    pub postgres_settings: Vec<String>,
     /// `AMQP_HEARTBEAT_SECONDS` of the replicas.
     pub heartbeat_secs: u16,
     /// Print each fault as it happens (to stderr).
@@ -185,7 +255,8 @@ impl ScenarioOptions {
             drain_timeout: Duration::from_secs(120),
             out_dir: default_out_dir(),
             keep: false,
-            broken: false,
+            broken: None,
+            postgres_settings: Vec::new(),
             heartbeat_secs: 2,
             progress: false,
         }
@@ -235,34 +306,48 @@ fn workload_spec(opts: &ScenarioOptions) -> WorkloadSpec {
 /// Only when the run could not be carried out at all (Docker, servers or replicas
 /// unavailable, a replica build without fault injection).
 pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<ChaosReport> {
-    let label = if opts.broken {
-        format!("{}-{}-broken", scenario.name(), opts.seed)
-    } else {
-        format!("{}-{}", scenario.name(), opts.seed)
+    let label = match opts.broken {
+        Some(broken) => format!("{}-{}-broken-{broken}", scenario.name(), opts.seed),
+        None => format!("{}-{}", scenario.name(), opts.seed),
     };
     let dir = opts.out_dir.join(&label);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    eprintln!(
-        "chaos {scenario}: seed {} (replay: vote-chaos --scenario {scenario} --seed {} --duration {}s{}) · logs in {}",
-        opts.seed,
+    let mut replay = format!(
+        "vote-chaos --scenario {scenario} --seed {} --duration {}s --rate {}",
         opts.seed,
         opts.duration.as_secs(),
-        if opts.broken { " --broken" } else { "" },
+        opts.rate
+    );
+    if let Some(broken) = opts.broken {
+        replay.push_str(&format!(" --broken {broken}"));
+    }
+    for setting in &opts.postgres_settings {
+        replay.push_str(&format!(" --postgres-setting {setting}"));
+    }
+    eprintln!(
+        "chaos {scenario}: seed {} (replay: {replay}) · logs in {}",
+        opts.seed,
         dir.display()
     );
 
     let mut extra_env = Vec::new();
-    if opts.broken {
-        extra_env.push((ACK_BEFORE_COMMIT_ENV.to_owned(), "1".to_owned()));
+    if let Some(broken) = opts.broken {
+        extra_env.push((broken.env().to_owned(), "1".to_owned()));
     }
     let mut cluster = Cluster::start(&ClusterOptions {
         replicas: opts.replicas,
         log_dir: dir.clone(),
         heartbeat_secs: opts.heartbeat_secs,
         extra_env,
+        infra: InfraOptions {
+            // A crash loses nothing acked only on a durable server: the default settings.
+            fsync: scenario.faults().contains(&FaultKind::DbKill),
+            postgres_settings: opts.postgres_settings.clone(),
+            ..InfraOptions::default()
+        },
     })
     .await?;
 
@@ -563,6 +648,16 @@ mod tests {
         }
         let e = "nope".parse::<Scenario>().expect_err("unknown");
         assert!(e.to_string().contains("kill-restart"), "{e}");
+    }
+
+    #[test]
+    fn broken_builds_round_trip_by_name() {
+        for b in Broken::ALL {
+            assert_eq!(b.name().parse::<Broken>().expect("known"), b);
+            assert!(b.env().starts_with("VOTES_FAULT_"));
+        }
+        let e = "nope".parse::<Broken>().expect_err("unknown");
+        assert!(e.to_string().contains("synchronous-commit-off"), "{e}");
     }
 
     #[test]

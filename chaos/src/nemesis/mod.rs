@@ -3,7 +3,8 @@
 //!
 //! Every verb VERIFIES its effect before it reports success (the process is gone from
 //! `/proc`, the container has a new start time, the proxy's connections dropped to 0, the
-//! replica died by SIGABRT inside the commit-ack window, ...). A [`Fault`] records what was
+//! replica died by SIGABRT inside the commit-ack window, PostgreSQL died of SIGKILL and
+//! ran crash recovery, ...). A [`Fault`] records what was
 //! done, when (relative to the start of the scenario), and either the evidence that it
 //! really happened or why it could not be verified; the report counts only verified
 //! faults, and a scenario with an unverified fault fails.
@@ -14,6 +15,7 @@
 pub mod broker;
 pub mod commit_ack;
 pub mod database;
+pub mod db_kill;
 pub mod kill;
 pub mod partition;
 pub mod pause;
@@ -40,6 +42,8 @@ pub enum FaultKind {
     BrokerKill,
     /// Stop PostgreSQL (fast shutdown) and start it again.
     DatabaseRestart,
+    /// SIGKILL PostgreSQL right after a replica committed, start it again (crash recovery).
+    DbKill,
     /// `pg_terminate_backend` every replica session, without a restart.
     BackendTerminate,
     /// Cut one replica's connections to the broker or the database, then restore them.
@@ -57,6 +61,7 @@ impl FaultKind {
             FaultKind::BrokerRestart => "broker-restart",
             FaultKind::BrokerKill => "broker-kill",
             FaultKind::DatabaseRestart => "db-restart",
+            FaultKind::DbKill => "db-kill",
             FaultKind::BackendTerminate => "backend-terminate",
             FaultKind::Partition => "partition",
             FaultKind::CommitAck => "commit-ack",
@@ -145,6 +150,8 @@ pub struct Nemeses {
     pub broker: broker::BrokerNemesis,
     /// `database`.
     pub database: database::DatabaseNemesis,
+    /// `db-kill`.
+    pub db_kill: db_kill::DbKillNemesis,
     /// `partition`.
     pub partition: partition::PartitionNemesis,
     /// `commit-ack`.
@@ -174,6 +181,7 @@ impl Nemeses {
             FaultKind::BrokerRestart => self.broker.strike(cluster, false, clock).await,
             FaultKind::BrokerKill => self.broker.strike(cluster, true, clock).await,
             FaultKind::DatabaseRestart => self.database.strike_restart(cluster, clock).await,
+            FaultKind::DbKill => self.db_kill.strike(cluster, rng, clock).await,
             FaultKind::BackendTerminate => self.database.strike_terminate(cluster, clock).await,
             FaultKind::Partition => self.partition.strike(cluster, rng, clock).await,
             FaultKind::CommitAck => self.commit_ack.strike(cluster, rng, clock).await,

@@ -1,8 +1,9 @@
 //! The chaos suite in its SHORT form (15–20 s of faults per scenario), part of `make
 //! test`: every scenario must pass (0 lost, 0 double-counted, tally drift 0, every
-//! malformed message dead-lettered, every fault verified, every replica recovered), and a
-//! deliberately broken aggregator (acks before commit) must make `kill-restart` and
-//! `commit-ack` FAIL with lost votes: the suite catches the bug it exists for.
+//! malformed message dead-lettered, every fault verified, every replica recovered), and
+//! deliberately broken aggregators must make their scenarios FAIL with lost votes: one
+//! that acks before commit fails `kill-restart` and `commit-ack`, one that commits with
+//! `synchronous_commit=off` fails `db-kill`. The suite catches the bugs it exists for.
 //!
 //! Each scenario starts its own private PostgreSQL + RabbitMQ pair and three real
 //! replicas, so they run one at a time (a shared lock) to stay within a 2-core machine.
@@ -14,7 +15,7 @@
 use std::time::Duration;
 
 use vote_chaos::ChaosReport;
-use vote_chaos::scenario::{self, Scenario, ScenarioOptions};
+use vote_chaos::scenario::{self, Broken, Scenario, ScenarioOptions};
 
 /// One scenario at a time: each brings its own containers and replicas.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -67,11 +68,16 @@ async fn must_pass(scenario: Scenario, secs: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `scenario` against the broken build (ack before commit) under `rate` messages
-/// per second and asserts that it FAILS with lost votes.
-async fn must_catch_broken_build(scenario: Scenario, secs: u64, rate: f64) -> anyhow::Result<()> {
+/// Runs `scenario` against the `broken` build under `rate` messages per second and
+/// asserts that it FAILS with lost votes.
+async fn must_catch_broken_build(
+    scenario: Scenario,
+    broken: Broken,
+    secs: u64,
+    rate: f64,
+) -> anyhow::Result<()> {
     let mut opts = ScenarioOptions::new(Duration::from_secs(secs), seed());
-    opts.broken = true;
+    opts.broken = Some(broken);
     opts.rate = rate;
     opts.progress = true;
     let report = run(scenario, opts).await?;
@@ -109,6 +115,11 @@ async fn db_restart() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn db_kill() -> anyhow::Result<()> {
+    must_pass(Scenario::DbKill, 15).await
+}
+
+#[tokio::test]
 async fn backend_terminate() -> anyhow::Result<()> {
     must_pass(Scenario::BackendTerminate, 15).await
 }
@@ -135,11 +146,18 @@ async fn mixed() -> anyhow::Result<()> {
 /// lost votes in ~3 of 4 trials at this load).
 #[tokio::test]
 async fn broken_build_fails_kill_restart() -> anyhow::Result<()> {
-    must_catch_broken_build(Scenario::KillRestart, 25, 5_000.0).await
+    must_catch_broken_build(Scenario::KillRestart, Broken::AckBeforeCommit, 25, 5_000.0).await
 }
 
 /// Deterministic: every abort of the hook lands after the ack and before the COMMIT.
 #[tokio::test]
 async fn broken_build_fails_commit_ack() -> anyhow::Result<()> {
-    must_catch_broken_build(Scenario::CommitAck, 12, 1_000.0).await
+    must_catch_broken_build(Scenario::CommitAck, Broken::AckBeforeCommit, 12, 1_000.0).await
+}
+
+/// A replica that commits with `synchronous_commit=off` acks batches whose WAL may still
+/// sit in PostgreSQL's memory; `db-kill` SIGKILLs the server right after such acks.
+#[tokio::test]
+async fn broken_build_fails_db_kill() -> anyhow::Result<()> {
+    must_catch_broken_build(Scenario::DbKill, Broken::SynchronousCommitOff, 15, 1_000.0).await
 }
