@@ -55,11 +55,25 @@ impl CommitAckNemesis {
             .fleet
             .set_replica_env(i, CRASH_BEFORE_ACK_ENV, Some(&n.to_string()));
         if let Err(e) = cluster.fleet.start_replica(i).await
-            && cluster.fleet.is_running(i)
+            && !self.exiting(cluster, i).await
         {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Whether replica `i` has exited or is exiting. A process that aborts from a worker
+    /// thread shows its main thread as a zombie (no live pid) while the rest of it is
+    /// still dumping core and cannot be reaped yet: wait (bounded) until it can.
+    async fn exiting(&self, cluster: &mut Cluster, i: usize) -> bool {
+        let t = Instant::now();
+        while cluster.fleet.is_running(i) {
+            if cluster.fleet.pid(i).is_some() || t.elapsed() >= self.abort_timeout {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// Waits until the armed replica `i` died, and verifies it died by SIGABRT from the
