@@ -51,14 +51,7 @@ async fn an_honest_run_passes_with_exact_figures() -> anyhow::Result<()> {
         ..WorkloadSpec::default()
     };
     let ledger = publish(&bed, &spec).await?;
-    let stop = CancellationToken::new();
-    let replica = vote_aggregator::spawn(bed.config("honest"), stop.clone()).await?;
-    let addr = replica.metrics_addr();
-    // Ready = migrated and consuming.
-    vote_harness::inspect::eventually("replica ready", Duration::from_secs(60), async || {
-        Ok(vote_harness::inspect::http_get(addr, "/readyz").await?.0 == 200)
-    })
-    .await?;
+    let (stop, replica) = replica(&bed, "honest").await?;
     let report = checker::check(&ledger, &bed.database_url, &bed.amqp_url, &quick()).await?;
     assert!(report.passed(), "{report}\n{:?}", report.violations());
     assert_eq!(report.published, 2_000);
@@ -249,7 +242,8 @@ async fn an_empty_run_or_a_queue_that_never_drains_is_a_failure_with_a_reason() 
     Ok(())
 }
 
-/// Starts an in-process replica on `bed` and waits until it consumes.
+/// Starts an in-process replica on `bed` and waits until it is ready (migrated and
+/// consuming).
 async fn replica(
     bed: &TestBed,
     name: &str,
