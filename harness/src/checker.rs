@@ -97,6 +97,9 @@ pub struct Report {
     pub malformed: u64,
     /// Messages in the dead-letter queue.
     pub dead_lettered: u64,
+    /// Messages the broker dead-lettered on its own (the unexplained queue): always a
+    /// violation, they may be valid votes that were never counted.
+    pub dead_lettered_unexplained: u64,
     /// Sum over candidates of |tally − counted|.
     pub tally_drift: i64,
     /// Candidates whose tally differs, first few: (election, candidate, tally, counted).
@@ -157,6 +160,12 @@ impl Report {
                 self.conflicts_expected
             ));
         }
+        if self.dead_lettered_unexplained > 0 {
+            v.push(format!(
+                "{} message(s) dead-lettered by the broker without a reason (may be uncounted votes)",
+                self.dead_lettered_unexplained
+            ));
+        }
         if self.dead_lettered < self.malformed {
             v.push(format!(
                 "{} of {} malformed messages missing from the dead-letter queue",
@@ -192,7 +201,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "published {} (confirmed) · duplicates sent {} · counted {} · lost {} · double-counted {} · conflicts {}/{} · dead-lettered {}/{} · tally drift {} · attempted {} · indeterminate {} (counted {}, absent {}) · unexpected {}",
+            "published {} (confirmed) · duplicates sent {} · counted {} · lost {} · double-counted {} · conflicts {}/{} · dead-lettered {}/{} (unexplained {}) · tally drift {} · attempted {} · indeterminate {} (counted {}, absent {}) · unexpected {}",
             self.published,
             self.duplicates_sent,
             self.counted,
@@ -202,6 +211,7 @@ impl fmt::Display for Report {
             self.conflicts_expected,
             self.dead_lettered,
             self.malformed,
+            self.dead_lettered_unexplained,
             self.tally_drift,
             self.attempted,
             self.indeterminate,
@@ -305,6 +315,9 @@ pub async fn check(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     report.drain_time = started.elapsed();
+    let unexplained = vote_aggregator::broker::unexplained_queue(&ledger.queue);
+    report.dead_lettered_unexplained =
+        u64::from(broker.queue_state(&unexplained).await.unwrap_or((0, 0)).0);
 
     // 2. every vote id classified: confirmed ones exactly once, for their candidate (or,
     // for a vote with a conflicting copy, for whichever of the payloads committed first);

@@ -16,7 +16,7 @@
 //!   not confirmed; [`ledger`]: what was confirmed; [`progress`]: progress reporting.
 //! - [`fleet`]: real `vote-aggregator` processes, with signals (stop, kill, pause, resume)
 //!   and metric scrapes.
-//! - [`checker`]: the exactly-once checker (the four invariants of DESIGN.md).
+//! - [`checker`]: the exactly-once checker (the four invariants of docs/design.md).
 //! - [`inspect`]: reading back the outcome from PostgreSQL and RabbitMQ, polling helpers.
 //! - [`demo`]: `vote-harness demo`.
 

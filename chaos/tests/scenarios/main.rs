@@ -46,7 +46,7 @@ async fn run(scenario: Scenario, opts: ScenarioOptions) -> anyhow::Result<ChaosR
     Ok(report)
 }
 
-/// Runs `scenario` for `secs` seconds of faults and asserts every promise of the issue.
+/// Runs `scenario` for `secs` seconds of faults and asserts every promise of the suite (checker passed, every fault verified).
 async fn must_pass(scenario: Scenario, secs: u64) -> anyhow::Result<()> {
     let mut opts = ScenarioOptions::new(Duration::from_secs(secs), seed());
     opts.progress = true;
