@@ -417,15 +417,6 @@ pub struct WriteFailure {
     pub in_doubt: Option<InDoubt>,
 }
 
-impl From<DbError> for WriteFailure {
-    fn from(error: DbError) -> Self {
-        WriteFailure {
-            error,
-            in_doubt: None,
-        }
-    }
-}
-
 /// How far one attempt got, kept outside the attempt's future so it survives a timeout.
 #[derive(Default)]
 struct Progress {

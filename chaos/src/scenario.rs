@@ -86,16 +86,7 @@ impl FromStr for Broken {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        Broken::ALL
-            .into_iter()
-            .find(|b| b.name() == s)
-            .with_context(|| {
-                let names: Vec<&str> = Broken::ALL.iter().map(|b| b.name()).collect();
-                format!(
-                    "unknown broken build {s:?}: use one of {}",
-                    names.join(", ")
-                )
-            })
+        by_name(&Broken::ALL, Broken::name, s, "broken build", "")
     }
 }
 
@@ -203,17 +194,28 @@ impl FromStr for Scenario {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        Scenario::ALL
-            .into_iter()
-            .find(|sc| sc.name() == s)
-            .with_context(|| {
-                let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
-                format!(
-                    "unknown scenario {s:?}: use one of {} or all",
-                    names.join(", ")
-                )
-            })
+        by_name(&Scenario::ALL, Scenario::name, s, "scenario", " or all")
     }
+}
+
+/// The member of `all` called `s`, or an error listing every name (and `also`).
+fn by_name<T: Copy>(
+    all: &[T],
+    name: fn(T) -> &'static str,
+    s: &str,
+    what: &str,
+    also: &str,
+) -> anyhow::Result<T> {
+    all.iter()
+        .copied()
+        .find(|x| name(*x) == s)
+        .with_context(|| {
+            let names: Vec<&str> = all.iter().map(|x| name(*x)).collect();
+            format!(
+                "unknown {what} {s:?}: use one of {}{also}",
+                names.join(", ")
+            )
+        })
 }
 
 /// How to run a scenario.

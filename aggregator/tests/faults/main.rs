@@ -287,7 +287,11 @@ async fn a_stalled_dead_letter_confirm_never_holds_a_transaction_open() -> anyho
         .await?
         .drain(&bed.dead_letter_queue(), Duration::from_secs(2))
         .await?;
-    assert_eq!(letters.len(), 1, "dead-lettered through a reopened channel");
+    assert_eq!(
+        letters.len(),
+        1,
+        "dead-lettered again after the channel was closed"
+    );
     assert_eq!(letters[0].body, b"{third poison".to_vec());
     assert!(letters[0].reason.is_some());
     admin.close(200, "done".into()).await?;
