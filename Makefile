@@ -11,33 +11,42 @@ VOTES_POSTGRES_IMAGE ?= $(shell docker image inspect $(OFFLINE_POSTGRES_IMAGE) >
 VOTES_RABBITMQ_IMAGE ?= $(shell docker image inspect $(OFFLINE_RABBITMQ_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_RABBITMQ_IMAGE) || echo rabbitmq:4.0)
 export VOTES_POSTGRES_IMAGE VOTES_RABBITMQ_IMAGE
 
-.PHONY: help images test chaos load demo build release lint fmt init-db-sql clean-containers
+# The fault-injection replica binary only the chaos suite runs, kept apart from every
+# ordinary build (Cargo would otherwise unify the feature into them).
+FAULT_BINARY := target/debug/fault-injection/vote-aggregator
+
+.PHONY: help images test chaos load demo build release fault-build lint fmt init-db-sql clean-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-images: ## build offline PostgreSQL 17 + RabbitMQ 4.0 images from Debian packages (only without registry access)
-	images/build.sh
+images: ## (root) build offline PostgreSQL 17 + RabbitMQ 4.0 images from Debian packages (only without registry access)
+	OFFLINE_POSTGRES_IMAGE=$(OFFLINE_POSTGRES_IMAGE) OFFLINE_RABBITMQ_IMAGE=$(OFFLINE_RABBITMQ_IMAGE) images/build.sh
 
-test: ## run every test against real PostgreSQL and RabbitMQ containers
+test: fault-build ## run every test against real PostgreSQL and RabbitMQ containers
 	@echo "test servers: $(VOTES_POSTGRES_IMAGE) + $(VOTES_RABBITMQ_IMAGE)"
 	cargo build --workspace --locked   # the suites run the real binaries
 	cargo test --workspace --locked
 
-chaos: ## every chaos scenario, 60 s of faults each + drain (~10 min; SCENARIO=name, DURATION=60s, SEED=n to replay)
-	cargo build --workspace --locked --features vote-aggregator/fault-injection
-	target/debug/vote-chaos --scenario $(or $(SCENARIO),all) --duration $(or $(DURATION),60s) $(if $(SEED),--seed $(SEED))
+chaos: fault-build ## every chaos scenario, 60 s of faults each + drain (~10 min; SCENARIO=name, DURATION=60s, SEED=n to replay)
+	cargo build --locked -p vote-tools
+	target/debug/vote-tools chaos --scenario $(or $(SCENARIO),all) --duration $(or $(DURATION),60s) $(if $(SEED),--seed $(SEED))
 
 load: ## capacity baselines vs this machine's broker and database ceilings (~10 min) -> target/load/report.{json,md}, throughput.png
-	cargo build --release --locked -p vote-aggregator -p vote-harness
-	target/release/vote-harness load -n $(or $(VOTES),100000) --steady-seconds 8 --out target/load $(ARGS)
+	cargo build --release --locked -p vote-aggregator -p vote-tools
+	target/release/vote-tools load -n $(or $(VOTES),100000) --steady-seconds 8 --out target/load $(ARGS)
 
 demo: ## start servers + 3 replicas, publish 20 000 votes with duplicates, show the results (ARGS=--keep to leave it running)
 	cargo build --workspace --locked
-	target/debug/vote-harness demo $(ARGS)
+	target/debug/vote-tools demo $(ARGS)
 
-build: ## debug build of the service and the harness
+build: ## debug build of the service and the tools
 	cargo build --workspace --locked
+
+fault-build: ## the chaos suite's fault-injection replica -> target/debug/fault-injection/ (never deploy it)
+	cargo build --locked -p vote-aggregator --bin vote-aggregator --features fault-injection
+	mkdir -p $(dir $(FAULT_BINARY)) && cp target/debug/vote-aggregator $(FAULT_BINARY)
+	cargo build --locked -p vote-aggregator --bin vote-aggregator   # the ordinary binary back in place
 
 release: ## optimised build: target/release/vote-aggregator
 	cargo build --release --locked -p vote-aggregator

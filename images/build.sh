@@ -3,8 +3,12 @@
 # `postgres:17` and `rabbitmq:4.0` images on machines that reach no container
 # registry but do reach Debian's package archive:
 #
-#   vote-aggregator/postgres:17-offline    (override: VOTES_POSTGRES_IMAGE)
-#   vote-aggregator/rabbitmq:4.0-offline   (override: VOTES_RABBITMQ_IMAGE)
+#   vote-aggregator/postgres:17-offline    (override: OFFLINE_POSTGRES_IMAGE)
+#   vote-aggregator/rabbitmq:4.0-offline   (override: OFFLINE_RABBITMQ_IMAGE)
+#
+# They always carry their own names, never the official ones: the tests pick
+# the image through VOTES_POSTGRES_IMAGE / VOTES_RABBITMQ_IMAGE, which this
+# script deliberately ignores.
 #
 # Both are Debian trixie `minbase` root filesystems made with debootstrap (run
 # once, then copied), with the server installed from Debian's packages in a
@@ -14,13 +18,14 @@
 #   FORCE=1          rebuild even when an image already exists
 #   DEBIAN_MIRROR    Debian archive URI (default: the first plain `.../debian`
 #                    URI in this machine's apt sources)
-#   VOTES_POSTGRES_IMAGE, VOTES_RABBITMQ_IMAGE   image names
+#   OFFLINE_POSTGRES_IMAGE, OFFLINE_RABBITMQ_IMAGE   image names (must not be
+#                    an official image's name; the script refuses those)
 #
 # Needs root, docker, and network access to the Debian archive. See README.md.
 set -euo pipefail
 
-PG_IMAGE="${VOTES_POSTGRES_IMAGE:-vote-aggregator/postgres:17-offline}"
-RMQ_IMAGE="${VOTES_RABBITMQ_IMAGE:-vote-aggregator/rabbitmq:4.0-offline}"
+PG_IMAGE="${OFFLINE_POSTGRES_IMAGE:-vote-aggregator/postgres:17-offline}"
+RMQ_IMAGE="${OFFLINE_RABBITMQ_IMAGE:-vote-aggregator/rabbitmq:4.0-offline}"
 SUITE=trixie
 PG_MAJOR=17
 RMQ_SERIES=4.0
@@ -43,6 +48,13 @@ die() {
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot and mount need it)"
 command -v docker >/dev/null 2>&1 || die "docker CLI not found"
 docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable (is it running?)"
+
+for name in "$PG_IMAGE" "$RMQ_IMAGE"; do
+    case "$name" in
+    */*) ;;
+    *) die "refusing to build under '$name': an offline build must not carry an official image's name (use a name with a '/', e.g. vote-aggregator/postgres:17-offline)" ;;
+    esac
+done
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 

@@ -1,5 +1,8 @@
 //! Test-only fault hooks, compiled in only with the `fault-injection` feature (never in
-//! release images). They let the chaos suite land a fault at an exact point of the
+//! an ordinary or release build: `make fault-build` builds the one binary that has them,
+//! apart from every other). The names of their switches are public constants in every
+//! build, so the chaos suite refers to them without the feature; a constant nothing in the
+//! binary uses leaves no trace in it. They let the chaos suite land a fault at an exact point of the
 //! protocol, deterministically, and prove that the suite catches the bugs it exists for.
 //! Without their environment variables they do nothing.
 //!
@@ -15,33 +18,57 @@
 //!   WAL is flushed and a PostgreSQL crash right after loses acked votes. The chaos
 //!   suite's database-kill nemesis must catch it.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+/// Abort between the N-th batch's COMMIT and its ack.
+pub const CRASH_BEFORE_ACK_ENV: &str = "VOTES_FAULT_CRASH_BEFORE_ACK";
+/// `1`: the deliberately broken replica that acks before COMMIT.
+pub const ACK_BEFORE_COMMIT_ENV: &str = "VOTES_FAULT_ACK_BEFORE_COMMIT";
+/// `1`: the deliberately broken replica whose sessions set `synchronous_commit=off`.
+pub const SYNCHRONOUS_COMMIT_OFF_ENV: &str = "VOTES_FAULT_SYNCHRONOUS_COMMIT_OFF";
+/// Prefix shared by every switch above.
+pub const ENV_PREFIX: &str = "VOTES_FAULT_";
+/// What a fault-injection build logs at start (a warning).
+pub const BUILD_MARKER: &str =
+    "this is a TEST build with fault injection compiled in; never deploy it";
+/// What the crash hook prints to stderr before it aborts, followed by the batch number.
+pub const CRASH_LINE: &str = "fault-injection: aborting after commit";
 
-static COMMITS: AtomicU64 = AtomicU64::new(0);
+#[cfg(feature = "fault-injection")]
+pub(crate) use hooks::*;
 
-fn env_u64(key: &str) -> Option<u64> {
-    std::env::var(key).ok().and_then(|v| v.trim().parse().ok())
-}
+#[cfg(feature = "fault-injection")]
+mod hooks {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Called between a batch's two protocol steps (COMMIT and ack).
-pub(crate) fn in_commit_ack_window() {
-    static CRASH_AT: OnceLock<Option<u64>> = OnceLock::new();
-    let n = COMMITS.fetch_add(1, Ordering::SeqCst) + 1;
-    if *CRASH_AT.get_or_init(|| env_u64("VOTES_FAULT_CRASH_BEFORE_ACK")) == Some(n) {
-        eprintln!("fault-injection: aborting after commit {n}, before its ack");
-        std::process::abort();
+    use super::{
+        ACK_BEFORE_COMMIT_ENV, CRASH_BEFORE_ACK_ENV, CRASH_LINE, SYNCHRONOUS_COMMIT_OFF_ENV,
+    };
+
+    static COMMITS: AtomicU64 = AtomicU64::new(0);
+
+    fn env_u64(key: &str) -> Option<u64> {
+        std::env::var(key).ok().and_then(|v| v.trim().parse().ok())
     }
-}
 
-/// Whether this replica is the deliberately broken "ack before commit" one.
-pub(crate) fn ack_before_commit() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| env_u64("VOTES_FAULT_ACK_BEFORE_COMMIT") == Some(1))
-}
+    /// Called between a batch's two protocol steps (COMMIT and ack).
+    pub(crate) fn in_commit_ack_window() {
+        static CRASH_AT: OnceLock<Option<u64>> = OnceLock::new();
+        let n = COMMITS.fetch_add(1, Ordering::SeqCst) + 1;
+        if *CRASH_AT.get_or_init(|| env_u64(CRASH_BEFORE_ACK_ENV)) == Some(n) {
+            eprintln!("{CRASH_LINE} {n}, before its ack");
+            std::process::abort();
+        }
+    }
 
-/// Whether this replica is the deliberately broken "synchronous_commit=off" one.
-pub(crate) fn synchronous_commit_off() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| env_u64("VOTES_FAULT_SYNCHRONOUS_COMMIT_OFF") == Some(1))
+    /// Whether this replica is the deliberately broken "ack before commit" one.
+    pub(crate) fn ack_before_commit() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| env_u64(ACK_BEFORE_COMMIT_ENV) == Some(1))
+    }
+
+    /// Whether this replica is the deliberately broken "synchronous_commit=off" one.
+    pub(crate) fn synchronous_commit_off() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| env_u64(SYNCHRONOUS_COMMIT_OFF_ENV) == Some(1))
+    }
 }

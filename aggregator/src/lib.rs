@@ -20,8 +20,7 @@ pub mod config;
 mod consumer;
 pub mod db;
 pub mod error;
-#[cfg(feature = "fault-injection")]
-mod fault;
+pub mod fault;
 pub mod http;
 pub mod metrics;
 pub mod telemetry;

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
 async fn run() -> anyhow::Result<ExitCode> {
     let config = Config::from_env()?;
     #[cfg(feature = "fault-injection")]
-    tracing::warn!("this is a TEST build with fault injection compiled in; never deploy it");
+    tracing::warn!("{}", vote_aggregator::fault::BUILD_MARKER);
     let shutdown = CancellationToken::new();
     tokio::spawn(forward_signals(shutdown.clone()));
     vote_aggregator::run(config, shutdown).await?;

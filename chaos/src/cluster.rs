@@ -3,7 +3,7 @@
 //! reaching both servers through its OWN pair of fault proxies.
 //!
 //! This module owns how that system is wired, because the nemeses depend on it:
-//! - the server pair is private ([`vote_harness::infra::start_private`]) since broker and
+//! - the server pair is private ([`vote_testkit::infra::start_private`]) since broker and
 //!   database restarts would disturb any other user of the servers;
 //! - per-replica proxies ([`ReplicaLinks`]) sit in front of the pair's own proxies, so ONE
 //!   replica can be partitioned from the broker or the database while the others, the
@@ -20,16 +20,16 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use url::Url;
-use vote_harness::fleet::{Fleet, FleetOptions, ReplicaSpec};
-use vote_harness::infra::{self, InfraOptions, PrivateInfra};
-use vote_harness::proxy::FaultProxy;
-use vote_harness::testbed::TestBed;
+use vote_testkit::fleet::{self, Fleet, FleetOptions, ReplicaSpec};
+use vote_testkit::infra::{self, InfraOptions, PrivateInfra};
+use vote_testkit::proxy::FaultProxy;
+use vote_testkit::testbed::TestBed;
 
-/// The line a fault-injection build logs at start (see the aggregator's `main.rs`).
-pub const FAULT_BUILD_MARKER: &str = "fault injection compiled in";
+/// The line a fault-injection build logs at start.
+pub const FAULT_BUILD_MARKER: &str = vote_aggregator::fault::BUILD_MARKER;
 
-/// The command that builds replicas with the hooks.
-pub const BUILD_HINT: &str = "cargo build --workspace --features vote-aggregator/fault-injection";
+/// The command that builds the replicas with the hooks.
+pub const BUILD_HINT: &str = "make fault-build";
 
 /// How to start a [`Cluster`].
 #[derive(Debug, Clone)]
@@ -142,7 +142,9 @@ impl Cluster {
             opts.heartbeat_secs.to_string(),
         ));
         base_env.extend(opts.extra_env.iter().cloned());
-        let fleet = Fleet::start(FleetOptions::new(&opts.log_dir, base_env)?, specs).await?;
+        let binary = fleet::fault_injection_binary()?;
+        let fleet_options = FleetOptions::with_binary(binary, &opts.log_dir, base_env);
+        let fleet = Fleet::start(fleet_options, specs).await?;
         let cluster = Cluster {
             fleet,
             links,
@@ -172,7 +174,7 @@ impl Cluster {
     /// file, behind a marker line).
     pub fn log_since_last_start(&self, i: usize) -> String {
         let text = std::fs::read_to_string(self.fleet.log_path(i)).unwrap_or_default();
-        match text.rfind("--- vote-harness fleet: start #") {
+        match text.rfind(vote_testkit::fleet::START_MARKER) {
             Some(at) => text[at..].to_owned(),
             None => text,
         }

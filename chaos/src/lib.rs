@@ -3,7 +3,7 @@
 //! This crate owns the chaos suite: the faults that break real deployments, injected on
 //! a seeded schedule into REAL replica processes on a private PostgreSQL + RabbitMQ pair
 //! while a publisher keeps voting, followed by the exactly-once checker of
-//! `vote-harness`. It exists to make "exactly once" believable: every scenario must end
+//! `vote-testkit`. It exists to make "exactly once" believable: every scenario must end
 //! with 0 lost confirmed votes, 0 double-counted, tally drift 0, every malformed message
 //! dead-lettered, every fault verified, and every replica recovered by itself.
 //!
@@ -14,11 +14,13 @@
 //! - [`scenario`]: the named scenarios and the run (workload + schedule + checker);
 //! - [`report`]: the Jepsen-style report and the verdict.
 //!
-//! The replicas must be a fault-injection build of `vote-aggregator` (the `commit-ack`
-//! nemesis and the broken-build check use its hooks): `cargo build --workspace --features
-//! vote-aggregator/fault-injection`, which `make chaos` does. Since this crate depends on
-//! the service with that feature, any `cargo build --workspace` / `cargo test
-//! --workspace` builds the binary with it too.
+//! The replicas are a fault-injection build of `vote-aggregator` (the `commit-ack`
+//! nemesis and the broken-build check use its hooks), built apart from every ordinary
+//! binary by `make fault-build` into `target/<profile>/fault-injection/` (see
+//! `vote_testkit::fleet::fault_injection_binary`). This crate depends on the service
+//! WITHOUT the feature, so no workspace build ever contains the hooks; it names the hooks'
+//! switches through the service's `fault` constants. `vote-tools chaos` is its command
+//! line.
 
 pub mod cluster;
 pub mod load;

@@ -2,7 +2,7 @@
 //! conflicting copies and ~1 % malformed bodies) published at a STEADY rate for as long as
 //! the faults last, with publisher confirms, retrying everything not confirmed.
 //!
-//! Why not [`vote_harness::publish::publish_messages`]: that publishes a fixed list and
+//! Why not [`vote_testkit::publish::publish_messages`]: that publishes a fixed list and
 //! gives up after about 30 failed connection attempts, while a chaos run must keep
 //! publishing through repeated broker restarts (each can take 10–30 s on a busy machine)
 //! and stop at a moment the scenario chooses. This module keeps the same contract (default
@@ -23,8 +23,8 @@ use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use vote_harness::ledger::Ledger;
-use vote_harness::workload::{Message, Workload, WorkloadSpec};
+use vote_testkit::ledger::Ledger;
+use vote_testkit::workload::{Message, Workload, WorkloadSpec};
 
 /// Most messages published before their confirms are awaited.
 const WINDOW: usize = 200;
@@ -221,7 +221,7 @@ async fn run(
                 pending.push((i, None));
                 continue;
             }
-            let (body, props) = vote_harness::publish::message_parts(&messages[i]);
+            let (body, props) = vote_testkit::publish::message_parts(&messages[i]);
             // Recorded before the send: from here on it may reach the queue.
             out.ledger.attempt(&messages[i]);
             if let Message::Malformed(b) = &messages[i] {

@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vote_harness::checker;
+use vote_testkit::checker;
 
 use crate::nemesis::{Fault, FaultKind};
 use crate::scenario::Broken;

@@ -26,22 +26,17 @@ use rand::SeedableRng as _;
 use rand::seq::SliceRandom as _;
 use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
-use vote_harness::checker::{self, CheckOptions};
-use vote_harness::infra::InfraOptions;
-use vote_harness::inspect::{Broker, Db};
-use vote_harness::workload::WorkloadSpec;
+use vote_testkit::checker::{self, CheckOptions};
+use vote_testkit::infra::InfraOptions;
+use vote_testkit::inspect::{Broker, Db};
+use vote_testkit::workload::WorkloadSpec;
 
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::load::{Load, Published, message_stream};
 use crate::nemesis::{Clock, Fault, FaultKind, Nemeses, between};
 use crate::report::{ChaosReport, DeadLetters, Recovery};
 
-/// The aggregator's test-only switch that makes a replica ack before commit (broken).
-pub const ACK_BEFORE_COMMIT_ENV: &str = "VOTES_FAULT_ACK_BEFORE_COMMIT";
-/// The aggregator's test-only switch that makes every PostgreSQL session of a replica
-/// commit with `synchronous_commit=off` (broken: COMMIT returns, and the batch is acked,
-/// before its WAL is flushed).
-pub const SYNCHRONOUS_COMMIT_OFF_ENV: &str = "VOTES_FAULT_SYNCHRONOUS_COMMIT_OFF";
+use vote_aggregator::fault::{ACK_BEFORE_COMMIT_ENV, SYNCHRONOUS_COMMIT_OFF_ENV};
 
 /// A deliberately broken aggregator (a fault-injection build with one of its switches
 /// on): a scenario run against it must FAIL, which proves the suite catches that bug.
@@ -318,7 +313,7 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut replay = format!(
-        "vote-chaos --scenario {scenario} --seed {} --duration {}s --rate {}",
+        "vote-tools chaos --scenario {scenario} --seed {} --duration {}s --rate {}",
         opts.seed,
         opts.duration.as_secs(),
         opts.rate
@@ -656,7 +651,7 @@ mod tests {
     fn broken_builds_round_trip_by_name() {
         for b in Broken::ALL {
             assert_eq!(b.name().parse::<Broken>().expect("known"), b);
-            assert!(b.env().starts_with("VOTES_FAULT_"));
+            assert!(b.env().starts_with(vote_aggregator::fault::ENV_PREFIX));
         }
         let e = "nope".parse::<Broken>().expect_err("unknown");
         assert!(e.to_string().contains("synchronous-commit-off"), "{e}");

@@ -331,7 +331,7 @@ async fn reverting_the_schema_refuses_while_votes_are_counted() -> anyhow::Resul
 
 /// Backends of the service's sessions on `db_name`.
 async fn service_backends(
-    db: &mut vote_harness::inspect::Db,
+    db: &mut vote_testkit::inspect::Db,
     db_name: &str,
 ) -> anyhow::Result<i64> {
     db.scalar(&format!(
@@ -398,7 +398,7 @@ async fn an_in_doubt_commit_is_resolved_by_asking_the_server() -> anyhow::Result
     let pool = db::pool(&url, 1, &Default::default());
     let mut db = bed.db().await?;
     // Plays a batch transaction that counted `vote`, returning its id.
-    async fn insert(db: &mut vote_harness::inspect::Db, vote: &Vote) -> anyhow::Result<i64> {
+    async fn insert(db: &mut vote_testkit::inspect::Db, vote: &Vote) -> anyhow::Result<i64> {
         db.batch_execute("BEGIN").await?;
         let xid = db
             .scalar("SELECT pg_current_xact_id()::text::bigint AS n")

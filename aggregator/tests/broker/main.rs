@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 use vote_aggregator::db::{self, BatchColumns};
 use vote_aggregator::vote::{self, Vote};
 use vote_aggregator::{Config, Running};
-use vote_harness::infra;
-use vote_harness::inspect::{PerCandidate, eventually, http_get, metric_value};
-use vote_harness::publish::vote_properties;
-use vote_harness::testbed::TestBed;
-use vote_harness::votes;
+use vote_testkit::infra;
+use vote_testkit::inspect::{PerCandidate, eventually, http_get, metric_value};
+use vote_testkit::publish::vote_properties;
+use vote_testkit::testbed::TestBed;
+use vote_testkit::votes;
 
 mod hardening;
 
@@ -122,7 +122,7 @@ async fn happy_path_counts_every_vote_and_statistics_are_exact() -> anyhow::Resu
 }
 
 /// The topology is declared by the replica; publishing before it runs would be refused.
-async fn eventually_publisher(bed: &TestBed) -> anyhow::Result<vote_harness::publish::Publisher> {
+async fn eventually_publisher(bed: &TestBed) -> anyhow::Result<vote_testkit::publish::Publisher> {
     bed.declare().await?;
     bed.publisher().await
 }

@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use vote_harness::infra::{self, InfraOptions};
-use vote_harness::inspect::{eventually, http_get};
-use vote_harness::testbed::TestBed;
-use vote_harness::votes;
+use vote_testkit::infra::{self, InfraOptions};
+use vote_testkit::inspect::{eventually, http_get};
+use vote_testkit::testbed::TestBed;
+use vote_testkit::votes;
 
 const WAIT: Duration = Duration::from_secs(90);
 

@@ -3,10 +3,10 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use vote_harness::infra;
-use vote_harness::inspect::{eventually, http_get, metric_value};
-use vote_harness::testbed::TestBed;
-use vote_harness::votes;
+use vote_testkit::infra;
+use vote_testkit::inspect::{eventually, http_get, metric_value};
+use vote_testkit::testbed::TestBed;
+use vote_testkit::votes;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vote-aggregator");
 const WAIT: Duration = Duration::from_secs(60);
@@ -294,5 +294,52 @@ async fn secrets_in_a_url_query_string_never_reach_a_log_line_or_error() -> anyh
         lines >= 5,
         "expected the retries to be logged ({lines} lines)"
     );
+    Ok(())
+}
+
+/// The strings only a fault-injection build contains: its switches' names and its lines.
+fn fault_hook_strings() -> [&'static str; 3] {
+    use vote_aggregator::fault;
+    [fault::ENV_PREFIX, fault::CRASH_LINE, fault::BUILD_MARKER]
+}
+
+fn hooks_in(path: &std::path::Path) -> anyhow::Result<Vec<&'static str>> {
+    let bytes = std::fs::read(path)?;
+    Ok(fault_hook_strings()
+        .into_iter()
+        .filter(|s| bytes.windows(s.len()).any(|w| w == s.as_bytes()))
+        .collect())
+}
+
+/// No ordinary build carries the fault hooks: this test's binary, and the release and
+/// fault-injection builds next to it when they were built. The fault-injection build is
+/// the check's own control: it must contain every string the others must not.
+#[test]
+fn only_the_fault_injection_build_carries_fault_hooks() -> anyhow::Result<()> {
+    let bin = std::path::Path::new(BIN);
+    assert_eq!(hooks_in(bin)?, Vec::<&str>::new(), "{}", bin.display());
+    let profile_dir = bin.parent().expect("the binary lives in target/<profile>/");
+    let release = profile_dir
+        .with_file_name("release")
+        .join("vote-aggregator");
+    if release.is_file() {
+        assert_eq!(
+            hooks_in(&release)?,
+            Vec::<&str>::new(),
+            "{}",
+            release.display()
+        );
+    }
+    let faulty = profile_dir
+        .join(vote_testkit::fleet::FAULT_BINARY_DIR)
+        .join("vote-aggregator");
+    if faulty.is_file() {
+        assert_eq!(
+            hooks_in(&faulty)?,
+            fault_hook_strings(),
+            "{}",
+            faulty.display()
+        );
+    }
     Ok(())
 }

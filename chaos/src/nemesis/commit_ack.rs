@@ -20,10 +20,7 @@ use tokio::time::Instant;
 use super::{Clock, Fault, FaultKind, not_attempted, one_line, pick_replica};
 use crate::cluster::Cluster;
 
-/// The aggregator's hook (see `aggregator/src/fault.rs`).
-pub const CRASH_BEFORE_ACK_ENV: &str = "VOTES_FAULT_CRASH_BEFORE_ACK";
-/// What the hook prints just before it aborts.
-const HOOK_LINE: &str = "fault-injection: aborting after commit";
+use vote_aggregator::fault::{CRASH_BEFORE_ACK_ENV, CRASH_LINE as HOOK_LINE};
 
 /// Arms the commit-ack hook on one replica.
 #[derive(Debug, Clone)]

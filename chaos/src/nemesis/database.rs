@@ -16,7 +16,7 @@ use diesel::QueryableByName;
 use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl as _;
 use tokio::time::Instant;
-use vote_harness::inspect::Db;
+use vote_testkit::inspect::Db;
 
 use super::broker::{short_id, short_time};
 use super::{Clock, Fault, FaultKind, one_line};

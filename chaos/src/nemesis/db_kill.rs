@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::bail;
 use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
-use vote_harness::infra::ContainerState;
+use vote_testkit::infra::ContainerState;
 
 use super::broker::{short_id, short_time};
 use super::{Clock, Fault, FaultKind, between, one_line};

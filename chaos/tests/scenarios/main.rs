@@ -8,9 +8,9 @@
 //! Each scenario starts its own private PostgreSQL + RabbitMQ pair and three real
 //! replicas, so they run one at a time (a shared lock) to stay within a 2-core machine.
 //! The seed is random and printed (shown when a test fails); set `VOTES_CHAOS_SEED` to
-//! replay one, or run `vote-chaos --scenario NAME --seed N`. The replicas must be a
-//! fault-injection build: `cargo test --workspace` builds one (feature unification);
-//! otherwise `cargo build --workspace --features vote-aggregator/fault-injection`.
+//! replay one, or run `vote-tools chaos --scenario NAME --seed N`. The replicas are the
+//! separate fault-injection build at `target/debug/fault-injection/vote-aggregator`, which
+//! `make fault-build` (and so `make test`) makes first.
 
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ fn seed() -> u64 {
 
 async fn run(scenario: Scenario, opts: ScenarioOptions) -> anyhow::Result<ChaosReport> {
     let _one_at_a_time = SERIAL.lock().await;
-    vote_harness::infra::init_test_logging();
+    vote_testkit::infra::init_test_logging();
     let report = tokio::time::timeout(RUN_BOUND, scenario::run(scenario, &opts))
         .await
         .map_err(|_| {

@@ -7,14 +7,14 @@
 
 use std::time::Duration;
 
-use vote_harness::checker::{self, CheckOptions, Report};
-use vote_harness::fleet::{Fleet, FleetOptions, ReplicaSpec, Scrape};
-use vote_harness::infra;
-use vote_harness::inspect::eventually;
-use vote_harness::ledger::Ledger;
-use vote_harness::publish::{PublishOptions, publish_messages};
-use vote_harness::testbed::TestBed;
-use vote_harness::workload::{Workload, WorkloadSpec};
+use vote_testkit::checker::{self, CheckOptions, Report};
+use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec, Scrape};
+use vote_testkit::infra;
+use vote_testkit::inspect::eventually;
+use vote_testkit::ledger::Ledger;
+use vote_testkit::publish::{PublishOptions, publish_messages};
+use vote_testkit::testbed::TestBed;
+use vote_testkit::workload::{Workload, WorkloadSpec};
 
 /// How a scenario publishes.
 struct Plan {

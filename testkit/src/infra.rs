@@ -737,7 +737,7 @@ fn docker_runtime() -> anyhow::Result<&'static tokio::runtime::Runtime> {
         .get_or_init(|| {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
-                .thread_name("vote-harness-docker")
+                .thread_name("vote-testkit-docker")
                 .enable_all()
                 .build()
                 .map_err(|err| format!("cannot start the Docker runtime: {err}"))
@@ -1241,7 +1241,7 @@ fn pid_alive(_pid: u32) -> bool {
 static CREATED_ANY: AtomicBool = AtomicBool::new(false);
 static KEEP_AT_EXIT: AtomicBool = AtomicBool::new(false);
 
-/// Leaves this process's containers running when it exits (for `vote-harness demo
+/// Leaves this process's containers running when it exits (for `vote-tools demo
 /// --keep`). They are still removed by the next test process's stale-container sweep,
 /// or by `make clean-containers`.
 pub fn keep_at_exit() {

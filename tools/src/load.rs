@@ -1,4 +1,4 @@
-//! `vote-harness load` (`make load`): capacity baselines measured against the machine's
+//! `vote-tools load` (`make load`): capacity baselines measured against the machine's
 //! own ceilings, in the same run.
 //!
 //! For every configuration (replicas × batch size × queue type) on fresh containers
@@ -36,13 +36,13 @@ use serde::{Deserialize, Serialize};
 use vote_aggregator::config::QueueType;
 use vote_aggregator::db::{self, BatchColumns};
 
-use crate::fleet::{Fleet, FleetOptions, ReplicaSpec};
-use crate::infra::{self, Infra, InfraOptions};
-use crate::ledger::Ledger;
-use crate::progress::Progress;
-use crate::publish::{PublishOptions, publish_messages};
-use crate::testbed::TestBed;
-use crate::workload::{Message, Workload, WorkloadSpec};
+use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
+use vote_testkit::infra::{self, Infra, InfraOptions};
+use vote_testkit::ledger::Ledger;
+use vote_testkit::progress::Progress;
+use vote_testkit::publish::{PublishOptions, publish_messages};
+use vote_testkit::testbed::TestBed;
+use vote_testkit::workload::{Message, Workload, WorkloadSpec};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -547,7 +547,7 @@ async fn measure_config(
     let steady_start = chrono::Utc::now();
     let fresh: Vec<Message> = (0..steady_count)
         .map(|i| {
-            Message::Original(crate::votes::vote(
+            Message::Original(vote_testkit::votes::vote(
                 "steady",
                 &format!("candidate-{}", i % 6),
             ))
@@ -559,7 +559,7 @@ async fn measure_config(
     publish_steady(&bed, &fresh, steady_rate, &mut steady_ledger).await?;
     let mut db_view = bed.db().await?;
     let want = (expected + steady_ledger.votes.len() as u64) as i64;
-    crate::inspect::eventually(
+    vote_testkit::inspect::eventually(
         "steady votes committed",
         Duration::from_secs(120),
         async || Ok(db_view.vote_count().await? >= want),

@@ -5,16 +5,16 @@
 //! Build the binary first, then (offline images on a machine without registry access):
 //! `cargo build -p vote-aggregator &&
 //!  VOTES_POSTGRES_IMAGE=vote-aggregator/postgres:17-offline
-//!  VOTES_RABBITMQ_IMAGE=vote-aggregator/rabbitmq:4.0-offline cargo test -p vote-harness --test fleet`
+//!  VOTES_RABBITMQ_IMAGE=vote-aggregator/rabbitmq:4.0-offline cargo test -p vote-testkit --test fleet`
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vote_harness::fleet::{Fleet, FleetOptions, ReplicaSpec};
-use vote_harness::infra;
-use vote_harness::inspect::{eventually, http_get};
-use vote_harness::testbed::TestBed;
-use vote_harness::votes;
+use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
+use vote_testkit::infra;
+use vote_testkit::inspect::{eventually, http_get};
+use vote_testkit::testbed::TestBed;
+use vote_testkit::votes;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -183,7 +183,7 @@ async fn two_replicas_count_together_and_survive_pause_kill_restart_and_stop() -
     for i in 0..2 {
         let text = std::fs::read_to_string(fleet.log_path(i))?;
         assert!(!text.trim().is_empty(), "log of {} is empty", fleet.name(i));
-        let starts = text.matches("--- vote-harness fleet: start #").count();
+        let starts = text.matches(vote_testkit::fleet::START_MARKER).count();
         assert_eq!(starts, if i == 0 { 2 } else { 1 }, "{text}");
     }
     let log_a = fleet.log_path(0);

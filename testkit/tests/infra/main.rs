@@ -3,7 +3,7 @@
 //!
 //! Run with the offline images on a machine without registry access:
 //! `VOTES_POSTGRES_IMAGE=vote-aggregator/postgres:17-offline
-//!  VOTES_RABBITMQ_IMAGE=vote-aggregator/rabbitmq:4.0-offline cargo test -p vote-harness --test infra`
+//!  VOTES_RABBITMQ_IMAGE=vote-aggregator/rabbitmq:4.0-offline cargo test -p vote-testkit --test infra`
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -14,8 +14,8 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use vote_harness::infra::{self, InfraOptions};
-use vote_harness::proxy::FaultProxy;
+use vote_testkit::infra::{self, InfraOptions};
+use vote_testkit::proxy::FaultProxy;
 
 const STEP: Duration = Duration::from_secs(10);
 

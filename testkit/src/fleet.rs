@@ -22,9 +22,10 @@
 //! Every child is spawned with `kill_on_drop`, and dropping a [`Fleet`] sends SIGKILL to
 //! each replica still running, so a failing (panicking) test leaves no process behind.
 //!
-//! The binary is NOT built by `cargo test -p vote-harness` (the harness only depends on
-//! the aggregator's library): run `cargo build -p vote-aggregator` first, or point
-//! `VOTE_AGGREGATOR_BIN` at a binary (see [`aggregator_binary`]).
+//! The binary is NOT built by `cargo test -p vote-testkit` (the kit only depends on the
+//! aggregator's library): run `cargo build -p vote-aggregator` first, or point
+//! `VOTE_AGGREGATOR_BIN` at a binary (see [`aggregator_binary`]). The chaos suite runs the
+//! separate fault-injection build instead ([`fault_injection_binary`]).
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;
@@ -44,6 +45,16 @@ use crate::inspect::http_get;
 /// lookup next to the current executable).
 pub const BINARY_ENV: &str = "VOTE_AGGREGATOR_BIN";
 
+/// Environment variable naming the fault-injection `vote-aggregator` binary.
+pub const FAULT_BINARY_ENV: &str = "VOTE_AGGREGATOR_FAULT_BIN";
+
+/// Folder of `target/<profile>/` that holds the fault-injection build.
+pub const FAULT_BINARY_DIR: &str = "fault-injection";
+
+/// The line the fleet writes into a replica's log before each start, followed by the
+/// start's number.
+pub const START_MARKER: &str = "--- vote-testkit fleet: start #";
+
 /// How long [`Fleet::stop`] and [`Fleet::shutdown`] wait for a replica to exit after
 /// SIGTERM (the service's own grace period defaults to 25 s).
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,21 +69,45 @@ const LOG_TAIL_LINES: usize = 20;
 /// How long [`Fleet::pause`] / [`Fleet::resume`] wait for `/proc` to show the new state.
 const SIGNAL_SETTLE: Duration = Duration::from_secs(5);
 
-/// Where the `vote-aggregator` binary is: `VOTE_AGGREGATOR_BIN` when set, otherwise
-/// `target/<profile>/vote-aggregator` found from the current executable (a test binary
-/// lives in `target/<profile>/deps/`, an example in `target/<profile>/examples/`, the
-/// harness binary in `target/<profile>/`).
+/// Where the ordinary `vote-aggregator` binary is: `VOTE_AGGREGATOR_BIN` when set,
+/// otherwise `target/<profile>/vote-aggregator` found from the current executable (a test
+/// binary lives in `target/<profile>/deps/`, an example in `target/<profile>/examples/`,
+/// `vote-tools` in `target/<profile>/`).
 ///
 /// # Errors
 /// When the current executable cannot be located, or the binary does not exist (the
 /// message says how to build it).
 pub fn aggregator_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os(BINARY_ENV).filter(|v| !v.is_empty()) {
+    binary(
+        BINARY_ENV,
+        "vote-aggregator",
+        "cargo build -p vote-aggregator (same profile as this executable)",
+    )
+}
+
+/// Where the fault-injection `vote-aggregator` binary is (only the chaos suite runs it):
+/// `VOTE_AGGREGATOR_FAULT_BIN` when set, otherwise
+/// `target/<profile>/fault-injection/vote-aggregator`, which `make fault-build` makes. It
+/// lives apart so that no ordinary build ever contains the hooks.
+///
+/// # Errors
+/// As [`aggregator_binary`].
+pub fn fault_injection_binary() -> anyhow::Result<PathBuf> {
+    binary(
+        FAULT_BINARY_ENV,
+        &format!("{FAULT_BINARY_DIR}/vote-aggregator"),
+        "make fault-build",
+    )
+}
+
+/// `env` when set (it must name a file), else `relative` under `target/<profile>/`.
+fn binary(env: &str, relative: &str, build_hint: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env).filter(|v| !v.is_empty()) {
         let path = PathBuf::from(path);
         if !path.is_file() {
             bail!(
-                "{BINARY_ENV}={} does not name a file: point it at a built vote-aggregator, \
-                 or unset it and build one with `cargo build -p vote-aggregator`",
+                "{env}={} does not name a file: point it at a built vote-aggregator, \
+                 or unset it and build one with `{build_hint}`",
                 path.display()
             );
         }
@@ -88,11 +123,11 @@ pub fn aggregator_binary() -> anyhow::Result<PathBuf> {
     ) {
         dir = dir.parent().unwrap_or(dir);
     }
-    let path = dir.join("vote-aggregator");
+    let path = dir.join(relative);
     if !path.is_file() {
         bail!(
-            "the vote-aggregator binary is not at {}: build it with `cargo build -p vote-aggregator` \
-             (same profile as this executable), or set {BINARY_ENV} to its path",
+            "the vote-aggregator binary is not at {}: build it with `{build_hint}`, or set \
+             {env} to its path",
             path.display()
         );
     }
@@ -157,12 +192,21 @@ impl FleetOptions {
         log_dir: impl Into<PathBuf>,
         base_env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
-        Ok(FleetOptions {
-            binary: aggregator_binary()?,
+        Ok(Self::with_binary(aggregator_binary()?, log_dir, base_env))
+    }
+
+    /// Options running `binary` (e.g. [`fault_injection_binary`]), 60 s ready timeout.
+    pub fn with_binary(
+        binary: PathBuf,
+        log_dir: impl Into<PathBuf>,
+        base_env: Vec<(String, String)>,
+    ) -> Self {
+        FleetOptions {
+            binary,
             log_dir: log_dir.into(),
             base_env,
             ready_timeout: Duration::from_secs(60),
-        })
+        }
     }
 }
 
@@ -720,7 +764,7 @@ impl Fleet {
         bail!("fleet shutdown failed:\n{}", errors.join("\n"))
     }
 
-    /// Lets go of the replicas WITHOUT stopping them (e.g. `vote-harness demo --keep`):
+    /// Lets go of the replicas WITHOUT stopping them (e.g. `vote-tools demo --keep`):
     /// they keep running after the fleet is gone and after this process exits. Returns
     /// the pids of the replicas that were running, in index order. Nothing reaps them
     /// any more: stop them with `kill <pid>`.
@@ -749,7 +793,7 @@ impl Fleet {
         r.starts += 1;
         writeln!(
             log,
-            "--- vote-harness fleet: start #{} of replica {} on {} at {} ---",
+            "{START_MARKER}{} of replica {} on {} at {} ---",
             r.starts,
             r.spec.name,
             r.addr,

@@ -1,4 +1,4 @@
-//! `vote-harness demo` (`make demo`): the first thing a newcomer runs. Starts PostgreSQL
+//! `vote-tools demo` (`make demo`): the first thing a newcomer runs. Starts PostgreSQL
 //! and RabbitMQ (containers, or the servers in `VOTES_TEST_DATABASE_URL` /
 //! `VOTES_TEST_AMQP_URL`), runs several real replicas, publishes votes with duplicates,
 //! conflicting copies and malformed messages, then shows the tallies, the checker's
@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
-use crate::checker::{self, CheckOptions};
-use crate::fleet::{Fleet, FleetOptions, ReplicaSpec};
-use crate::infra;
-use crate::ledger::Ledger;
-use crate::publish::{PublishOptions, publish_messages};
-use crate::testbed::TestBed;
-use crate::workload::{Workload, WorkloadSpec};
+use vote_testkit::checker::{self, CheckOptions};
+use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
+use vote_testkit::infra;
+use vote_testkit::ledger::Ledger;
+use vote_testkit::publish::{PublishOptions, publish_messages};
+use vote_testkit::testbed::TestBed;
+use vote_testkit::workload::{Workload, WorkloadSpec};
 
 const BATCH_SIZES: [usize; 4] = [100, 250, 500, 1000];
 
@@ -194,7 +194,7 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
             bed.database_url
         );
         println!(
-            "Publish more with: AMQP_URL='{}' QUEUE_NAME={} vote-harness publish -n 1000",
+            "Publish more with: AMQP_URL='{}' QUEUE_NAME={} vote-tools publish -n 1000",
             bed.amqp_url, bed.queue
         );
         println!(

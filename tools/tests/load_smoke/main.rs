@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use vote_aggregator::config::QueueType;
-use vote_harness::load::{self, LoadOptions};
-use vote_harness::load_report;
+use vote_tools::load::{self, LoadOptions};
+use vote_tools::load_report;
 
 #[tokio::test]
 async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Result<()> {

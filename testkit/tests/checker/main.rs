@@ -14,12 +14,12 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use vote_aggregator::db::{self, BatchColumns};
 use vote_aggregator::vote::{self, Vote};
-use vote_harness::checker::{self, CheckOptions};
-use vote_harness::infra;
-use vote_harness::ledger::Ledger;
-use vote_harness::publish::{PublishOptions, publish_messages};
-use vote_harness::testbed::TestBed;
-use vote_harness::workload::{Message, Workload, WorkloadSpec};
+use vote_testkit::checker::{self, CheckOptions};
+use vote_testkit::infra;
+use vote_testkit::ledger::Ledger;
+use vote_testkit::publish::{PublishOptions, publish_messages};
+use vote_testkit::testbed::TestBed;
+use vote_testkit::workload::{Message, Workload, WorkloadSpec};
 
 fn quick() -> CheckOptions {
     CheckOptions {
@@ -251,8 +251,8 @@ async fn replica(
     let stop = CancellationToken::new();
     let replica = vote_aggregator::spawn(bed.config(name), stop.clone()).await?;
     let addr = replica.metrics_addr();
-    vote_harness::inspect::eventually("replica ready", Duration::from_secs(60), async || {
-        Ok(vote_harness::inspect::http_get(addr, "/readyz").await?.0 == 200)
+    vote_testkit::inspect::eventually("replica ready", Duration::from_secs(60), async || {
+        Ok(vote_testkit::inspect::http_get(addr, "/readyz").await?.0 == 200)
     })
     .await?;
     Ok((stop, replica))
@@ -328,7 +328,7 @@ async fn unconfirmed_votes_are_indeterminate_and_a_missing_confirmed_vote_is_los
     ledger.attempt(&arrives);
     ledger.attempt(&never_sent);
     let publisher = bed.publisher().await?;
-    let (body, props) = vote_harness::publish::message_parts(&arrives);
+    let (body, props) = vote_testkit::publish::message_parts(&arrives);
     // Sent, its confirm never awaited: the ledger only knows it was attempted.
     let _unawaited = publisher.send(&body, props).await?;
     let (stop, running) = replica(&bed, "honest").await?;

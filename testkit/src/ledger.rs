@@ -152,9 +152,7 @@ impl Ledger {
         let file = std::fs::File::open(path)
             .with_context(|| format!("cannot read ledger {}", path.display()))?;
         let mut ledger: Ledger = serde_json::from_reader(std::io::BufReader::new(file))
-            .with_context(|| {
-                format!("{} is not a ledger written by vote-harness", path.display())
-            })?;
+            .with_context(|| format!("{} is not a ledger written by vote-tools", path.display()))?;
         ledger.reindex();
         Ok(ledger)
     }

@@ -47,7 +47,7 @@ impl Publisher {
         let shown = vote_aggregator::config::redact_url(amqp_url);
         let connection = match Connection::connect(
             amqp_url,
-            ConnectionProperties::default().with_connection_name("vote-harness/publisher".into()),
+            ConnectionProperties::default().with_connection_name("vote-testkit/publisher".into()),
         )
         .await
         {

@@ -1,5 +1,5 @@
-//! `vote-harness`: the operator's and tester's tool. Parses the command line (and the
-//! environment / `.env`, like the service), then calls the library.
+//! The `vote-tools` command line: its arguments (also read from the environment and
+//! `.env`, like the service) and what each command does.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,16 +7,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use vote_harness::checker::{self, CheckOptions};
-use vote_harness::ledger::Ledger;
-use vote_harness::publish::{self, PublishOptions};
-use vote_harness::workload::{Workload, WorkloadSpec};
+use vote_testkit::checker::{self, CheckOptions};
+use vote_testkit::ledger::Ledger;
+use vote_testkit::publish::{self, PublishOptions};
+use vote_testkit::workload::{Workload, WorkloadSpec};
 
 /// Test and operations tool for vote-aggregator: publish test votes, check that they were
-/// counted exactly once, and run a demo of the whole system.
+/// counted exactly once, measure capacity, run a demo of the whole system, run the chaos
+/// suite.
 #[derive(Parser)]
-#[command(name = "vote-harness", version, about)]
-struct Cli {
+#[command(name = "vote-tools", version, about)]
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -27,7 +28,7 @@ enum Command {
     ///
     /// A vote counts as published only once the broker confirmed it; unconfirmed
     /// publishes are retried (which itself creates duplicates the system must absorb).
-    /// Example: `vote-harness publish -n 10`, then `SELECT * FROM vote_statistics`.
+    /// Example: `vote-tools publish -n 10`, then `SELECT * FROM vote_statistics`.
     Publish(PublishArgs),
     /// Check a finished run against its ledger: waits for the queue to drain, then checks
     /// the four invariants. Exit 0 when all hold, 1 with the first offending ids when not.
@@ -39,15 +40,9 @@ enum Command {
     /// Start PostgreSQL, RabbitMQ and 3 replicas, publish 20 000 votes with duplicates and
     /// malformed ones, and show the results. Leaves nothing running unless --keep.
     Demo(DemoArgs),
-    /// Run chaos scenarios: delegates to the `vote-chaos` binary next to this one with the
-    /// same arguments, e.g. `vote-harness chaos --scenario kill-restart --duration 60s
-    /// --seed 42` (`vote-harness chaos --help` shows its options).
-    #[command(disable_help_flag = true)]
-    Chaos {
-        /// Arguments passed to `vote-chaos` unchanged.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// Run chaos scenarios: faults injected on a seeded schedule into real replicas under
+    /// steady load, then the exactly-once checker (`vote-tools chaos --help`).
+    Chaos(crate::chaos_cli::ChaosArgs),
 }
 
 #[derive(Args)]
@@ -101,7 +96,7 @@ struct PublishArgs {
     /// Seed of every random choice (the same seed publishes the same votes).
     #[arg(long)]
     seed: Option<u64>,
-    /// Write what was confirmed to this file, for `vote-harness check`.
+    /// Write what was confirmed to this file, for `vote-tools check`.
     #[arg(long)]
     ledger: Option<PathBuf>,
 }
@@ -113,7 +108,7 @@ struct CheckArgs {
     /// PostgreSQL URL of the aggregator's database.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
-    /// Ledger written by `vote-harness publish --ledger`.
+    /// Ledger written by `vote-tools publish --ledger`.
     #[arg(long)]
     ledger: PathBuf,
     /// Seconds to wait for the queue to drain before failing.
@@ -168,7 +163,8 @@ struct DemoArgs {
     seed: Option<u64>,
 }
 
-fn main() -> ExitCode {
+/// Runs the parsed command line; its result is the process exit code.
+pub fn main(cli: Cli) -> ExitCode {
     // A .env file is optional; a malformed one is reported.
     if let Err(e) = dotenvy::dotenv()
         && !e.not_found()
@@ -176,8 +172,13 @@ fn main() -> ExitCode {
         eprintln!("error: cannot read .env: {e}");
         return ExitCode::FAILURE;
     }
-    let cli = Cli::parse();
-    vote_aggregator::telemetry::init(vote_aggregator::config::log_format_from_env(), "warn");
+    // The chaos publisher's own connection errors during broker faults are expected:
+    // lapin's error logs about them would only be noise.
+    let filter = match cli.command {
+        Command::Chaos(_) => "warn,lapin=off",
+        _ => "warn",
+    };
+    vote_aggregator::telemetry::init(vote_aggregator::config::log_format_from_env(), filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -194,9 +195,9 @@ fn main() -> ExitCode {
             Command::Check(args) => check_cmd(args).await,
             Command::Load(args) => load_cmd(args).await,
             Command::Demo(args) => {
-                vote_harness::demo::run(args.votes, args.replicas, seed(args.seed), args.keep).await
+                crate::demo::run(args.votes, args.replicas, seed(args.seed), args.keep).await
             }
-            Command::Chaos { args } => chaos_cmd(&args),
+            Command::Chaos(args) => crate::chaos_cli::run(args).await,
         }
     });
     match result {
@@ -208,30 +209,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `vote-chaos` (next to this executable) with `args`; its exit code becomes ours.
-/// (The chaos crate depends on this one, so it cannot be linked in here.)
-fn chaos_cmd(args: &[String]) -> anyhow::Result<ExitCode> {
-    let exe = std::env::current_exe().context("cannot locate the current executable")?;
-    let path = exe.with_file_name("vote-chaos");
-    if !path.is_file() {
-        anyhow::bail!(
-            "vote-chaos is not at {}: build it with `cargo build -p vote-chaos` (same profile as \
-             this vote-harness; `make chaos` builds everything it needs)",
-            path.display()
-        );
-    }
-    let status = std::process::Command::new(&path)
-        .args(args)
-        .status()
-        .with_context(|| format!("cannot run {}", path.display()))?;
-    Ok(status
-        .code()
-        .and_then(|c| u8::try_from(c).ok())
-        .map_or(ExitCode::FAILURE, ExitCode::from))
-}
-
 /// The given seed, or a fresh one (printed by the caller so the run can be replayed).
-fn seed(given: Option<u64>) -> u64 {
+pub(crate) fn seed(given: Option<u64>) -> u64 {
     given.unwrap_or_else(rand::random)
 }
 
@@ -341,7 +320,7 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
                 .map_err(|()| anyhow::anyhow!("--queue-types: '{q}' is not quorum or classic"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let options = vote_harness::load::LoadOptions {
+    let options = crate::load::LoadOptions {
         votes: args.votes,
         duplicates: args.duplicates,
         replicas: args.replicas,
@@ -354,12 +333,12 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
         progress: true,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let report = vote_harness::load::run(&options, command).await?;
-    println!("{}", vote_harness::load_report::table(&report));
-    for line in vote_harness::load_report::targets(&report) {
+    let report = crate::load::run(&options, command).await?;
+    println!("{}", crate::load_report::table(&report));
+    for line in crate::load_report::targets(&report) {
         println!("{line}");
     }
-    let written = vote_harness::load_report::write_all(&report, &args.out)?;
+    let written = crate::load_report::write_all(&report, &args.out)?;
     println!("wrote {}", written.json.display());
     println!("wrote {}", written.markdown.display());
     if let Some(chart) = written.chart {

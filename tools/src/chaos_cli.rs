@@ -1,12 +1,12 @@
-//! `vote-chaos`: runs chaos scenarios against real replicas on private containers and
-//! prints a Jepsen-style report per scenario. Parses the command line and calls the
-//! library; exit code 0 when every scenario passed, 1 when one failed, 2 on bad usage.
+//! `vote-tools chaos`: runs chaos scenarios against real replicas on private containers
+//! and prints a Jepsen-style report per scenario. Exit code 0 when every scenario passed,
+//! 1 when one failed or could not run, 2 on bad usage.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::Args;
 use vote_chaos::scenario::{self, Broken, Scenario, ScenarioOptions};
 
 /// Run chaos scenarios: faults (kills, pauses, broker and database restarts, database
@@ -18,9 +18,8 @@ use vote_chaos::scenario::{self, Broken, Scenario, ScenarioOptions};
 /// backend-terminate, partition, commit-ack, mixed (or all). The replicas must be a fault-injection build:
 /// `cargo build --workspace --features vote-aggregator/fault-injection`. Needs Docker and
 /// the server images (VOTES_POSTGRES_IMAGE, VOTES_RABBITMQ_IMAGE; see `make images`).
-#[derive(Parser)]
-#[command(name = "vote-chaos", version, about, long_about)]
-struct Cli {
+#[derive(Args)]
+pub struct ChaosArgs {
     /// Scenario to run, or `all`.
     #[arg(long)]
     scenario: String,
@@ -84,14 +83,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // The publisher's own connection errors during broker faults are expected: lapin's
-    // error logs about them would only be noise.
-    vote_aggregator::telemetry::init(
-        vote_aggregator::config::log_format_from_env(),
-        "warn,lapin=off",
-    );
+/// Runs the chosen scenarios one after another and prints each report and a summary.
+///
+/// # Errors
+/// None of its own: a scenario that cannot run is reported and counted as failed.
+pub async fn run(cli: ChaosArgs) -> anyhow::Result<ExitCode> {
     let scenarios: Vec<Scenario> = if cli.scenario == "all" {
         Scenario::ALL.to_vec()
     } else {
@@ -99,16 +95,16 @@ fn main() -> ExitCode {
             Ok(s) => vec![s],
             Err(e) => {
                 eprintln!("error: {e}");
-                return ExitCode::from(2);
+                return Ok(ExitCode::from(2));
             }
         }
     };
     if !(cli.rate > 0.0 && cli.rate.is_finite()) {
         eprintln!("error: --rate must be a positive number of messages per second");
-        return ExitCode::from(2);
+        return Ok(ExitCode::from(2));
     }
     let seed = cli.seed.unwrap_or_else(rand::random);
-    eprintln!("vote-chaos: seed {seed} (replay with --seed {seed})");
+    eprintln!("vote-tools chaos: seed {seed} (replay with --seed {seed})");
     let mut opts = ScenarioOptions::new(cli.duration, seed);
     opts.replicas = cli.replicas;
     opts.rate = cli.rate;
@@ -120,41 +116,28 @@ fn main() -> ExitCode {
     if let Some(dir) = cli.out_dir {
         opts.out_dir = dir;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let summaries = runtime.block_on(async {
-        let mut summaries = Vec::new();
-        for scenario in scenarios {
-            match scenario::run(scenario, &opts).await {
-                Ok(report) => {
-                    println!("{report}\n");
-                    summaries.push((report.passed(), report.summary()));
-                }
-                Err(e) => {
-                    eprintln!("error: scenario {scenario} could not run: {e:#}");
-                    summaries.push((false, format!("{scenario} seed {seed}: ERROR: {e:#}")));
-                }
+    let mut summaries = Vec::new();
+    for scenario in scenarios {
+        match scenario::run(scenario, &opts).await {
+            Ok(report) => {
+                println!("{report}\n");
+                summaries.push((report.passed(), report.summary()));
+            }
+            Err(e) => {
+                eprintln!("error: scenario {scenario} could not run: {e:#}");
+                summaries.push((false, format!("{scenario} seed {seed}: ERROR: {e:#}")));
             }
         }
-        summaries
-    });
+    }
     println!("=== chaos summary (seed {seed}) ===");
     for (_, line) in &summaries {
         println!("{line}");
     }
-    if summaries.iter().all(|(passed, _)| *passed) {
+    Ok(if summaries.iter().all(|(passed, _)| *passed) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    }
+    })
 }
 
 #[cfg(test)]

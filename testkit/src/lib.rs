@@ -1,7 +1,9 @@
-//! Test infrastructure for vote-aggregator.
+//! The test kit of vote-aggregator.
 //!
 //! This crate owns everything the integration, chaos and load tests need besides the
 //! service itself, so that every suite starts real servers and checks results the same way.
+//! It uses only the service's public API; the chaos suite (`vote-chaos`) and the tools
+//! binary (`vote-tools`) build on it.
 //!
 //! Modules:
 //! - [`infra`]: real PostgreSQL and RabbitMQ servers — one shared pair per test process,
@@ -18,16 +20,12 @@
 //!   and metric scrapes.
 //! - [`checker`]: the exactly-once checker (the four invariants of docs/design.md).
 //! - [`inspect`]: reading back the outcome from PostgreSQL and RabbitMQ, polling helpers.
-//! - [`demo`]: `vote-harness demo`.
 
 pub mod checker;
-pub mod demo;
 pub mod fleet;
 pub mod infra;
 pub mod inspect;
 pub mod ledger;
-pub mod load;
-pub mod load_report;
 pub mod progress;
 pub mod proxy;
 pub mod publish;
