@@ -310,38 +310,39 @@ where
     }
 }
 
-/// Reads one value from a Prometheus text page (`name` may include labels, e.g.
-/// `vote_aggregator_up{dependency="postgres"}`). Absent → `None`.
-pub fn metric_value(page: &str, name: &str) -> Option<f64> {
-    page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (key, value) = l.rsplit_once(' ')?;
-        (key == name).then(|| value.parse().ok()).flatten()
-    })
-}
+pub use crate::prometheus::metric_value;
 
-/// GETs `path` from a replica's HTTP endpoint: (status, body).
+/// GETs `path` from a replica's HTTP endpoint over HTTP/1.1 (hyper's client on one
+/// connection, closed afterwards): (status, body).
+///
+/// It has no timeout of its own, on purpose: a paused replica accepts the TCP connection
+/// in the kernel but never answers, and each caller picks how long to wait by wrapping
+/// the call in [`tokio::time::timeout`] (dropping the future closes the connection).
 ///
 /// # Errors
-/// When the endpoint does not answer.
+/// When the endpoint cannot be reached or the answer is not valid HTTP.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("malformed HTTP response")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper::body::Bytes;
+
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .with_context(|| format!("bad request path {path:?}"))?;
+    // The connection is driven alongside the request (never detached), so a caller's
+    // timeout drops both and no socket outlives the call.
+    let exchange = async move {
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    let (answer, _) = futures_util::future::join(exchange, connection).await;
+    answer.with_context(|| format!("GET {path} at {addr}"))
 }

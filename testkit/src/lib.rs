@@ -17,7 +17,8 @@
 //! - [`publish`]: a confirmed publisher that follows the contract and retries what was
 //!   not confirmed; [`ledger`]: what was confirmed; [`progress`]: progress reporting.
 //! - [`fleet`]: real `vote-aggregator` processes, with signals (stop, kill, pause, resume)
-//!   and metric scrapes.
+//!   and metric scrapes; [`prometheus`]: the one parser of `/metrics` pages;
+//!   [`procinfo`]: the one reader of `/proc`; [`signal`]: the one way to signal a process.
 //! - [`checker`]: the exactly-once checker (the four invariants of docs/design.md).
 //! - [`inspect`]: reading back the outcome from PostgreSQL and RabbitMQ, polling helpers.
 
@@ -26,9 +27,12 @@ pub mod fleet;
 pub mod infra;
 pub mod inspect;
 pub mod ledger;
+pub mod procinfo;
 pub mod progress;
+pub mod prometheus;
 pub mod proxy;
 pub mod publish;
+pub mod signal;
 pub mod testbed;
 pub mod votes;
 pub mod workload;

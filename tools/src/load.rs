@@ -39,6 +39,7 @@ use vote_aggregator::db::{self, BatchColumns};
 use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
 use vote_testkit::infra::{self, Infra, InfraOptions};
 use vote_testkit::ledger::Ledger;
+use vote_testkit::procinfo;
 use vote_testkit::progress::Progress;
 use vote_testkit::publish::{PublishOptions, publish_messages};
 use vote_testkit::testbed::TestBed;
@@ -314,24 +315,13 @@ async fn machine(servers: &Infra) -> anyhow::Result<Machine> {
     let fsync: Row = diesel::sql_query("SELECT current_setting('fsync') AS v")
         .get_result(&mut conn)
         .await?;
-    let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0.0);
+    let memory_bytes = procinfo::memory_total_bytes().unwrap_or(0) as f64;
     Ok(Machine {
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
-        memory_gib: mem_kib / 1024.0 / 1024.0,
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        memory_gib: memory_bytes / 1024.0 / 1024.0 / 1024.0,
+        kernel: procinfo::kernel_release().unwrap_or_default(),
         postgres: version.v,
         rabbitmq: InfraOptions::default().rabbitmq_image,
         postgres_fsync: fsync.v,
@@ -586,7 +576,7 @@ async fn measure_config(
     for i in 0..fleet.len() {
         if let Some(pid) = fleet.pid(i) {
             cpu += process_cpu_seconds(pid).unwrap_or(0.0);
-            peak_rss_kib = peak_rss_kib.max(process_peak_rss_kib(pid).unwrap_or(0));
+            peak_rss_kib = peak_rss_kib.max(procinfo::peak_rss_kib(pid).unwrap_or(0));
         }
     }
     let total_counted: CountRow = diesel::sql_query("SELECT count(*)::bigint AS n FROM votes")
@@ -664,7 +654,7 @@ async fn publish_steady(
 
 /// CPU seconds used so far by the replicas and the two server containers.
 struct CpuSample {
-    /// (busy, total) jiffies of the whole machine.
+    /// (busy, total) clock ticks of the whole machine.
     machine: Option<(u64, u64)>,
     aggregator: f64,
     broker: Option<f64>,
@@ -685,7 +675,7 @@ struct DrainCpu {
 impl CpuSample {
     fn take(servers: &infra::PrivateInfra, fleet: &Fleet) -> Self {
         CpuSample {
-            machine: machine_jiffies(),
+            machine: procinfo::machine_ticks(),
             aggregator: (0..fleet.len())
                 .filter_map(|i| fleet.pid(i).and_then(process_cpu_seconds))
                 .sum(),
@@ -720,21 +710,6 @@ impl CpuSample {
     }
 }
 
-/// (busy, total) CPU jiffies of the whole machine, from the `cpu` line of /proc/stat
-/// (idle and iowait count as not busy).
-fn machine_jiffies() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3)? + v.get(4)?;
-    Some((total - idle, total))
-}
-
 /// CPU seconds used by a Docker container so far, from its cgroup (v1 `cpuacct` or v2
 /// `cpu.stat`); `None` when neither can be read (e.g. a remote Docker host).
 fn container_cpu_seconds(id: &str) -> Option<f64> {
@@ -753,37 +728,7 @@ fn container_cpu_seconds(id: &str) -> Option<f64> {
         .map(|us| us / 1e6)
 }
 
-/// User + system CPU seconds of a live process (`/proc/<pid>/stat`, USER_HZ = 100).
+/// User + system CPU seconds of a live process.
 fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
-}
-
-/// Peak resident set (`VmHWM`) of a live process, KiB.
-fn process_peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proc_readers_see_this_process() {
-        let pid = std::process::id();
-        assert!(process_cpu_seconds(pid).is_some());
-        assert!(process_peak_rss_kib(pid).is_some_and(|k| k > 0));
-    }
+    procinfo::stat(pid).map(|s| s.cpu_seconds)
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use vote_testkit::infra;
 use vote_testkit::inspect::{eventually, http_get, metric_value};
+use vote_testkit::signal::{self, Signal};
 use vote_testkit::testbed::TestBed;
 use vote_testkit::votes;
 
@@ -136,10 +137,7 @@ async fn sigterm_commits_and_acks_the_batch_in_hand_then_exits_zero() -> anyhow:
     assert_eq!(db.vote_count().await?, 0, "batch still in hand");
 
     let pid = child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    assert!(status.success());
+    signal::send(pid, Signal::TERM)?;
     let exit = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
     assert_eq!(exit.code(), Some(0), "clean exit");
     assert_eq!(db.vote_count().await?, 50, "batch committed on SIGTERM");
@@ -263,10 +261,7 @@ async fn secrets_in_a_url_query_string_never_reach_a_log_line_or_error() -> anyh
         .stderr(Stdio::piped())
         .spawn()?;
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()?;
-    assert!(status.success());
+    signal::send(child.id(), Signal::TERM)?;
     let run = child.wait_with_output()?;
     let mut outputs = vec![run];
     for sub in ["migrate", "verify"] {

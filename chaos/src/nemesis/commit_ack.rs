@@ -9,13 +9,13 @@
 //! the hook's own line in the replica's log ("fault-injection: aborting after commit N").
 //! Then the replica is started again without the hook.
 
-use std::os::unix::process::ExitStatusExt as _;
 use std::time::Duration;
 
 use anyhow::bail;
 use rand::Rng as _;
 use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
+use vote_testkit::signal::{self, Signal};
 
 use super::{Clock, Fault, FaultKind, not_attempted, one_line, pick_replica};
 use crate::cluster::Cluster;
@@ -95,7 +95,7 @@ impl CommitAckNemesis {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let status = cluster.fleet.exit_status(i);
-        if status.and_then(|s| s.signal()) != Some(libc::SIGABRT) {
+        if !signal::died_of(status, Signal::ABORT) {
             bail!("armed replica exited with {status:?}, not by SIGABRT");
         }
         let hook = format!("{HOOK_LINE} {n},");

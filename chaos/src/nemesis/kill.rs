@@ -6,12 +6,12 @@
 //! the child is reaped with signal 9 and its pid is gone from `/proc`; the restart is
 //! verified by `/readyz` 200 and the fault-injection marker in the new process's log.
 
-use std::os::unix::process::ExitStatusExt as _;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
+use vote_testkit::signal::{self, Signal};
 
 use super::{Clock, Fault, FaultKind, between, not_attempted, one_line, pick_replica};
 use crate::cluster::Cluster;
@@ -44,7 +44,7 @@ impl KillNemesis {
         // Reaps the child and checks /proc/<pid> is gone (or belongs to a new process).
         cluster.fleet.kill(i).await?;
         let status = cluster.fleet.exit_status(i);
-        if status.and_then(|s| s.signal()) != Some(libc::SIGKILL) {
+        if !signal::died_of(status, Signal::KILL) {
             bail!("replica exited with {status:?}, not by SIGKILL");
         }
         if cluster.fleet.pid(i).is_some() {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
 use vote_testkit::infra;
 use vote_testkit::inspect::{eventually, http_get};
+use vote_testkit::procinfo::state as proc_state;
 use vote_testkit::testbed::TestBed;
 use vote_testkit::votes;
 
@@ -24,12 +25,6 @@ fn log_dir(tag: &str) -> PathBuf {
         std::process::id(),
         rand::random::<u32>()
     ))
-}
-
-/// `state` field of `/proc/<pid>/stat` (None when the pid is gone).
-fn proc_state(pid: u32) -> Option<char> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    text[text.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 async fn counted_total(fleet: &Fleet) -> anyhow::Result<u64> {
