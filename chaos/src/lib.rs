@@ -10,7 +10,8 @@
 //! Modules:
 //! - [`cluster`]: the system under test (servers, per-replica fault proxies, fleet);
 //! - [`nemesis`]: the fault injectors, one per kind, each verifying its effect;
-//! - [`load`]: the steady-rate confirmed publisher and its seeded message stream;
+//! - [`load`]: the seeded message stream the test kit's steady-rate publisher
+//!   (`vote_testkit::publish::SteadyLoad`) sends;
 //! - [`scenario`]: the named scenarios and the run (workload + schedule + checker);
 //! - [`report`]: the Jepsen-style report and the verdict.
 //!

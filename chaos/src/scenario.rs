@@ -29,10 +29,11 @@ use tokio::time::Instant;
 use vote_testkit::checker::{self, CheckOptions};
 use vote_testkit::infra::InfraOptions;
 use vote_testkit::inspect::{Broker, Db};
+use vote_testkit::publish::{Published, SteadyLoad};
 use vote_testkit::workload::WorkloadSpec;
 
 use crate::cluster::{Cluster, ClusterOptions};
-use crate::load::{Load, Published, message_stream};
+use crate::load::message_stream;
 use crate::nemesis::{Clock, Fault, FaultKind, Nemeses, between};
 use crate::report::{ChaosReport, DeadLetters, Recovery};
 
@@ -352,7 +353,7 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
     let spec = workload_spec(opts);
     let lag = (opts.rate * 2.0) as usize;
     let messages = message_stream(&spec, lag);
-    let load = Load::start(
+    let load = SteadyLoad::start(
         &cluster.bed.amqp_url,
         &cluster.bed.queue,
         opts.seed,

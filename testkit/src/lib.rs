@@ -14,8 +14,9 @@
 //! - [`testbed`]: a fresh database + queue per test, with its config and handles.
 //! - [`votes`] and [`workload`]: making votes; seeded workloads with duplicates, late
 //!   duplicates, conflicting copies and malformed bodies.
-//! - [`publish`]: a confirmed publisher that follows the contract and retries what was
-//!   not confirmed; [`ledger`]: what was confirmed; [`progress`]: progress reporting.
+//! - [`publish`]: the confirmed publisher that follows the contract and retries what was
+//!   not confirmed, for a fixed list or at a steady rate during faults; [`ledger`]: what
+//!   was confirmed; [`progress`]: progress reporting.
 //! - [`fleet`]: real `vote-aggregator` processes, with signals (stop, kill, pause, resume)
 //!   and metric scrapes; [`prometheus`]: the one parser of `/metrics` pages;
 //!   [`procinfo`]: the one reader of `/proc`; [`signal`]: the one way to signal a process.

@@ -247,6 +247,7 @@ async fn publish_cmd(args: PublishArgs) -> anyhow::Result<ExitCode> {
         rate: args.rate,
         connections: args.connections,
         progress: true,
+        ..PublishOptions::default()
     };
     let mut ledger = Ledger::new(&args.broker.queue, spec.seed);
     let url = &args.broker.amqp_url;

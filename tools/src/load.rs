@@ -347,9 +347,9 @@ async fn prefill(bed: &TestBed, workload: &Workload, opts: &LoadOptions) -> anyh
         &bed.queue,
         &workload.main,
         &PublishOptions {
-            rate: None,
             connections: 4,
             progress: opts.progress,
+            ..PublishOptions::default()
         },
         &mut ledger,
     )
@@ -612,44 +612,26 @@ async fn measure_config(
     })
 }
 
-/// Publishes `votes` at `rate` on one connection, re-stamping each vote's `cast_at` with
-/// its publish time (in 20 ms slices), and records each vote as attempted before it is
-/// sent and as confirmed once it is.
+/// Publishes `votes` at `rate` on one connection, stamping each vote's `cast_at` with
+/// its publish time, and records each vote as attempted before it is sent and as
+/// confirmed once it is.
 async fn publish_steady(
     bed: &TestBed,
     votes: &[Message],
     rate: f64,
     ledger: &mut Ledger,
 ) -> anyhow::Result<()> {
-    let publisher = bed.publisher().await?;
-    let per_slice = (rate / 50.0).max(1.0) as usize;
-    let started = Instant::now();
-    for (k, slice) in votes.chunks(per_slice).enumerate() {
-        let due = Duration::from_secs_f64(k as f64 * per_slice as f64 / rate);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            tokio::time::sleep(wait).await;
-        }
-        let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
-        let stamped: Vec<vote_aggregator::vote::Vote> = slice
-            .iter()
-            .filter_map(|m| match m {
-                Message::Original(v) => Some(vote_aggregator::vote::Vote {
-                    cast_at: now,
-                    ..v.clone()
-                }),
-                _ => None,
-            })
-            .collect();
-        for v in &stamped {
-            ledger.attempt(&Message::Original(v.clone()));
-        }
-        publisher.publish_votes(&stamped).await?;
-        for v in stamped {
-            ledger.record(&Message::Original(v));
-        }
-    }
-    publisher.close().await;
-    Ok(())
+    let originals: Vec<Message> = votes
+        .iter()
+        .filter(|m| matches!(m, Message::Original(_)))
+        .cloned()
+        .collect();
+    let options = PublishOptions {
+        rate: Some(rate),
+        stamp_cast_at: true,
+        ..PublishOptions::default()
+    };
+    publish_messages(&bed.amqp_url, &bed.queue, &originals, &options, ledger).await
 }
 
 /// CPU seconds used so far by the replicas and the two server containers.

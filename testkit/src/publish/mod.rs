@@ -5,6 +5,22 @@
 //! attempted (see [`crate::ledger`]), since an unconfirmed publish may still reach the
 //! queue. `mandatory` is set, so a message that no queue would take (the queue does not
 //! exist yet) comes back as an error instead of vanishing.
+//!
+//! Two ways to publish a workload, on one loop (the private `pump` module): [`publish_messages`], a fixed
+//! list as fast as confirms allow (or at a rate) that gives up when the broker stays
+//! away, and [`SteadyLoad`], a steady rate in the background for as long as faults last,
+//! that never gives up and stops when told. [`Publisher`] is the single connection both
+//! use, also handy on its own for a few votes.
+
+mod pump;
+mod steady;
+
+pub use pump::CONFIRM_TIMEOUT;
+pub use steady::{Published, SteadyLoad};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -13,8 +29,15 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use vote_aggregator::broker::PUBLISHED_AT_HEADER;
 use vote_aggregator::vote::Vote;
 
-/// Most publishes awaiting their confirm at once.
+/// Most publishes awaiting their confirm at once (a fixed list as fast as it goes).
 const CONFIRM_WINDOW: usize = 500;
+
+/// Failed connection attempts or broken sessions a fixed-list publish tolerates, one
+/// [`RECONNECT_PAUSE`] apart (about 30 s of broker absence).
+const MAX_FAILURES: u32 = 30;
+
+/// Pause after a failed connection attempt of a fixed-list publish.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 /// A confirmed publisher to one queue.
 pub struct Publisher {
@@ -45,11 +68,13 @@ impl Publisher {
     /// When the broker is unreachable or refuses the credentials.
     pub async fn connect(amqp_url: &str, queue: &str) -> anyhow::Result<Self> {
         let shown = vote_aggregator::config::redact_url(amqp_url);
-        let connection = match Connection::connect(
+        let connecting = Connection::connect(
             amqp_url,
             ConnectionProperties::default().with_connection_name("vote-testkit/publisher".into()),
-        )
-        .await
+        );
+        let connection = match tokio::time::timeout(CONFIRM_TIMEOUT, connecting)
+            .await
+            .with_context(|| format!("connecting to RabbitMQ at {shown} timed out"))?
         {
             Ok(c) => c,
             Err(e) => {
@@ -131,6 +156,11 @@ impl Publisher {
     pub async fn close(self) {
         let _ = self.connection.close(200, "done".into()).await;
     }
+
+    /// Closes the connection, waiting at most `bound` (a broken connection may hang).
+    async fn close_within(self, bound: Duration) {
+        let _ = tokio::time::timeout(bound, self.close()).await;
+    }
 }
 
 fn check(confirm: Confirmation, queue: &str) -> anyhow::Result<()> {
@@ -156,6 +186,9 @@ pub struct PublishOptions {
     pub connections: usize,
     /// Show a progress bar (on a terminal) or print progress lines (elsewhere).
     pub progress: bool,
+    /// Set each vote's `cast_at` to the moment it is sent, so `recorded_at - cast_at`
+    /// is its publish-to-commit latency.
+    pub stamp_cast_at: bool,
 }
 
 impl Default for PublishOptions {
@@ -164,15 +197,17 @@ impl Default for PublishOptions {
             rate: None,
             connections: 1,
             progress: false,
+            stamp_cast_at: false,
         }
     }
 }
 
 /// Publishes `messages` with confirms and records in `ledger` each one attempted (marked
 /// before it is sent) and each one confirmed. Publishes whose confirm does not arrive
-/// (nack, lost channel) are retried on a fresh connection; a retried publish may reach the
-/// queue twice, which is exactly the kind of duplicate the aggregator must absorb. The
-/// attempts enter the ledger even when this fails, so whatever reached the queue is known.
+/// (nack, timeout, lost channel) are retried on a fresh connection; a retried publish may
+/// reach the queue twice, which is exactly the kind of duplicate the aggregator must
+/// absorb. The attempts and confirms enter the ledger even when this fails, so whatever
+/// reached the queue is known.
 ///
 /// # Errors
 /// When the broker stays unreachable (after about 30 s of retries), refuses the
@@ -184,65 +219,77 @@ pub async fn publish_messages(
     options: &PublishOptions,
     ledger: &mut crate::ledger::Ledger,
 ) -> anyhow::Result<()> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
     let connections = options.connections.max(1);
-    let progress =
-        crate::progress::Progress::new("publishing", messages.len() as u64, options.progress);
-    let done = Arc::new(AtomicU64::new(0));
-    let attempted: Arc<Vec<AtomicBool>> = Arc::new(
-        (0..messages.len())
-            .map(|_| AtomicBool::new(false))
-            .collect(),
-    );
+    let flags = || -> Arc<Vec<AtomicBool>> {
+        Arc::new(
+            (0..messages.len())
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+        )
+    };
+    let shared = Shared {
+        attempted: flags(),
+        confirmed: flags(),
+        done: Arc::new(AtomicU64::new(0)),
+        retried: Arc::new(AtomicU64::new(0)),
+        progress: crate::progress::Progress::new(
+            "publishing",
+            messages.len() as u64,
+            options.progress,
+        ),
+    };
     let mut tasks = Vec::with_capacity(connections);
     for c in 0..connections {
-        let mine: Vec<usize> = (c..messages.len()).step_by(connections).collect();
+        // Dealt round-robin: a vote and its immediate duplicate leave on different
+        // connections and race.
+        let ids: Vec<usize> = (c..messages.len()).step_by(connections).collect();
+        let mine: Vec<crate::workload::Message> =
+            ids.iter().map(|&i| messages[i].clone()).collect();
+        let mut sink = ShareSink {
+            ids,
+            shared: shared.clone(),
+        };
         let rate = options.rate.map(|r| r / connections as f64);
-        let done = done.clone();
-        let attempted = attempted.clone();
-        let progress = progress.clone();
-        let (url, queue) = (amqp_url.to_string(), queue.to_string());
-        let msgs: Vec<(usize, crate::workload::Message)> =
-            mine.iter().map(|&i| (i, messages[i].clone())).collect();
+        let stamp_cast_at = options.stamp_cast_at;
+        let (url, queue) = (amqp_url.to_owned(), queue.to_owned());
         tasks.push(tokio::spawn(async move {
-            let counters = Counters {
-                done: &done,
-                attempted: &attempted,
-                progress: &progress,
+            let plan = pump::Plan {
+                amqp_url: &url,
+                queue: &queue,
+                messages: &mine,
+                rate,
+                window: CONFIRM_WINDOW,
+                max_failures: Some(MAX_FAILURES),
+                reconnect_pause: RECONNECT_PAUSE,
+                returned_is_fatal: true,
+                stamp_cast_at,
+                stop: None,
             };
-            publish_on_one_connection(&url, &queue, msgs, rate, &counters).await
+            pump::pump(&plan, &mut sink).await.map(|_| ())
         }));
     }
-    let mut confirmed = Vec::with_capacity(messages.len());
-    let mut retried = 0;
     let mut first_error = None;
     for task in tasks {
-        match task.await {
-            Ok(Ok((ids, r))) => {
-                confirmed.extend(ids);
-                retried += r;
-            }
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            Err(e) => {
-                first_error.get_or_insert(anyhow::anyhow!("publisher task failed: {e}"));
-            }
+        let result = match task.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("publisher task failed: {e}")),
+        };
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
         }
     }
-    progress.finish(done.load(Ordering::Relaxed));
+    shared.progress.finish(shared.done.load(Ordering::Relaxed));
     for (i, m) in messages.iter().enumerate() {
-        if attempted[i].load(Ordering::Relaxed) {
+        if shared.attempted[i].load(Ordering::Relaxed) {
             ledger.attempt(m);
         }
     }
-    confirmed.sort_unstable();
-    for i in confirmed {
-        ledger.record(&messages[i]);
+    for (i, m) in messages.iter().enumerate() {
+        if shared.confirmed[i].load(Ordering::Relaxed) {
+            ledger.record(m);
+        }
     }
-    ledger.retried += retried;
+    ledger.retried += shared.retried.load(Ordering::Relaxed);
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
@@ -264,111 +311,40 @@ pub fn message_parts(m: &crate::workload::Message) -> (Vec<u8>, BasicProperties)
     }
 }
 
-/// What the connections of one [`publish_messages`] share.
-struct Counters<'a> {
+/// What the connections of one [`publish_messages`] share, by message index.
+#[derive(Clone)]
+struct Shared {
+    /// Set BEFORE a message's first publish is sent.
+    attempted: Arc<Vec<AtomicBool>>,
+    /// Set once the broker confirmed a message.
+    confirmed: Arc<Vec<AtomicBool>>,
     /// Messages confirmed so far (for the progress display).
-    done: &'a std::sync::atomic::AtomicU64,
-    /// By message index: set BEFORE its first publish is sent.
-    attempted: &'a [std::sync::atomic::AtomicBool],
-    progress: &'a crate::progress::Progress,
+    done: Arc<AtomicU64>,
+    /// Publishes retried.
+    retried: Arc<AtomicU64>,
+    progress: crate::progress::Progress,
 }
 
-/// One connection's share: returns the indexes confirmed and how many publishes were
-/// retried; marks each message in `counters.attempted` before it is sent.
-async fn publish_on_one_connection(
-    amqp_url: &str,
-    queue: &str,
-    messages: Vec<(usize, crate::workload::Message)>,
-    rate: Option<f64>,
-    counters: &Counters<'_>,
-) -> anyhow::Result<(Vec<usize>, u64)> {
-    use std::collections::VecDeque;
-    use std::sync::atomic::Ordering;
-    use std::time::{Duration, Instant};
+/// One connection's view of [`Shared`]: its share's indexes in the whole list.
+struct ShareSink {
+    ids: Vec<usize>,
+    shared: Shared,
+}
 
-    let mut todo: VecDeque<(usize, crate::workload::Message)> = messages.into();
-    let mut confirmed = Vec::with_capacity(todo.len());
-    let mut retried = 0u64;
-    let started = Instant::now();
-    let mut sent = 0u64;
-    let mut failures = 0u32;
-    while !todo.is_empty() {
-        let publisher = match Publisher::connect(amqp_url, queue).await {
-            Ok(p) => p,
-            Err(e) if failures < 30 && !is_auth_error(&e) => {
-                failures += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        // Publish a window, then collect its confirms; anything unconfirmed goes back to
-        // the front of the queue for a retry on a fresh connection.
-        'session: while !todo.is_empty() {
-            let mut window = Vec::with_capacity(CONFIRM_WINDOW);
-            while window.len() < CONFIRM_WINDOW {
-                let Some((i, m)) = todo.pop_front() else {
-                    break;
-                };
-                if let Some(rate) = rate {
-                    let due = Duration::from_secs_f64(sent as f64 / rate);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        tokio::time::sleep(wait).await;
-                    }
-                }
-                sent += 1;
-                let (body, props) = message_parts(&m);
-                counters.attempted[i].store(true, Ordering::Relaxed);
-                let res = publisher.send(&body, props).await;
-                match res {
-                    Ok(confirm) => window.push((i, m, Some(confirm))),
-                    Err(_) => {
-                        window.push((i, m, None));
-                        break;
-                    }
-                }
-                // Small windows while rate-limited, so the ledger keeps up in time.
-                if rate.is_some() && window.len() >= 50 {
-                    break;
-                }
-            }
-            let mut broken = false;
-            let mut failed = Vec::new();
-            for (i, m, confirm) in window {
-                let outcome = match confirm {
-                    Some(c) if !broken => c.await.map_err(anyhow::Error::from),
-                    _ => Err(anyhow::anyhow!("channel lost")),
-                };
-                match outcome.and_then(|c| check(c, queue)) {
-                    Ok(()) => {
-                        confirmed.push(i);
-                        let n = counters.done.fetch_add(1, Ordering::Relaxed) + 1;
-                        counters.progress.set(n);
-                    }
-                    Err(e) if e.to_string().contains("no such queue") => return Err(e),
-                    Err(_) => {
-                        broken = true;
-                        retried += 1;
-                        failed.push((i, m));
-                    }
-                }
-            }
-            for unconfirmed in failed.into_iter().rev() {
-                todo.push_front(unconfirmed);
-            }
-            if broken {
-                failures += 1;
-                if failures > 30 {
-                    anyhow::bail!(
-                        "publishes to '{queue}' keep failing; giving up after 30 retries"
-                    );
-                }
-                break 'session;
-            }
-        }
-        publisher.close().await;
+impl pump::Sink for ShareSink {
+    fn attempted(&mut self, i: usize) {
+        self.shared.attempted[self.ids[i]].store(true, Ordering::Relaxed);
     }
-    Ok((confirmed, retried))
+
+    fn confirmed(&mut self, i: usize) {
+        self.shared.confirmed[self.ids[i]].store(true, Ordering::Relaxed);
+        let n = self.shared.done.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared.progress.set(n);
+    }
+
+    fn retried(&mut self, n: u64) {
+        self.shared.retried.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 fn is_auth_error(e: &anyhow::Error) -> bool {
