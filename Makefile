@@ -5,11 +5,9 @@ SHELL := /bin/bash
 OFFLINE_POSTGRES_IMAGE := vote-aggregator/postgres:17-offline
 OFFLINE_RABBITMQ_IMAGE := vote-aggregator/rabbitmq:4.0-offline
 
-# Test servers: the official images unless `make images` built the offline ones (or the
-# caller chose images, or gave running servers via VOTES_TEST_DATABASE_URL/AMQP_URL).
-VOTES_POSTGRES_IMAGE ?= $(shell docker image inspect $(OFFLINE_POSTGRES_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_POSTGRES_IMAGE) || echo postgres:17)
-VOTES_RABBITMQ_IMAGE ?= $(shell docker image inspect $(OFFLINE_RABBITMQ_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_RABBITMQ_IMAGE) || echo rabbitmq:4.0)
-export VOTES_POSTGRES_IMAGE VOTES_RABBITMQ_IMAGE
+# Test servers: the test kit picks the images itself (VOTES_POSTGRES_IMAGE /
+# VOTES_RABBITMQ_IMAGE if set, else the offline images if `make images` built them, else
+# the official ones); see testkit/src/infra/images.rs.
 
 # The fault-injection replica binary only the chaos suite runs, kept apart from every
 # ordinary build (Cargo would otherwise unify the feature into them).
@@ -24,7 +22,6 @@ images: ## (root) build offline PostgreSQL 17 + RabbitMQ 4.0 images from Debian 
 	OFFLINE_POSTGRES_IMAGE=$(OFFLINE_POSTGRES_IMAGE) OFFLINE_RABBITMQ_IMAGE=$(OFFLINE_RABBITMQ_IMAGE) images/build.sh
 
 test: fault-build ## run every test against real PostgreSQL and RabbitMQ containers
-	@echo "test servers: $(VOTES_POSTGRES_IMAGE) + $(VOTES_RABBITMQ_IMAGE)"
 	cargo build --workspace --locked   # the suites run the real binaries
 	cargo test --workspace --locked
 

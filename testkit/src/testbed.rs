@@ -2,7 +2,11 @@
 //! handles a test needs (service config, publisher, database and broker views).
 //!
 //! Every test makes its own bed, so tests in one binary share the containers but never
-//! each other's data.
+//! each other's data. A bed drops its database when it is dropped (in the background) or
+//! [`TestBed::finish`]ed (awaited), so a long test process does not pile up databases.
+//!
+//! Beds start from an EMPTY database, not a clone of a migrated template: the service
+//! migrates on start, and tests rely on seeing that happen.
 
 use std::time::Duration;
 
@@ -13,8 +17,8 @@ use crate::infra::{Infra, fresh_queue_name};
 use crate::inspect::{Broker, Db};
 use crate::publish::Publisher;
 
-/// A fresh database and queue on a server pair.
-#[derive(Debug, Clone)]
+/// A fresh database and queue on a server pair. Owns the database: dropping the bed drops it.
+#[derive(Debug)]
 pub struct TestBed {
     /// URL of this bed's own database (empty until the aggregator migrates it).
     pub database_url: String,
@@ -22,6 +26,27 @@ pub struct TestBed {
     pub amqp_url: String,
     /// This bed's queue; its dead-letter queue is `<queue>.dlq`.
     pub queue: String,
+    /// Drops the database when the bed goes.
+    database: DatabaseGuard,
+}
+
+/// Drops its database (in the background) unless [`TestBed::finish`] already did.
+#[derive(Debug)]
+struct DatabaseGuard {
+    admin_url: String,
+    url: String,
+    armed: bool,
+}
+
+impl Drop for DatabaseGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            crate::infra::drop_database_detached(
+                std::mem::take(&mut self.admin_url),
+                std::mem::take(&mut self.url),
+            );
+        }
+    }
 }
 
 impl TestBed {
@@ -30,11 +55,27 @@ impl TestBed {
     /// # Errors
     /// When the database cannot be created.
     pub async fn new(infra: &Infra) -> anyhow::Result<Self> {
+        let database_url = infra.fresh_database().await?;
         Ok(TestBed {
-            database_url: infra.fresh_database().await?,
+            database: DatabaseGuard {
+                admin_url: infra.admin_database_url(),
+                url: database_url.clone(),
+                armed: true,
+            },
+            database_url,
             amqp_url: infra.amqp_url(),
             queue: fresh_queue_name(),
         })
+    }
+
+    /// Drops this bed's database now (disconnecting whoever still uses it) and waits for
+    /// it. Dropping the bed does the same in the background.
+    ///
+    /// # Errors
+    /// When PostgreSQL cannot be reached or refuses.
+    pub async fn finish(mut self) -> anyhow::Result<()> {
+        self.database.armed = false;
+        crate::infra::drop_database(&self.database.admin_url, &self.database.url).await
     }
 
     /// A service configuration for this bed: its queue (quorum), HTTP on a free local

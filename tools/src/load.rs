@@ -301,7 +301,7 @@ fn limited_by(r: &ConfigResult) -> String {
     }
 }
 
-async fn machine(servers: &Infra) -> anyhow::Result<Machine> {
+async fn machine(servers: &infra::PrivateInfra) -> anyhow::Result<Machine> {
     #[derive(QueryableByName)]
     struct Row {
         #[diesel(sql_type = Text)]
@@ -323,7 +323,7 @@ async fn machine(servers: &Infra) -> anyhow::Result<Machine> {
         memory_gib: memory_bytes / 1024.0 / 1024.0 / 1024.0,
         kernel: procinfo::kernel_release().unwrap_or_default(),
         postgres: version.v,
-        rabbitmq: InfraOptions::default().rabbitmq_image,
+        rabbitmq: servers.rabbitmq_image().to_owned(),
         postgres_fsync: fsync.v,
         aggregator_version: env!("CARGO_PKG_VERSION").to_string(),
     })

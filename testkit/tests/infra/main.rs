@@ -1,9 +1,7 @@
 //! Integration tests of the test infrastructure itself: real containers (or the servers
 //! named by `VOTES_TEST_DATABASE_URL` / `VOTES_TEST_AMQP_URL`) and the fault proxy.
 //!
-//! Run with the offline images on a machine without registry access:
-//! `VOTES_POSTGRES_IMAGE=vote-aggregator/postgres:17-offline
-//!  VOTES_RABBITMQ_IMAGE=vote-aggregator/rabbitmq:4.0-offline cargo test -p vote-testkit --test infra`
+//! The offline images are used when they exist locally (`make images`); no variables needed.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -16,6 +14,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use vote_testkit::infra::{self, InfraOptions};
 use vote_testkit::proxy::FaultProxy;
+use vote_testkit::testbed::TestBed;
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -38,6 +37,11 @@ async fn shared_starts_both_servers_and_a_fresh_database_accepts_queries() -> an
         url::Url::parse(&url)?.port().unwrap_or(5432)
     );
     assert!(infra.amqp_url().starts_with("amqp://"));
+    infra.drop_database(&url).await?;
+    assert!(
+        execute(&url, "SELECT 1").await.is_err(),
+        "a dropped database must be gone"
+    );
     Ok(())
 }
 
@@ -51,6 +55,8 @@ async fn two_fresh_databases_are_distinct() -> anyhow::Result<()> {
         execute(&b, "SELECT * FROM only_in_a").await.is_err(),
         "a table created in one fresh database must not exist in another"
     );
+    infra.drop_database(&a).await?;
+    infra.drop_database(&b).await?;
     Ok(())
 }
 
@@ -262,5 +268,102 @@ async fn private_pair_survives_restarts_and_pauses_with_the_same_urls() -> anyho
     assert_eq!(private.amqp_url(), amqp);
     let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default()).await?;
     conn.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// testcontainers' own runner drives this Docker engine: start, pause, unpause, stop and
+/// start again (Docker maps a new host port), and the server accepts TCP after each start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testcontainers_runs_against_this_engine() -> anyhow::Result<()> {
+    use testcontainers::core::{IntoContainerPort as _, WaitFor};
+    use testcontainers::runners::AsyncRunner as _;
+    use testcontainers::{GenericImage, ImageExt as _};
+
+    let image = infra::postgres_image().await?;
+    let (name, tag) = image.rsplit_once(':').context("image without a tag")?;
+    let container = GenericImage::new(name, tag)
+        .with_exposed_port(5432.tcp())
+        .with_wait_for(WaitFor::message_on_stderr(
+            "database system is ready to accept connections",
+        ))
+        .with_env_var("POSTGRES_PASSWORD", "probe")
+        // The kit's labels: if this test dies, the next test process removes it.
+        .with_labels(infra::own_labels())
+        .start()
+        .await
+        .context("testcontainers could not start the PostgreSQL image")?;
+    let first = container.get_host_port_ipv4(5432.tcp()).await?;
+    TcpStream::connect((Ipv4Addr::LOCALHOST, first)).await?;
+    container.pause().await.context("pause")?;
+    container.unpause().await.context("unpause")?;
+    container.stop().await.context("stop")?;
+    container.start().await.context("start again")?;
+    let second = container.get_host_port_ipv4(5432.tcp()).await?;
+    // The port is published before the server listens: retry briefly.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, second))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .context("no TCP connection after the restart")?;
+    println!(
+        "testcontainers probe ({image}): host port {first}, paused, unpaused, stopped, \
+         started; host port {second}"
+    );
+    container.rm().await.context("rm")?;
+    Ok(())
+}
+
+async fn database_exists(infra: &infra::Infra, name: &str) -> anyhow::Result<bool> {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(&infra.admin_database_url()).await?;
+    let rows: Vec<Count> =
+        diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+            .bind::<diesel::sql_types::Text, _>(name)
+            .load(&mut conn)
+            .await?;
+    Ok(rows.into_iter().next().is_some_and(|row| row.n > 0))
+}
+
+/// A test bed's database goes away with the bed: at once with `finish`, in the background
+/// on drop, even while a connection still uses it.
+#[tokio::test]
+async fn a_finished_or_dropped_test_bed_leaves_no_database_behind() -> anyhow::Result<()> {
+    let infra = infra::shared().await?;
+
+    let bed = TestBed::new(infra).await?;
+    let name = bed.database_name();
+    assert!(
+        database_exists(infra, &name).await?,
+        "{name} was not created"
+    );
+    let busy = AsyncPgConnection::establish(&bed.database_url).await?;
+    bed.finish().await?;
+    assert!(
+        !database_exists(infra, &name).await?,
+        "{name} survived finish"
+    );
+    drop(busy);
+
+    let bed = TestBed::new(infra).await?;
+    let name = bed.database_name();
+    let _busy = AsyncPgConnection::establish(&bed.database_url).await?;
+    drop(bed);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while database_exists(infra, &name).await? {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("{name} survived the drop of its bed"))??;
     Ok(())
 }
