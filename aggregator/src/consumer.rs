@@ -21,7 +21,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use lapin::options::{
@@ -153,7 +152,7 @@ fn spawn_commit(ctx: &Ctx, batch: Batch, session_gone: &CancellationToken) -> Co
 }
 
 async fn commit(ctx: Ctx, batch: Batch, session_gone: CancellationToken) -> Committed {
-    let mut backoff = retry_backoff();
+    let mut backoff = crate::supervisor::retry_backoff();
     // Set while an earlier attempt's COMMIT has no known outcome.
     let mut in_doubt: Option<db::InDoubt> = None;
     loop {
@@ -275,17 +274,6 @@ fn record_outcome(m: &Metrics, batch: &Batch, outcome: &BatchOutcome) {
         conflicting = outcome.conflicting.len(),
         "batch committed"
     );
-}
-
-/// The backoff used for every retry in the service: 100 ms doubling to 5 s, jittered,
-/// never giving up (the caller decides when to stop).
-pub(crate) fn retry_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 async fn ack(session: &Session, ctx: &Ctx, tag: u64) -> Result<(), String> {

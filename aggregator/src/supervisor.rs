@@ -1,0 +1,183 @@
+//! The supervisor of one replica: migrations, the database watch, and the reconnect loop
+//! that runs broker session after broker session until shutdown.
+//!
+//! It owns every retry-with-backoff decision of the service ([`retry_backoff`]) and the
+//! rule that only what retrying cannot fix (a queue declared with other arguments,
+//! refused credentials, a migration that fails on its own) stops the replica; an
+//! unreachable server is retried, reported in the metrics and the logs, and never
+//! returned as an error. What happens inside one session is [`crate::consumer`]'s.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, warn};
+
+use crate::config;
+use crate::consumer::{self, Ctx, SessionEnd};
+use crate::error::{BrokerError, Error};
+use crate::metrics::DEP_POSTGRES;
+use crate::{broker, db};
+
+/// A broker session that lasted at least this long counts as healthy: losing it resets
+/// the reconnect backoff. Shorter sessions keep backing off.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+/// The backoff used for every retry in the service: 100 ms doubling to 5 s, jittered,
+/// never giving up (the caller decides when to stop).
+pub(crate) fn retry_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Migrate, watch the database, then consume session after session until shutdown.
+pub(crate) async fn serve(ctx: Ctx, shutdown: CancellationToken) -> Result<(), Error> {
+    if ctx.config.run_migrations && !migrate_with_retry(&ctx, &shutdown).await? {
+        return Ok(());
+    }
+    tokio::spawn(watch_database(ctx.clone(), shutdown.child_token()).in_current_span());
+
+    let mut backoff = retry_backoff();
+    // Numbers the broker sessions of this replica (the `session` field of their logs).
+    let mut sessions: u64 = 0;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        // Hold no deliveries hostage while this replica cannot reach the database:
+        // consume only once it answers (another replica may be able to).
+        if !ctx.metrics.is_up(DEP_POSTGRES) {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            }
+        }
+        sessions += 1;
+        let span = tracing::info_span!("session", session = sessions);
+        let wait = match session(&ctx, &shutdown, &mut backoff)
+            .instrument(span)
+            .await?
+        {
+            Next::Stop => return Ok(()),
+            Next::RetryIn(wait) => wait,
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// What the supervisor does after a session attempt.
+enum Next {
+    /// Shutdown: return.
+    Stop,
+    /// Connect again after this long.
+    RetryIn(Duration),
+}
+
+/// One broker session: connect, consume until it ends, and decide how long to wait
+/// before the next one.
+async fn session(
+    ctx: &Ctx,
+    shutdown: &CancellationToken,
+    backoff: &mut ExponentialBackoff,
+) -> Result<Next, Error> {
+    let session = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(Next::Stop),
+        s = broker::connect(&ctx.config) => s,
+    };
+    match session {
+        Ok(session) => {
+            info!(amqp = %config::redact_url(ctx.config.amqp_url.expose_secret()), "connected to RabbitMQ");
+            let started = tokio::time::Instant::now();
+            match consumer::run_session(ctx, session, shutdown).await? {
+                SessionEnd::Stopped => Ok(Next::Stop),
+                SessionEnd::Lost(reason) => {
+                    ctx.metrics.broker_connection_failures.inc();
+                    let lasted = started.elapsed();
+                    // Only a session that lived resets the backoff: one that dies right
+                    // after connecting (consume refused, exclusive consumer elsewhere)
+                    // must not turn into a reconnect storm.
+                    if lasted >= STABLE_SESSION {
+                        *backoff = retry_backoff();
+                    }
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    warn!(%reason, lasted_ms = lasted.as_millis() as u64, retry_in_ms = wait.as_millis() as u64,
+                          "RabbitMQ session lost; unacked deliveries will be redelivered; reconnecting");
+                    Ok(Next::RetryIn(wait))
+                }
+            }
+        }
+        Err(e @ (BrokerError::QueueMismatch { .. } | BrokerError::AuthRefused { .. })) => {
+            Err(e.into())
+        }
+        Err(e) => {
+            ctx.metrics.broker_connection_failures.inc();
+            let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+            warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot reach RabbitMQ; retrying");
+            Ok(Next::RetryIn(wait))
+        }
+    }
+}
+
+/// Pings PostgreSQL every second to keep `up{dependency="postgres"}` (and so
+/// `/readyz`) true to the facts even while no batch is committing.
+async fn watch_database(ctx: Ctx, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ok = tokio::time::timeout(
+            Duration::from_secs(3),
+            db::ping(&ctx.pool, &ctx.config.database_url),
+        )
+        .await;
+        let up = matches!(ok, Ok(Ok(())));
+        if !up && ctx.metrics.is_up(DEP_POSTGRES) {
+            ctx.metrics.database_connection_failures.inc();
+            warn!("PostgreSQL stopped answering; /readyz reports 503 until it is back");
+        } else if up && !ctx.metrics.is_up(DEP_POSTGRES) {
+            info!("PostgreSQL reachable");
+        }
+        ctx.metrics.set_up(DEP_POSTGRES, up);
+    }
+}
+
+/// Applies migrations, retrying with backoff while PostgreSQL is unreachable. Returns
+/// `false` if shutdown came first.
+async fn migrate_with_retry(ctx: &Ctx, shutdown: &CancellationToken) -> Result<bool, Error> {
+    let mut backoff = retry_backoff();
+    loop {
+        let res = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            r = db::run_migrations(&ctx.config.database_url) => r,
+        };
+        match res {
+            Ok(applied) => {
+                if !applied.is_empty() {
+                    info!(migrations = ?applied, "migrations applied");
+                }
+                ctx.metrics.set_up(DEP_POSTGRES, true);
+                return Ok(true);
+            }
+            Err(e) if e.is_transient() => {
+                ctx.metrics.database_connection_failures.inc();
+                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot apply migrations yet; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
