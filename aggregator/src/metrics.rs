@@ -1,10 +1,13 @@
-//! Every metric the service exports, declared in one place.
+//! Every metric the service exports, each declared ONCE in the [`metrics!`] table below:
+//! its field, its full name (exported in [`names`] for the test kit and dashboards), its
+//! type and its help text (the field's doc comment, which the scrape shows as `# HELP`).
 //!
 //! All names share the prefix `vote_aggregator_` and follow Prometheus naming (`_total`
 //! for counters, base units such as `_seconds`). Each replica owns its own [`Registry`]
 //! (no global state), so tests can run several replicas in one process and read each
 //! one's figures apart.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -12,195 +15,247 @@ use prometheus::{
 
 use crate::vote::RejectKind;
 
-const PREFIX: &str = "vote_aggregator";
+/// The prefix of every metric name.
+pub const PREFIX: &str = "vote_aggregator_";
 
 /// The `dependency` label values of [`Metrics::up`].
 pub const DEP_POSTGRES: &str = "postgres";
 /// See [`DEP_POSTGRES`].
 pub const DEP_RABBITMQ: &str = "rabbitmq";
 
-/// The metrics of one replica.
-#[derive(Clone)]
-pub struct Metrics {
-    registry: Registry,
+/// One metric as declared: what a scrape shows in its `# HELP` and `# TYPE` lines.
+#[derive(Debug, Clone, Copy)]
+pub struct Declared {
+    /// Full name (with [`PREFIX`]); for a histogram, the base of its series.
+    pub name: &'static str,
+    /// The field's doc comment, one line per doc line; see [`Declared::help`].
+    pub doc: &'static str,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'static str,
+}
+
+impl Declared {
+    /// The help text as exported: the doc comment on one line.
+    pub fn help(&self) -> String {
+        one_line(self.doc)
+    }
+}
+
+/// A doc comment as one line of help text.
+fn one_line(doc: &str) -> String {
+    doc.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The shape of a metric beyond its name and help: its labels, its buckets.
+struct Shape {
+    labels: &'static [&'static str],
+    buckets: Option<Vec<f64>>,
+}
+
+impl Shape {
+    const PLAIN: Shape = Shape {
+        labels: &[],
+        buckets: None,
+    };
+
+    fn label(label: &'static [&'static str]) -> Shape {
+        Shape {
+            labels: label,
+            buckets: None,
+        }
+    }
+
+    fn buckets(buckets: Vec<f64>) -> Shape {
+        Shape {
+            labels: &[],
+            buckets: Some(buckets),
+        }
+    }
+}
+
+/// A metric type the table can declare.
+trait Declare: Collector + Clone + Sized + 'static {
+    /// The `# TYPE` of the metric.
+    const KIND: &'static str;
+    fn create(name: &str, help: String, shape: Shape) -> prometheus::Result<Self>;
+}
+
+impl Declare for IntCounter {
+    const KIND: &'static str = "counter";
+    fn create(name: &str, help: String, _: Shape) -> prometheus::Result<Self> {
+        IntCounter::with_opts(Opts::new(name, help))
+    }
+}
+
+impl Declare for IntCounterVec {
+    const KIND: &'static str = "counter";
+    fn create(name: &str, help: String, shape: Shape) -> prometheus::Result<Self> {
+        IntCounterVec::new(Opts::new(name, help), shape.labels)
+    }
+}
+
+impl Declare for IntGauge {
+    const KIND: &'static str = "gauge";
+    fn create(name: &str, help: String, _: Shape) -> prometheus::Result<Self> {
+        IntGauge::with_opts(Opts::new(name, help))
+    }
+}
+
+impl Declare for IntGaugeVec {
+    const KIND: &'static str = "gauge";
+    fn create(name: &str, help: String, shape: Shape) -> prometheus::Result<Self> {
+        IntGaugeVec::new(Opts::new(name, help), shape.labels)
+    }
+}
+
+impl Declare for Histogram {
+    const KIND: &'static str = "histogram";
+    fn create(name: &str, help: String, shape: Shape) -> prometheus::Result<Self> {
+        let mut opts = HistogramOpts::new(name, help);
+        if let Some(buckets) = shape.buckets {
+            opts = opts.buckets(buckets);
+        }
+        Histogram::with_opts(opts)
+    }
+}
+
+/// Creates a metric and registers it.
+///
+/// # Panics
+/// Never in practice: creation fails only on an invalid name and registration only on a
+/// duplicate one, which the single table rules out (a unit test registers them all).
+fn register<M: Declare>(registry: &Registry, name: &str, doc: &'static str, shape: Shape) -> M {
+    let help = one_line(doc);
+    let metric = M::create(name, help, shape).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+/// Declares the metrics: the [`Metrics`] struct (one field each), the [`names`]
+/// constants, the [`DECLARED`] table and the registration, all from one entry per metric:
+///
+/// ```text
+/// /// Help text (the doc comment).
+/// field: Type = CONST_NAME "full_metric_name" [, shape];
+/// ```
+macro_rules! metrics {
+    ($(
+        $(#[doc = $doc:literal])+
+        $field:ident : $ty:ident = $const:ident $name:literal $(, $shape:expr)? ;
+    )*) => {
+        /// The metrics of one replica.
+        #[derive(Clone)]
+        pub struct Metrics {
+            registry: Registry,
+            $( $(#[doc = $doc])+ pub $field: $ty, )*
+        }
+
+        /// The full name of every metric, as a scrape shows it.
+        pub mod names {
+            $( $(#[doc = $doc])+ pub const $const: &str = $name; )*
+        }
+
+        /// Every metric: name, help and type.
+        pub const DECLARED: &[Declared] = &[
+            $( Declared {
+                name: names::$const,
+                doc: concat!($($doc, "\n"),+),
+                kind: <$ty as Declare>::KIND,
+            }, )*
+        ];
+
+        /// Each constant of [`names`] with its identifier, for the naming test.
+        #[cfg(test)]
+        const CONSTANTS: &[(&str, &str)] = &[ $( (stringify!($const), names::$const), )* ];
+
+        impl Metrics {
+            fn register_all(registry: Registry) -> Self {
+                Metrics {
+                    $( $field: register::<$ty>(
+                        &registry,
+                        names::$const,
+                        concat!($($doc, "\n"),+),
+                        metrics!(@shape $($shape)?),
+                    ), )*
+                    registry,
+                }
+            }
+        }
+    };
+    (@shape) => { Shape::PLAIN };
+    (@shape $shape:expr) => { $shape };
+}
+
+/// Bucket bounds of the latency histograms, in seconds.
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
+    ]
+}
+
+metrics! {
     /// Deliveries taken from the queue (valid or not, first delivery or redelivery).
-    pub votes_received: IntCounter,
+    votes_received: IntCounter = VOTES_RECEIVED_TOTAL "vote_aggregator_votes_received_total";
     /// Votes inserted for the first time and added to a tally.
-    pub votes_counted: IntCounter,
+    votes_counted: IntCounter = VOTES_COUNTED_TOTAL "vote_aggregator_votes_counted_total";
     /// Votes not counted because the same vote (same UUID, same payload) was already
     /// counted; label `redelivered` is the AMQP redelivered flag ("true" after a crash or
     /// lost ack, "false" for a duplicate publish).
-    pub votes_duplicate: IntCounterVec,
+    votes_duplicate: IntCounterVec = VOTES_DUPLICATE_TOTAL "vote_aggregator_votes_duplicate_total",
+        Shape::label(&["redelivered"]);
     /// Votes not counted because their UUID was already counted with another payload;
     /// each is recorded in `vote_conflicts`.
-    pub votes_conflicting: IntCounter,
-    /// Deliveries dead-lettered as malformed, by `reason`.
-    pub votes_rejected: IntCounterVec,
+    votes_conflicting: IntCounter = VOTES_CONFLICTING_TOTAL "vote_aggregator_votes_conflicting_total";
+    /// Malformed deliveries sent to the dead-letter queue, by `reason`.
+    votes_rejected: IntCounterVec = VOTES_REJECTED_TOTAL "vote_aggregator_votes_rejected_total",
+        Shape::label(&["reason"]);
     /// Votes per committed batch.
-    pub batch_size: Histogram,
+    batch_size: Histogram = BATCH_SIZE "vote_aggregator_batch_size",
+        Shape::buckets(vec![1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]);
     /// Time to run and commit one batch transaction (successful attempts only).
-    pub commit_duration_seconds: Histogram,
-    /// From the publisher's timestamp to the commit that counted the vote.
-    pub publish_to_commit_seconds: Histogram,
+    commit_duration_seconds: Histogram = COMMIT_DURATION_SECONDS "vote_aggregator_commit_duration_seconds",
+        Shape::buckets(latency_buckets());
+    /// Time from the publisher's timestamp to the commit that counted the vote.
+    publish_to_commit_seconds: Histogram = PUBLISH_TO_COMMIT_SECONDS "vote_aggregator_publish_to_commit_seconds",
+        Shape::buckets(latency_buckets());
     /// Batches committed.
-    pub batches_committed: IntCounter,
+    batches_committed: IntCounter = BATCHES_COMMITTED_TOTAL "vote_aggregator_batches_committed_total";
     /// Batch transactions that failed and were retried.
-    pub commit_retries: IntCounter,
+    commit_retries: IntCounter = COMMIT_RETRIES_TOTAL "vote_aggregator_commit_retries_total";
     /// Failed attempts to reach PostgreSQL (connect, pool checkout, lost connection).
-    pub database_connection_failures: IntCounter,
+    database_connection_failures: IntCounter = DATABASE_CONNECTION_FAILURES_TOTAL
+        "vote_aggregator_database_connection_failures_total";
     /// Failed attempts to reach RabbitMQ, and connections or channels lost.
-    pub broker_connection_failures: IntCounter,
+    broker_connection_failures: IntCounter = BROKER_CONNECTION_FAILURES_TOTAL
+        "vote_aggregator_broker_connection_failures_total";
     /// Acks that could not be sent (channel gone); the broker redelivers those votes.
-    pub ack_failures: IntCounter,
-    /// 1 while the replica is connected to the dependency, else 0.
-    pub up: IntGaugeVec,
+    ack_failures: IntCounter = ACK_FAILURES_TOTAL "vote_aggregator_ack_failures_total";
+    /// 1 while the replica is connected to the dependency (label `dependency`: `postgres`
+    /// or `rabbitmq`), else 0.
+    up: IntGaugeVec = UP "vote_aggregator_up", Shape::label(&["dependency"]);
     /// Messages ready in the queue, as last seen by this replica.
-    pub queue_depth: IntGauge,
+    queue_depth: IntGauge = QUEUE_DEPTH "vote_aggregator_queue_depth";
     /// Messages in the unexplained dead-letter queue (dead-lettered by the broker, not by
-    /// a replica; may hold valid votes), as last seen by this replica.
-    pub dead_letters_unexplained: IntGauge,
+    /// a replica; may hold valid votes that were never counted), as last seen by this
+    /// replica; alert on > 0.
+    dead_letters_unexplained: IntGauge = DEAD_LETTERS_UNEXPLAINED "vote_aggregator_dead_letters_unexplained";
     /// 1 while the latest batch commit attempt failed (the replica is not ready even if
     /// PostgreSQL answers `SELECT 1`), else 0.
-    pub commits_failing: IntGauge,
-    /// Deliveries whose `x-delivery-count` was at least 10.
-    pub high_delivery_count: IntCounter,
+    commits_failing: IntGauge = COMMITS_FAILING "vote_aggregator_commits_failing";
+    /// Deliveries the broker had already delivered at least 10 times (`x-delivery-count`).
+    high_delivery_count: IntCounter = HIGH_DELIVERY_COUNT_TOTAL "vote_aggregator_high_delivery_count_total";
 }
 
 impl Metrics {
     /// Creates and registers every metric.
     ///
     /// # Panics
-    /// Never in practice: registration only fails on duplicate names, which this single
-    /// declaration rules out (a unit test registers them all).
+    /// Never in practice: see [`register`] (a unit test registers them all).
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::with_opts(Opts::new(format!("{PREFIX}_{name}"), help))
-                .expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let counter_vec = |name: &str, help: &str, label: &str| {
-            let c = IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), &[label])
-                .expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = Histogram::with_opts(
-                HistogramOpts::new(format!("{PREFIX}_{name}"), help).buckets(buckets),
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::with_opts(Opts::new(format!("{PREFIX}_{name}"), help))
-                .expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let latency_buckets = vec![
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            30.0, 60.0,
-        ];
-        let m = Metrics {
-            votes_received: counter(
-                "votes_received_total",
-                "Deliveries taken from the queue, valid or not.",
-            ),
-            votes_counted: counter(
-                "votes_counted_total",
-                "Votes inserted for the first time and added to a tally.",
-            ),
-            votes_duplicate: counter_vec(
-                "votes_duplicate_total",
-                "Votes already counted with the same payload, by AMQP redelivered flag.",
-                "redelivered",
-            ),
-            votes_conflicting: counter(
-                "votes_conflicting_total",
-                "Votes whose UUID was already counted with another payload.",
-            ),
-            votes_rejected: counter_vec(
-                "votes_rejected_total",
-                "Malformed deliveries sent to the dead-letter queue, by reason.",
-                "reason",
-            ),
-            batch_size: histogram(
-                "batch_size",
-                "Votes per committed batch.",
-                vec![
-                    1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
-                ],
-            ),
-            commit_duration_seconds: histogram(
-                "commit_duration_seconds",
-                "Time to run and commit one batch transaction.",
-                latency_buckets.clone(),
-            ),
-            publish_to_commit_seconds: histogram(
-                "publish_to_commit_seconds",
-                "Time from the publisher's timestamp to the commit that counted the vote.",
-                latency_buckets,
-            ),
-            batches_committed: counter("batches_committed_total", "Batches committed."),
-            commit_retries: counter(
-                "commit_retries_total",
-                "Batch transactions that failed and were retried.",
-            ),
-            database_connection_failures: counter(
-                "database_connection_failures_total",
-                "Failed attempts to reach PostgreSQL.",
-            ),
-            broker_connection_failures: counter(
-                "broker_connection_failures_total",
-                "Failed attempts to reach RabbitMQ, and connections lost.",
-            ),
-            ack_failures: counter(
-                "ack_failures_total",
-                "Acks that could not be sent; the broker redelivers those votes.",
-            ),
-            up: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        format!("{PREFIX}_up"),
-                        "1 while connected to the dependency, else 0.",
-                    ),
-                    &["dependency"],
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric");
-                g
-            },
-            queue_depth: gauge(
-                "queue_depth",
-                "Messages ready in the queue, as last seen by this replica.",
-            ),
-            dead_letters_unexplained: gauge(
-                "dead_letters_unexplained",
-                "Messages the broker dead-lettered without a reason (may be uncounted valid votes); alert on > 0.",
-            ),
-            commits_failing: gauge(
-                "commits_failing",
-                "1 while the latest batch commit attempt failed, else 0.",
-            ),
-            high_delivery_count: counter(
-                "high_delivery_count_total",
-                "Deliveries the broker had already delivered at least 10 times (x-delivery-count).",
-            ),
-            registry,
-        };
+        let m = Metrics::register_all(Registry::new());
         // Pre-create label values so dashboards see zeros rather than absent series.
         for kind in RejectKind::ALL {
             m.votes_rejected.with_label_values(&[kind.as_str()]);
@@ -250,14 +305,54 @@ mod tests {
         m.set_up(DEP_POSTGRES, true);
         let text = m.render();
         assert!(
-            text.contains("vote_aggregator_votes_counted_total 3"),
+            text.contains(&format!("{} 3", names::VOTES_COUNTED_TOTAL)),
             "{text}"
         );
-        assert!(text.contains(r#"vote_aggregator_up{dependency="postgres"} 1"#));
-        assert!(text.contains(r#"vote_aggregator_up{dependency="rabbitmq"} 0"#));
-        assert!(text.contains(r#"vote_aggregator_votes_rejected_total{reason="too_large"} 0"#));
+        assert!(text.contains(&format!(r#"{}{{dependency="postgres"}} 1"#, names::UP)));
+        assert!(text.contains(&format!(r#"{}{{dependency="rabbitmq"}} 0"#, names::UP)));
+        assert!(text.contains(&format!(
+            r#"{}{{reason="too_large"}} 0"#,
+            names::VOTES_REJECTED_TOTAL
+        )));
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
-            assert!(line.starts_with("# TYPE vote_aggregator_"), "{line}");
+            assert!(line.starts_with(&format!("# TYPE {PREFIX}")), "{line}");
+        }
+    }
+
+    /// Every exported name is in a scrape, with its declared help and type; and every
+    /// metric in a scrape is declared.
+    #[test]
+    fn every_declared_name_is_scraped_with_its_help_and_type() {
+        let text = Metrics::new().render();
+        for d in DECLARED {
+            let help = format!("# HELP {} {}\n", d.name, d.help());
+            assert!(text.contains(&help), "missing {help:?} in\n{text}");
+            let kind = format!("# TYPE {} {}\n", d.name, d.kind);
+            assert!(text.contains(&kind), "missing {kind:?} in\n{text}");
+            assert!(!d.help().is_empty() && !d.help().contains('\n'));
+        }
+        let scraped = text.lines().filter(|l| l.starts_with("# TYPE")).count();
+        assert_eq!(scraped, DECLARED.len(), "{text}");
+    }
+
+    /// A constant is its metric's name without the prefix, upper-cased: names::X is
+    /// always `vote_aggregator_x`.
+    #[test]
+    fn constant_names_follow_metric_names() {
+        assert_eq!(CONSTANTS.len(), DECLARED.len());
+        for &(ident, name) in CONSTANTS {
+            assert_eq!(format!("{PREFIX}{}", ident.to_ascii_lowercase()), name);
+        }
+        for d in DECLARED {
+            let rest = d.name.strip_prefix(PREFIX).unwrap_or_default();
+            assert!(!rest.is_empty(), "{} lacks the prefix", d.name);
+            let total = rest.ends_with("_total");
+            assert_eq!(
+                total,
+                d.kind == "counter",
+                "{}: counters end in _total",
+                d.name
+            );
         }
     }
 }

@@ -151,7 +151,7 @@ async fn a_vote_the_broker_dead_letters_on_its_own_is_counted_in_a_metric() -> a
     let (status, page) = http_get(replica.running.metrics_addr(), "/metrics").await?;
     assert_eq!(status, 200);
     assert_eq!(
-        metric_value(&page, "vote_aggregator_dead_letters_unexplained"),
+        metric_value(&page, names::DEAD_LETTERS_UNEXPLAINED),
         Some(1.0),
         "{page}"
     );

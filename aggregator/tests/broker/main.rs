@@ -12,6 +12,7 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use vote_aggregator::db::{self, BatchColumns};
+use vote_aggregator::metrics::names;
 use vote_aggregator::vote::{self, Vote};
 use vote_aggregator::{Config, Running};
 use vote_testkit::infra;
@@ -486,29 +487,31 @@ async fn metrics_and_health_endpoints_report_the_replica() -> anyhow::Result<()>
     wait_stored(&bed, 5).await?;
     eventually("metrics show the work", WAIT, async || {
         let (_, page) = http_get(addr, "/metrics").await?;
-        Ok(
-            metric_value(&page, "vote_aggregator_votes_counted_total") == Some(5.0)
-                && metric_value(
-                    &page,
-                    r#"vote_aggregator_votes_rejected_total{reason="malformed_json"}"#,
-                ) == Some(1.0),
-        )
+        Ok(metric_value(&page, names::VOTES_COUNTED_TOTAL) == Some(5.0)
+            && metric_value(
+                &page,
+                &format!(
+                    r#"{}{{reason="malformed_json"}}"#,
+                    names::VOTES_REJECTED_TOTAL
+                ),
+            ) == Some(1.0))
     })
     .await?;
     let (_, page) = http_get(addr, "/metrics").await?;
     for name in [
-        "vote_aggregator_votes_received_total",
-        "vote_aggregator_batch_size_count",
-        "vote_aggregator_commit_duration_seconds_count",
-        "vote_aggregator_publish_to_commit_seconds_count",
-        "vote_aggregator_database_connection_failures_total",
-        "vote_aggregator_broker_connection_failures_total",
-        r#"vote_aggregator_up{dependency="postgres"}"#,
-        "vote_aggregator_queue_depth",
+        names::VOTES_RECEIVED_TOTAL.to_string(),
+        format!("{}_count", names::BATCH_SIZE),
+        format!("{}_count", names::COMMIT_DURATION_SECONDS),
+        format!("{}_count", names::PUBLISH_TO_COMMIT_SECONDS),
+        names::DATABASE_CONNECTION_FAILURES_TOTAL.to_string(),
+        names::BROKER_CONNECTION_FAILURES_TOTAL.to_string(),
+        format!(r#"{}{{dependency="postgres"}}"#, names::UP),
+        names::QUEUE_DEPTH.to_string(),
     ] {
-        assert!(metric_value(&page, name).is_some(), "{name} missing");
+        assert!(metric_value(&page, &name).is_some(), "{name} missing");
     }
-    assert!(metric_value(&page, "vote_aggregator_publish_to_commit_seconds_count") >= Some(5.0));
+    let published = format!("{}_count", names::PUBLISH_TO_COMMIT_SECONDS);
+    assert!(metric_value(&page, &published) >= Some(5.0));
     assert_eq!(http_get(addr, "/nope").await?.0, 404);
     replica.stop().await
 }

@@ -3,6 +3,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use vote_aggregator::metrics::names;
 use vote_testkit::infra;
 use vote_testkit::inspect::{eventually, http_get, metric_value};
 use vote_testkit::signal::{self, Signal};
@@ -130,7 +131,7 @@ async fn sigterm_commits_and_acks_the_batch_in_hand_then_exits_zero() -> anyhow:
     bed.publisher().await?.publish_votes(&votes).await?;
     eventually("50 deliveries in hand", WAIT, async || {
         let (_, page) = http_get(addr, "/metrics").await?;
-        Ok(metric_value(&page, "vote_aggregator_votes_received_total") == Some(50.0))
+        Ok(metric_value(&page, names::VOTES_RECEIVED_TOTAL) == Some(50.0))
     })
     .await?;
     let mut db = bed.db().await?;
