@@ -5,12 +5,13 @@
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+use crate::config::variables::RUST_LOG;
 
 /// Installs the global subscriber. Calling it twice is harmless (the second call is a
 /// no-op), so tests and binaries can both call it.
 pub fn init(format: LogFormat, default_filter: &str) {
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+        EnvFilter::try_from_env(RUST_LOG).unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

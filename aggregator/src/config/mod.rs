@@ -6,30 +6,11 @@
 //! connection URLs, which carry passwords) are held in [`SecretString`] and only ever
 //! shown through [`redact_url`].
 //!
-//! | variable | default | meaning |
-//! | --- | --- | --- |
-//! | `DATABASE_URL` / `DATABASE_URL_FILE` | required | PostgreSQL URL (or a file holding it; setting both is an error) |
-//! | `AMQP_URL` / `AMQP_URL_FILE` | required | RabbitMQ URL, e.g. `amqp://user:pass@host:5672/%2f` |
-//! | `QUEUE_NAME` | `votes.aggregation` | queue to consume; its dead-letter queue is `<QUEUE_NAME>.dlq` |
-//! | `QUEUE_TYPE` | `quorum` | `quorum` or `classic`; must match an existing queue |
-//! | `BATCH_SIZE` | `500` | votes per transaction (1–10000) |
-//! | `BATCH_TIMEOUT_MS` | `50` | flush a partial batch after this many ms (1–60000) |
-//! | `PREFETCH_COUNT` | `2 × BATCH_SIZE` | unacked deliveries the broker may send ahead (≥ `BATCH_SIZE`, ≤ 65535) |
-//! | `DB_POOL_SIZE` | `4` | PostgreSQL connections in the pool (1–100) |
-//! | `TALLY_SHARDS` | `16` | rows each candidate's counter is spread over (1–1024) |
-//! | `METRICS_ADDR` | `0.0.0.0:8001` | listen address of `/metrics`, `/healthz`, `/readyz` (port 0 = any) |
-//! | `LOG_FORMAT` | `text` | `text` or `json` |
-//! | `RUST_LOG` | `info` | tracing filter, e.g. `vote_aggregator=debug,info` |
-//! | `SHUTDOWN_GRACE_SECONDS` | `25` | on SIGTERM, time allowed to commit and ack the batch in hand (1–3600) |
-//! | `RUN_MIGRATIONS` | `true` | `run` applies pending migrations before consuming |
-//! | `AMQP_HEARTBEAT_SECONDS` | `10` | heartbeat asked of the broker when the URL sets none (0 disables) |
-//! | `REPLICA_ID` | host name + pid | names this replica in its consumer tag, connection name and logs |
-//! | `DB_STATEMENT_TIMEOUT_MS` | `10000` | server-side `statement_timeout` of every service session |
-//! | `DB_LOCK_TIMEOUT_MS` | `5000` | server-side `lock_timeout` (≤ statement timeout) |
-//! | `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS` | `10000` | server-side `idle_in_transaction_session_timeout` |
-//! | `DB_ATTEMPT_TIMEOUT_MS` | `30000` | client-side limit of one batch attempt (> statement timeout); the attempt is then cancelled on the server |
+//! The variables, their defaults and meanings are declared once in [`variables`]
+//! ([`VARIABLES`]); the README's table and `--help` are rendered from there.
 //!
-//! Keep one struct, one parser: new settings go here.
+//! Keep one struct, one parser ([`Config::from_lookup`], pure: tested with a map), one
+//! table: new settings go into all three here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +20,14 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::ConfigError;
+
+mod redact;
+pub mod variables;
+
+use self::redact::hides_credentials;
+pub use self::redact::redact_url;
+pub use self::variables::VARIABLES;
+use self::variables::*;
 
 /// Name of the default queue, from the contract (docs/design.md).
 pub const DEFAULT_QUEUE_NAME: &str = "votes.aggregation";
@@ -206,7 +195,7 @@ impl Config {
     pub fn database_url_from_env() -> Result<SecretString, ConfigError> {
         load_dotenv()?;
         let lookup = |key: &str| std::env::var(key).ok();
-        Env(&lookup).secret_url("DATABASE_URL", &["postgres", "postgresql"])
+        Env(&lookup).secret_url(DATABASE_URL, DATABASE_URL_FILE, &["postgres", "postgresql"])
     }
 
     /// Reads the configuration through `lookup` (the environment in production, a map
@@ -216,77 +205,78 @@ impl Config {
     /// [`ConfigError`] naming the first variable that is missing or invalid.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
-        let database_url = env.secret_url("DATABASE_URL", &["postgres", "postgresql"])?;
-        let amqp_url = env.secret_url("AMQP_URL", &["amqp", "amqps"])?;
+        let database_url =
+            env.secret_url(DATABASE_URL, DATABASE_URL_FILE, &["postgres", "postgresql"])?;
+        let amqp_url = env.secret_url(AMQP_URL, AMQP_URL_FILE, &["amqp", "amqps"])?;
         let mut config = Config::new(
             database_url.expose_secret().to_string(),
             amqp_url.expose_secret().to_string(),
         );
 
-        if let Some(name) = env.get("QUEUE_NAME") {
+        if let Some(name) = env.get(QUEUE_NAME) {
             if name.is_empty()
                 || name.len() > 200
                 || name.starts_with("amq.")
                 || name.chars().any(char::is_control)
             {
                 return Err(ConfigError::invalid(
-                    "QUEUE_NAME",
+                    QUEUE_NAME,
                     &name,
                     "1-200 printable characters, not starting with 'amq.'",
                 ));
             }
             config.queue_name = name;
         }
-        if let Some(v) = env.get("QUEUE_TYPE") {
+        if let Some(v) = env.get(QUEUE_TYPE) {
             config.queue_type = v
                 .parse()
-                .map_err(|()| ConfigError::invalid("QUEUE_TYPE", &v, "'quorum' or 'classic'"))?;
+                .map_err(|()| ConfigError::invalid(QUEUE_TYPE, &v, "'quorum' or 'classic'"))?;
         }
-        config.batch_size = env.int("BATCH_SIZE", 1, 10_000)?.unwrap_or(500) as usize;
-        if let Some(ms) = env.int("BATCH_TIMEOUT_MS", 1, 60_000)? {
+        config.batch_size = env.int(BATCH_SIZE, 1, 10_000)?.unwrap_or(500) as usize;
+        if let Some(ms) = env.int(BATCH_TIMEOUT_MS, 1, 60_000)? {
             config.batch_timeout = Duration::from_millis(ms);
         }
         let default_prefetch = (config.batch_size * 2).min(u16::MAX as usize) as u64;
         let prefetch = env
-            .int("PREFETCH_COUNT", 1, u16::MAX as u64)?
+            .int(PREFETCH_COUNT, 1, u16::MAX as u64)?
             .unwrap_or(default_prefetch);
         if (prefetch as usize) < config.batch_size {
             return Err(ConfigError::invalid(
-                "PREFETCH_COUNT",
+                PREFETCH_COUNT,
                 &prefetch.to_string(),
                 &format!(
-                    "at least BATCH_SIZE ({}), or a batch could never fill; about 2 x BATCH_SIZE keeps the next batch filling while one commits",
+                    "at least {BATCH_SIZE} ({}), or a batch could never fill; about 2 x {BATCH_SIZE} keeps the next batch filling while one commits",
                     config.batch_size
                 ),
             ));
         }
         config.prefetch_count = prefetch as u16;
-        config.db_pool_size = env.int("DB_POOL_SIZE", 1, 100)?.unwrap_or(4) as u32;
-        config.tally_shards = env.int("TALLY_SHARDS", 1, 1024)?.unwrap_or(16) as u16;
-        if let Some(v) = env.get("METRICS_ADDR") {
+        config.db_pool_size = env.int(DB_POOL_SIZE, 1, 100)?.unwrap_or(4) as u32;
+        config.tally_shards = env.int(TALLY_SHARDS, 1, 1024)?.unwrap_or(16) as u16;
+        if let Some(v) = env.get(METRICS_ADDR) {
             config.metrics_addr = v.parse().map_err(|_| {
-                ConfigError::invalid("METRICS_ADDR", &v, "an IP:port such as 0.0.0.0:8001")
+                ConfigError::invalid(METRICS_ADDR, &v, "an IP:port such as 0.0.0.0:8001")
             })?;
         }
-        if let Some(v) = env.get("LOG_FORMAT") {
+        if let Some(v) = env.get(LOG_FORMAT) {
             config.log_format = v
                 .parse()
-                .map_err(|()| ConfigError::invalid("LOG_FORMAT", &v, "'text' or 'json'"))?;
+                .map_err(|()| ConfigError::invalid(LOG_FORMAT, &v, "'text' or 'json'"))?;
         }
-        if let Some(s) = env.int("SHUTDOWN_GRACE_SECONDS", 1, 3600)? {
+        if let Some(s) = env.int(SHUTDOWN_GRACE_SECONDS, 1, 3600)? {
             config.shutdown_grace = Duration::from_secs(s);
         }
-        if let Some(v) = env.get("RUN_MIGRATIONS") {
+        if let Some(v) = env.get(RUN_MIGRATIONS) {
             config.run_migrations = parse_bool(&v)
-                .ok_or_else(|| ConfigError::invalid("RUN_MIGRATIONS", &v, "true or false"))?;
+                .ok_or_else(|| ConfigError::invalid(RUN_MIGRATIONS, &v, "true or false"))?;
         }
-        if let Some(s) = env.int("AMQP_HEARTBEAT_SECONDS", 0, 600)? {
+        if let Some(s) = env.int(AMQP_HEARTBEAT_SECONDS, 0, 600)? {
             config.amqp_heartbeat = (s > 0).then_some(s as u16);
         }
-        if let Some(id) = env.get("REPLICA_ID") {
+        if let Some(id) = env.get(REPLICA_ID) {
             if id.is_empty() || id.len() > 100 || !id.chars().all(valid_id_char) {
                 return Err(ConfigError::invalid(
-                    "REPLICA_ID",
+                    REPLICA_ID,
                     &id,
                     "1-100 characters of A-Z a-z 0-9 . _ : -",
                 ));
@@ -300,24 +290,26 @@ impl Config {
         };
         let t = config.db_timeouts;
         config.db_timeouts = SessionTimeouts {
-            statement: ms("DB_STATEMENT_TIMEOUT_MS", t.statement)?,
-            lock: ms("DB_LOCK_TIMEOUT_MS", t.lock)?,
-            idle_in_transaction: ms("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", t.idle_in_transaction)?,
+            statement: ms(DB_STATEMENT_TIMEOUT_MS, t.statement)?,
+            lock: ms(DB_LOCK_TIMEOUT_MS, t.lock)?,
+            idle_in_transaction: ms(DB_IDLE_IN_TRANSACTION_TIMEOUT_MS, t.idle_in_transaction)?,
         };
-        config.db_attempt_timeout = ms("DB_ATTEMPT_TIMEOUT_MS", config.db_attempt_timeout)?;
+        config.db_attempt_timeout = ms(DB_ATTEMPT_TIMEOUT_MS, config.db_attempt_timeout)?;
         if config.db_timeouts.lock > config.db_timeouts.statement {
             return Err(ConfigError::invalid(
-                "DB_LOCK_TIMEOUT_MS",
+                DB_LOCK_TIMEOUT_MS,
                 &config.db_timeouts.lock.as_millis().to_string(),
-                "at most DB_STATEMENT_TIMEOUT_MS, or the statement timeout ends a lock wait first",
+                &format!(
+                    "at most {DB_STATEMENT_TIMEOUT_MS}, or the statement timeout ends a lock wait first"
+                ),
             ));
         }
         if config.db_attempt_timeout <= config.db_timeouts.statement {
             return Err(ConfigError::invalid(
-                "DB_ATTEMPT_TIMEOUT_MS",
+                DB_ATTEMPT_TIMEOUT_MS,
                 &config.db_attempt_timeout.as_millis().to_string(),
                 &format!(
-                    "more than DB_STATEMENT_TIMEOUT_MS ({}), so the server ends a stuck statement before the client gives up",
+                    "more than {DB_STATEMENT_TIMEOUT_MS} ({}), so the server ends a stuck statement before the client gives up",
                     config.db_timeouts.statement.as_millis()
                 ),
             ));
@@ -329,7 +321,7 @@ impl Config {
 /// Reads `RUST_LOG`-independent settings needed before the full config (log format),
 /// so even a config error is printed in the chosen format.
 pub fn log_format_from_env() -> LogFormat {
-    std::env::var("LOG_FORMAT")
+    std::env::var(LOG_FORMAT)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(LogFormat::Text)
@@ -370,16 +362,20 @@ impl Env<'_> {
     }
 
     /// `KEY` or `KEY_FILE` (exactly one), parsed as a URL with one of `schemes`.
-    fn secret_url(&self, key: &str, schemes: &[&str]) -> Result<SecretString, ConfigError> {
-        let file_key = format!("{key}_FILE");
-        let raw = match (self.get(key), self.get(&file_key)) {
+    fn secret_url(
+        &self,
+        key: &str,
+        file_key: &str,
+        schemes: &[&str],
+    ) -> Result<SecretString, ConfigError> {
+        let raw = match (self.get(key), self.get(file_key)) {
             (Some(_), Some(_)) => return Err(ConfigError::BothSet { key: key.into() }),
             (None, None) => return Err(ConfigError::Missing { key: key.into() }),
             (Some(v), None) => v,
             (None, Some(path)) => {
                 let path = PathBuf::from(path);
                 let content = std::fs::read_to_string(&path).map_err(|e| ConfigError::File {
-                    key: file_key.clone(),
+                    key: file_key.to_string(),
                     path: path.display().to_string(),
                     reason: e.to_string(),
                 })?;
@@ -423,81 +419,6 @@ fn default_replica_id() -> String {
         .filter(|h| !h.is_empty() && h.chars().all(valid_id_char))
         .unwrap_or_else(|| "replica".to_string());
     format!("{host}-{}", std::process::id())
-}
-
-/// Query-string keys whose values are secrets (libpq's `password`, `sslpassword`, and
-/// anything naming a password, key, token or secret, compared case-insensitively).
-fn is_secret_query_key(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    [
-        "password",
-        "passwd",
-        "pwd",
-        "secret",
-        "token",
-        "key",
-        "auth",
-        "credential",
-    ]
-    .iter()
-    .any(|word| key.contains(word))
-}
-
-/// Whether `raw` has user info that `parsed` did not see as such: an unescaped '/', '?'
-/// or '#' in a password ends the authority early for a WHATWG parser (the password then
-/// lands in the path), while PostgreSQL's and AMQP's parsers still read it as a password.
-fn hides_credentials(raw: &str, parsed: &url::Url) -> bool {
-    let after_scheme = raw.split_once("://").map_or(raw, |(_, rest)| rest);
-    let authority_end = after_scheme
-        .find(['/', '?', '#'])
-        .unwrap_or(after_scheme.len());
-    let userinfo_seen = !parsed.username().is_empty() || parsed.password().is_some();
-    let rest = after_scheme[authority_end..]
-        .split('#')
-        .next()
-        .unwrap_or_default();
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    // '@' in a query VALUE is fine (`?user=me@corp`); in the path or a query key it is the
-    // end of misread user info.
-    let misread = path.contains('@')
-        || query
-            .split('&')
-            .any(|pair| pair.split('=').next().unwrap_or_default().contains('@'));
-    !userinfo_seen && misread
-}
-
-/// Shows a URL with its password and every secret-bearing query value (see
-/// [`is_secret_query_key`]) replaced by `***`, and without a fragment, for logs and error
-/// messages. Input that does not parse as a URL, or whose user info does not parse as such
-/// (see [`hides_credentials`]), is hidden entirely.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(u) if hides_credentials(raw, &u) => {
-            "<URL with unescaped credentials hidden>".to_string()
-        }
-        Ok(mut u) => {
-            u.set_fragment(None);
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            if u.query().is_some() {
-                let pairs: Vec<(String, String)> = u
-                    .query_pairs()
-                    .map(|(k, v)| {
-                        let shown = if is_secret_query_key(&k) {
-                            "***".to_string()
-                        } else {
-                            v.into_owned()
-                        };
-                        (k.into_owned(), shown)
-                    })
-                    .collect();
-                u.query_pairs_mut().clear().extend_pairs(pairs);
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable URL hidden>".to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -544,6 +465,19 @@ mod tests {
         assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:8001");
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.run_migrations);
+    }
+
+    /// Every literal default in [`VARIABLES`] (hence in the README and `--help`) is what
+    /// the parser applies when the variable is unset.
+    #[test]
+    fn the_table_s_defaults_are_the_parser_s() {
+        let unset = format!("{:?}", parse(&[]).expect("defaults"));
+        for v in VARIABLES {
+            if let variables::DefaultValue::Value(value) = v.default {
+                let set = format!("{:?}", parse(&[(v.name, value)]).expect("default is valid"));
+                assert_eq!(set, unset, "{}={value} is not the parser's default", v.name);
+            }
+        }
     }
 
     #[test]
