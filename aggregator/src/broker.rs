@@ -53,6 +53,35 @@ pub const DEAD_LETTER_EXCHANGE: &str = "votes.dlx";
 pub const REJECT_REASON_HEADER: &str = "x-reject-reason";
 /// Header quorum queues set on a redelivery: how often the message was delivered before.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// Header naming the queue a dead-lettered message came from.
+pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
+/// Header naming the replica (`REPLICA_ID`) that dead-lettered a message.
+pub const REJECTED_BY_HEADER: &str = "x-rejected-by";
+/// Suffix of the aggregator's own dead-letter queue: `<queue>.dlq`.
+pub const DEAD_LETTER_QUEUE_SUFFIX: &str = ".dlq";
+/// Suffix of the queue of what the broker dead-letters: `<queue>.dlq.unexplained`.
+pub const UNEXPLAINED_QUEUE_SUFFIX: &str = ".dlq.unexplained";
+
+/// Queue arguments the replicas declare (names fixed by RabbitMQ).
+pub mod args {
+    /// `quorum` or `classic`.
+    pub const QUEUE_TYPE: &str = "x-queue-type";
+    /// Where the broker dead-letters messages of the votes queue.
+    pub const DEAD_LETTER_EXCHANGE: &str = "x-dead-letter-exchange";
+    /// The routing key those dead letters carry.
+    pub const DEAD_LETTER_ROUTING_KEY: &str = "x-dead-letter-routing-key";
+    /// Deliveries before a quorum queue dead-letters a message (-1: no limit).
+    pub const DELIVERY_LIMIT: &str = "x-delivery-limit";
+    /// `at-least-once` dead-lettering of quorum queues.
+    pub const DEAD_LETTER_STRATEGY: &str = "x-dead-letter-strategy";
+    /// What a full queue does (`reject-publish`, required by `at-least-once`).
+    pub const OVERFLOW: &str = "x-overflow";
+}
+
+/// Prefix of this service's AMQP connection names and consumer tags (followed by
+/// `/<REPLICA_ID>`).
+pub const CLIENT_NAME: &str = crate::SERVICE_NAME;
+
 /// Header a publisher may set: publish time in milliseconds since the Unix epoch (more
 /// precise than the AMQP `timestamp` property, which has whole seconds). Used for the
 /// publish-to-commit latency metric.
@@ -72,32 +101,32 @@ pub struct Session {
 /// Name of the queue that receives what the broker dead-letters from `queue_name`
 /// (no `x-reject-reason`; also the routing key it is bound with).
 pub fn unexplained_queue(queue_name: &str) -> String {
-    format!("{queue_name}.dlq.unexplained")
+    format!("{queue_name}{UNEXPLAINED_QUEUE_SUFFIX}")
 }
 
 /// The arguments the votes queue `queue_name` is declared with.
 pub fn queue_arguments(queue_name: &str, queue_type: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
-        "x-queue-type".into(),
+        args::QUEUE_TYPE.into(),
         AMQPValue::LongString(queue_type.as_str().into()),
     );
     args.insert(
-        "x-dead-letter-exchange".into(),
+        args::DEAD_LETTER_EXCHANGE.into(),
         AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),
     );
     args.insert(
-        "x-dead-letter-routing-key".into(),
+        args::DEAD_LETTER_ROUTING_KEY.into(),
         AMQPValue::LongString(unexplained_queue(queue_name).into()),
     );
     if queue_type == QueueType::Quorum {
-        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(-1));
+        args.insert(args::DELIVERY_LIMIT.into(), AMQPValue::LongInt(-1));
         args.insert(
-            "x-dead-letter-strategy".into(),
+            args::DEAD_LETTER_STRATEGY.into(),
             AMQPValue::LongString("at-least-once".into()),
         );
         args.insert(
-            "x-overflow".into(),
+            args::OVERFLOW.into(),
             AMQPValue::LongString("reject-publish".into()),
         );
     }
@@ -133,7 +162,7 @@ pub async fn connect(config: &Config) -> Result<Session, BrokerError> {
         uri.query.connection_timeout = Some(10_000);
     }
     let props = ConnectionProperties::default()
-        .with_connection_name(format!("vote-aggregator/{}", config.replica_id).into());
+        .with_connection_name(format!("{CLIENT_NAME}/{}", config.replica_id).into());
     let connection = Connection::connect_uri(uri, props)
         .await
         .map_err(|e| amqp_err(config, e))?;
@@ -180,7 +209,7 @@ async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), Brok
     ] {
         let mut args = FieldTable::default();
         args.insert(
-            "x-queue-type".into(),
+            args::QUEUE_TYPE.into(),
             AMQPValue::LongString(config.queue_type.as_str().into()),
         );
         channel
@@ -207,8 +236,8 @@ fn mismatch_or(config: &Config, queue: &str, e: lapin::Error) -> BrokerError {
         && p.get_id() == 406
     {
         let detail = p.get_message().to_string();
-        let fix = if detail.contains("x-delivery-limit")
-            || detail.contains("x-dead-letter-routing-key")
+        let fix = if detail.contains(args::DELIVERY_LIMIT)
+            || detail.contains(args::DEAD_LETTER_ROUTING_KEY)
         {
             "it was declared by a release with other dead-letter settings (older releases left quorum queues the broker's delivery limit, which can dead-letter valid votes uncounted): stop the publishers, let the replicas that declared it drain it, delete it, then start this release"
         } else {
@@ -267,11 +296,11 @@ pub async fn dead_letter(
         AMQPValue::LongString(LongString::from(reason.as_bytes().to_vec())),
     );
     headers.insert(
-        "x-original-queue".into(),
+        ORIGINAL_QUEUE_HEADER.into(),
         AMQPValue::LongString(config.queue_name.as_str().into()),
     );
     headers.insert(
-        "x-rejected-by".into(),
+        REJECTED_BY_HEADER.into(),
         AMQPValue::LongString(config.replica_id.as_str().into()),
     );
     let props = dead_letter_properties(original, headers);
@@ -444,14 +473,17 @@ mod tests {
     fn quorum_votes_queues_have_no_delivery_limit_and_an_unexplained_route() {
         let args = queue_arguments("votes.aggregation", QueueType::Quorum);
         let inner = args.inner();
-        assert_eq!(inner.get("x-delivery-limit"), Some(&AMQPValue::LongInt(-1)));
         assert_eq!(
-            inner.get("x-dead-letter-routing-key"),
+            inner.get(args::DELIVERY_LIMIT),
+            Some(&AMQPValue::LongInt(-1))
+        );
+        assert_eq!(
+            inner.get(args::DEAD_LETTER_ROUTING_KEY),
             Some(&AMQPValue::LongString(
                 "votes.aggregation.dlq.unexplained".into()
             ))
         );
         let classic = queue_arguments("q", QueueType::Classic);
-        assert!(!classic.inner().contains_key("x-delivery-limit"));
+        assert!(!classic.inner().contains_key(args::DELIVERY_LIMIT));
     }
 }

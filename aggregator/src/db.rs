@@ -51,7 +51,7 @@ pub type PgPool = Pool<AsyncPgConnection>;
 
 /// `application_name` of the service's sessions (unless the URL sets one), so operators
 /// (and the chaos suite's `pg_terminate_backend`) can tell the replicas' sessions apart.
-pub const APPLICATION_NAME: &str = "vote-aggregator";
+pub const APPLICATION_NAME: &str = crate::SERVICE_NAME;
 
 /// The URL the service's sessions connect with: the operator's URL plus
 /// `application_name` (unless set) and, through the startup `options` parameter (no extra

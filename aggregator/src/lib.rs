@@ -33,6 +33,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info};
 
+/// The service's name: its binary, its PostgreSQL `application_name`, the prefix of its
+/// AMQP connection names and consumer tags.
+pub const SERVICE_NAME: &str = "vote-aggregator";
+
 pub use crate::config::Config;
 pub use crate::error::Error;
 pub use crate::metrics::Metrics;

@@ -174,7 +174,11 @@ impl Config {
 
     /// Name of the dead-letter queue that goes with [`Config::queue_name`].
     pub fn dead_letter_queue(&self) -> String {
-        format!("{}.dlq", self.queue_name)
+        format!(
+            "{}{}",
+            self.queue_name,
+            crate::broker::DEAD_LETTER_QUEUE_SUFFIX
+        )
     }
 
     /// Reads the configuration from the process environment (after loading `.env` when

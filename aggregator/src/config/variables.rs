@@ -61,7 +61,7 @@ variables! {
         "PostgreSQL URL, or a file holding it (not both)";
     AMQP_URL / AMQP_URL_FILE = Required,
         "RabbitMQ URL such as `amqp://user:pass@host:5672/%2f`, or a file holding it (not both)";
-    QUEUE_NAME = Value("votes.aggregation"),
+    QUEUE_NAME = Value(super::DEFAULT_QUEUE_NAME),
         "queue consumed (1–200 printable characters, not starting with `amq.`); dead letters go to `<QUEUE_NAME>.dlq`";
     QUEUE_TYPE = Value("quorum"),
         "`quorum` or `classic`; must match an existing queue";

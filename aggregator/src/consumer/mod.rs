@@ -120,7 +120,12 @@ async fn start_consuming(
         .basic_qos(config.prefetch_count, BasicQosOptions::default())
         .await
         .map_err(|e| lost("basic.qos", e))?;
-    let consumer_tag = format!("vote-aggregator/{}/{}", config.replica_id, Uuid::new_v4());
+    let consumer_tag = format!(
+        "{}/{}/{}",
+        broker::CLIENT_NAME,
+        config.replica_id,
+        Uuid::new_v4()
+    );
     let consumer = session
         .consume
         .basic_consume(

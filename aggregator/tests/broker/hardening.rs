@@ -96,11 +96,11 @@ async fn a_queue_with_the_brokers_default_delivery_limit_stops_startup() -> anyh
     let channel = conn.create_channel().await?;
     let mut args = FieldTable::default();
     args.insert(
-        "x-queue-type".into(),
+        broker::args::QUEUE_TYPE.into(),
         lapin::types::AMQPValue::LongString("quorum".into()),
     );
     args.insert(
-        "x-dead-letter-exchange".into(),
+        broker::args::DEAD_LETTER_EXCHANGE.into(),
         lapin::types::AMQPValue::LongString(broker::DEAD_LETTER_EXCHANGE.into()),
     );
     channel
