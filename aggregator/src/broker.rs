@@ -3,7 +3,7 @@
 //!
 //! Recovery is deliberately NOT lapin's built-in auto-recovery: delivery tags belong to
 //! one channel, so after a reconnect the unacked deliveries of the old channel can never
-//! be acked. The consume loop ([`crate::consumer`]) instead drops the whole session
+//! be acked. The consume loop (`consumer`) instead drops the whole session
 //! (connection, channels, the uncommitted batch) and builds a new one; the broker
 //! redelivers everything that was not acked, and the UUID key makes that safe.
 //!

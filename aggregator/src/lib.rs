@@ -4,15 +4,28 @@
 //! calls [`run`]. Tests start the service in-process with [`spawn`] (the HTTP endpoint
 //! may use port 0) and stop it through the [`CancellationToken`].
 //!
-//! Modules:
-//! - [`config`]: the typed configuration (every variable and default);
+//! Where each concern lives:
+//! - [`config`]: the typed configuration and its pure parser; [`config::variables`]
+//!   declares every environment variable once (the README table and `--help` come
+//!   from it); URL redaction;
 //! - [`vote`]: the message contract, decoding and validation;
-//! - [`broker`]: RabbitMQ connection, topology, dead-lettering;
-//! - [`db`]: PostgreSQL pool, migrations, the batch write, `verify`;
-//! - [`consumer`] (private): the consume → batch → commit → ack loop;
-//! - [`metrics`] and [`http`]: observability;
-//! - [`error`]: error types and the error policy;
-//! - [`telemetry`]: log set-up for the binaries.
+//! - [`broker`]: RabbitMQ connection, topology, dead-lettering, and the contract's
+//!   header, queue-argument and queue-suffix names;
+//! - [`db`]: PostgreSQL pool, migrations, the batch write; in-doubt COMMIT resolution
+//!   and `verify` in its submodules;
+//! - `supervisor` (private): migrations with retry, the database watch, the
+//!   reconnect/backoff loop over broker sessions, the service-wide retry backoff;
+//! - `consumer` (private): one broker session: set-up, the consume loop, acks in
+//!   delivery order, teardown; its `pipeline` (batches and commits in flight), `batch`,
+//!   `commit` (the commit task, retries, in-doubt) and `monitor` (queue depth);
+//! - [`metrics`] (every metric declared once, names in [`metrics::names`]) and
+//!   [`http`]: observability;
+//! - [`error`](mod@error): error types and the error policy;
+//! - [`telemetry`]: log set-up for the binaries. Every log line of a replica carries
+//!   the `replica` span (`replica = REPLICA_ID`), and those of a broker session the
+//!   `session` span (`session = n`, the n-th connection attempt), commit tasks included;
+//! - [`fault`]: test-only fault hooks (compiled in only with the `fault-injection`
+//!   feature).
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod broker;

@@ -1,4 +1,4 @@
-//! Every metric the service exports, each declared ONCE in the [`metrics!`] table below:
+//! Every metric the service exports, each declared ONCE in the `metrics!` table below:
 //! its field, its full name (exported in [`names`] for the test kit and dashboards), its
 //! type and its help text (the field's doc comment, which the scrape shows as `# HELP`).
 //!
@@ -253,7 +253,8 @@ impl Metrics {
     /// Creates and registers every metric.
     ///
     /// # Panics
-    /// Never in practice: see [`register`] (a unit test registers them all).
+    /// Never in practice: creation fails only on an invalid name and registration only on
+    /// a duplicate one, which the single table rules out (a unit test registers them all).
     pub fn new() -> Self {
         let m = Metrics::register_all(Registry::new());
         // Pre-create label values so dashboards see zeros rather than absent series.

@@ -43,9 +43,9 @@ pub(super) fn hides_credentials(raw: &str, parsed: &url::Url) -> bool {
 }
 
 /// Shows a URL with its password and every secret-bearing query value (see
-/// [`is_secret_query_key`]) replaced by `***`, and without a fragment, for logs and error
+/// `is_secret_query_key`) replaced by `***`, and without a fragment, for logs and error
 /// messages. Input that does not parse as a URL, or whose user info does not parse as such
-/// (see [`hides_credentials`]), is hidden entirely.
+/// (see `hides_credentials`), is hidden entirely.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(u) if hides_credentials(raw, &u) => {

@@ -346,3 +346,45 @@ fn only_the_fault_injection_build_carries_fault_hooks() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// JSON log lines carry the replica's span fields, so the logs of several replicas (in
+/// one process or one log stream) can be told apart.
+#[tokio::test]
+async fn json_logs_carry_the_replica_span() -> anyhow::Result<()> {
+    use vote_aggregator::config::variables as var;
+    let port = free_port()?;
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let env = [
+        (var::DATABASE_URL, "postgres://votes:pw@127.0.0.1:1/votes"),
+        (var::AMQP_URL, "amqp://votes:pw@127.0.0.1:1/%2f"),
+        (var::METRICS_ADDR, metrics_addr.as_str()),
+        (var::LOG_FORMAT, "json"),
+        (var::REPLICA_ID, "json-span-test"),
+    ];
+    // The unreachable database is retried, logging each attempt inside the replica span.
+    let child = Command::new(BIN)
+        .args(["run"])
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let in_span = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["span"]["replica"] == "json-span-test")
+        .count();
+    assert!(
+        in_span >= 2,
+        "no JSON line carries the replica span:\n{stderr}"
+    );
+    Ok(())
+}

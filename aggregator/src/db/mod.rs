@@ -1,4 +1,5 @@
-//! PostgreSQL: the connection pool, migrations, the batch write and the `verify` check.
+//! PostgreSQL: the connection pool, migrations and the batch write; in-doubt COMMIT
+//! resolution (`in_doubt`) and the `verify` check ([`verify()`]) in submodules.
 //!
 //! The batch write is the heart of exactly-once counting. For one batch it runs ONE
 //! statement in ONE transaction (one round trip in the common case):
@@ -27,13 +28,19 @@ use diesel::sql_types::{Array, BigInt, Bool, Int2, Int4, Nullable, Text, Timesta
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::bb8::Pool;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, TransactionManager as _};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, TransactionManager as _};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{SessionTimeouts, redact_url};
 use crate::error::DbError;
 use crate::vote::Vote;
+
+mod in_doubt;
+mod verify;
+
+pub use self::in_doubt::{InDoubt, Resolution, resolve_in_doubt};
+pub use self::verify::{TallyDrift, VerifyReport, verify};
 
 /// The schema, compiled into the binary from `migrations/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
@@ -395,19 +402,6 @@ conflicts AS (
 SELECT coalesce((SELECT array_agg(ord) FROM judged WHERE conflicting), '{}') AS conflicting
 "#;
 
-/// A batch transaction whose COMMIT was sent but whose answer never came (connection
-/// lost, attempt timed out): it may or may not have committed. Its id and outcome let a
-/// retry ask the server ([`resolve_in_doubt`]) instead of writing again and mistaking its
-/// own earlier commit for duplicates. Only batches that counted at least one vote are ever
-/// in doubt (for the others a rewrite reports the same).
-#[derive(Debug, Clone)]
-pub struct InDoubt {
-    /// Transaction id (`pg_current_xact_id()`).
-    pub xid: i64,
-    /// What the batch statement decided inside that transaction.
-    pub outcome: BatchOutcome,
-}
-
 /// Why one attempt at a batch failed.
 #[derive(Debug)]
 pub struct WriteFailure {
@@ -557,160 +551,4 @@ async fn batch_statements(
         outcome.conflicting.extend(resolved.conflicting);
     }
     Ok((outcome, res.xid))
-}
-
-#[derive(QueryableByName)]
-struct InDoubtCheck {
-    #[diesel(sql_type = Nullable<Text>)]
-    status: Option<String>,
-    #[diesel(sql_type = BigInt)]
-    found: i64,
-}
-
-/// How an in-doubt COMMIT ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolution {
-    /// It committed: its outcome stands.
-    Committed,
-    /// It did not commit: write the batch again.
-    NotCommitted,
-    /// Still running on the server: ask again later.
-    StillRunning,
-}
-
-/// Asks PostgreSQL how the in-doubt transaction of `batch` ended.
-///
-/// `pg_xact_status` alone is not enough: a transaction id whose WAL never reached disk
-/// is handed out again after a server crash (or a failover), so "committed" may be
-/// another transaction's status. The batch counts as committed only if, besides, every
-/// vote it counted is stored with that transaction as its `xmin`.
-///
-/// # Errors
-/// [`DbError`] when the server cannot be asked.
-pub async fn resolve_in_doubt(
-    pool: &PgPool,
-    url: &SecretString,
-    batch: &BatchColumns,
-    doubt: &InDoubt,
-) -> Result<Resolution, DbError> {
-    let counted: Vec<uuid::Uuid> = doubt
-        .outcome
-        .counted
-        .iter()
-        .filter_map(|&i| batch.vote_ids.get(i as usize).copied())
-        .collect();
-    let mut conn = checkout(pool, url).await?;
-    let checked: Result<InDoubtCheck, _> = diesel::sql_query(
-        "SELECT pg_xact_status($1::text::xid8) AS status, \
-                (SELECT count(*) FROM votes WHERE vote_id = ANY($2) \
-                   AND xmin::text::bigint = $3) AS found",
-    )
-    .bind::<Text, _>(doubt.xid.to_string())
-    .bind::<Array<Uuid>, _>(&counted)
-    .bind::<BigInt, _>(doubt.xid.rem_euclid(1 << 32))
-    .get_result(&mut conn)
-    .await;
-    let check = match checked {
-        Ok(c) => c,
-        // An id the server has not handed out (again) since its restart: lost with the
-        // crash, so not committed.
-        Err(diesel::result::Error::DatabaseError(_, info))
-            if info.message().contains("in the future") =>
-        {
-            return Ok(Resolution::NotCommitted);
-        }
-        Err(e) => return Err(e.into()),
-    };
-    Ok(match check.status.as_deref() {
-        Some("in progress") => Resolution::StillRunning,
-        Some("committed") if check.found == counted.len() as i64 => Resolution::Committed,
-        _ => Resolution::NotCommitted,
-    })
-}
-
-/// One (election, candidate) whose tally disagrees with its counted votes.
-#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
-pub struct TallyDrift {
-    /// Election.
-    #[diesel(sql_type = Text)]
-    pub election_id: String,
-    /// Candidate.
-    #[diesel(sql_type = Text)]
-    pub candidate_id: String,
-    /// Sum of its `tally_shards.votes`.
-    #[diesel(sql_type = BigInt)]
-    pub tally: i64,
-    /// Rows in `votes`.
-    #[diesel(sql_type = BigInt)]
-    pub counted: i64,
-}
-
-/// Result of [`verify`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifyReport {
-    /// Rows in `votes`.
-    pub votes: i64,
-    /// Sum over all tally shards.
-    pub tallied: i64,
-    /// (election, candidate) pairs checked.
-    pub candidates: i64,
-    /// Pairs whose tally differs from their count (empty when consistent).
-    pub drift: Vec<TallyDrift>,
-}
-
-#[derive(QueryableByName)]
-struct Totals {
-    #[diesel(sql_type = BigInt)]
-    votes: i64,
-    #[diesel(sql_type = BigInt)]
-    tallied: i64,
-    #[diesel(sql_type = BigInt)]
-    candidates: i64,
-}
-
-/// Checks invariant 1 of docs/design.md: for every (election, candidate), the sum of its
-/// tally shards equals its rows in `votes`. Runs in one REPEATABLE READ snapshot so a
-/// live system is checked consistently.
-///
-/// # Errors
-/// [`DbError`] when the database cannot be read.
-pub async fn verify(url: &SecretString) -> Result<VerifyReport, DbError> {
-    let mut conn = AsyncPgConnection::establish(&session_url(url.expose_secret(), None))
-        .await
-        .map_err(|e| DbError::Connect {
-            url: redact_url(url.expose_secret()),
-            reason: e.to_string(),
-        })?;
-    conn.build_transaction()
-        .repeatable_read()
-        .read_only()
-        .run::<_, DbError, _>(async |conn| {
-            let pairs = r#"
-                WITH t AS (SELECT election_id, candidate_id, sum(votes)::bigint AS tally
-                           FROM tally_shards GROUP BY 1, 2),
-                     c AS (SELECT election_id, candidate_id, count(*)::bigint AS counted
-                           FROM votes GROUP BY 1, 2)
-                SELECT coalesce(t.election_id, c.election_id) AS election_id,
-                       coalesce(t.candidate_id, c.candidate_id) AS candidate_id,
-                       coalesce(t.tally, 0) AS tally, coalesce(c.counted, 0) AS counted
-                FROM t FULL JOIN c USING (election_id, candidate_id)"#;
-            let totals: Totals = diesel::sql_query(format!(
-                "WITH p AS ({pairs}) SELECT coalesce(sum(counted), 0)::bigint AS votes, \
-                 coalesce(sum(tally), 0)::bigint AS tallied, count(*) AS candidates FROM p"
-            ))
-            .get_result(conn)
-            .await?;
-            let drift: Vec<TallyDrift> = diesel::sql_query(format!(
-                "{pairs} WHERE coalesce(t.tally, 0) <> coalesce(c.counted, 0) ORDER BY 1, 2"
-            ))
-            .load(conn)
-            .await?;
-            Ok(VerifyReport {
-                votes: totals.votes,
-                tallied: totals.tallied,
-                candidates: totals.candidates,
-                drift,
-            })
-        })
-        .await
 }
