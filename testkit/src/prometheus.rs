@@ -3,23 +3,22 @@
 //! the integration tests ([`crate::inspect::metric_value`]) and the tools.
 //!
 //! It reads samples only (`name{labels} value [timestamp]`); `# HELP` / `# TYPE`
-//! comments and blank lines are skipped. The names of the service's counters the kit
-//! reads are declared here once.
+//! comments and blank lines are skipped. Metric names come from the service's
+//! `vote_aggregator::metrics::names`, declared there once.
 
 use anyhow::{Context, bail};
 
-/// Votes inserted into `votes` (counter).
-pub const VOTES_COUNTED: &str = "vote_aggregator_votes_counted_total";
-/// Batches committed; a batch is acked right after it counts here (counter).
-pub const BATCHES_COMMITTED: &str = "vote_aggregator_batches_committed_total";
-/// Deliveries received (counter).
-pub const VOTES_RECEIVED: &str = "vote_aggregator_votes_received_total";
-/// Deliveries whose vote was already counted, by `redelivered` (counter).
-pub const VOTES_DUPLICATE: &str = "vote_aggregator_votes_duplicate_total";
-/// Deliveries with a known id but another payload (counter).
-pub const VOTES_CONFLICTING: &str = "vote_aggregator_votes_conflicting_total";
-/// Deliveries rejected to the dead-letter queue, by `reason` (counter).
-pub const VOTES_REJECTED: &str = "vote_aggregator_votes_rejected_total";
+use vote_aggregator::metrics::names::{
+    BATCHES_COMMITTED_TOTAL, UP, VOTES_CONFLICTING_TOTAL, VOTES_COUNTED_TOTAL,
+    VOTES_DUPLICATE_TOTAL, VOTES_RECEIVED_TOTAL, VOTES_REJECTED_TOTAL,
+};
+
+/// The series of the service's `up` gauge for one dependency
+/// ([`vote_aggregator::metrics::DEP_POSTGRES`] or [`vote_aggregator::metrics::DEP_RABBITMQ`]),
+/// as [`Scrape::get`] and [`metric_value`] take it.
+pub fn up_series(dependency: &str) -> String {
+    format!("{UP}{{dependency=\"{dependency}\"}}")
+}
 
 /// One sample of a Prometheus text page.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,34 +89,34 @@ impl Scrape {
 
     /// `vote_aggregator_votes_counted_total` (0 when absent).
     pub fn counted(&self) -> u64 {
-        whole(self.sum(VOTES_COUNTED))
+        whole(self.sum(VOTES_COUNTED_TOTAL))
     }
 
     /// `vote_aggregator_batches_committed_total` (0 when absent): a batch is acked right
     /// after it counts here.
     pub fn batches_committed(&self) -> u64 {
-        whole(self.sum(BATCHES_COMMITTED))
+        whole(self.sum(BATCHES_COMMITTED_TOTAL))
     }
 
     /// `vote_aggregator_votes_received_total` (0 when absent).
     pub fn received(&self) -> u64 {
-        whole(self.sum(VOTES_RECEIVED))
+        whole(self.sum(VOTES_RECEIVED_TOTAL))
     }
 
     /// `vote_aggregator_votes_duplicate_total`, summed over `redelivered="true"` and
     /// `"false"` (0 when absent).
     pub fn duplicates(&self) -> u64 {
-        whole(self.sum(VOTES_DUPLICATE))
+        whole(self.sum(VOTES_DUPLICATE_TOTAL))
     }
 
     /// `vote_aggregator_votes_conflicting_total` (0 when absent).
     pub fn conflicting(&self) -> u64 {
-        whole(self.sum(VOTES_CONFLICTING))
+        whole(self.sum(VOTES_CONFLICTING_TOTAL))
     }
 
     /// `vote_aggregator_votes_rejected_total`, summed over every `reason` (0 when absent).
     pub fn rejected(&self) -> u64 {
-        whole(self.sum(VOTES_REJECTED))
+        whole(self.sum(VOTES_REJECTED_TOTAL))
     }
 }
 
@@ -283,7 +282,7 @@ weird{a="x\"y\\z",b="1"} 2.5 1700000000000
 
     #[test]
     fn metric_value_reads_one_sample_of_a_page() {
-        assert_eq!(metric_value(PAGE, VOTES_COUNTED), Some(1234.0));
+        assert_eq!(metric_value(PAGE, VOTES_COUNTED_TOTAL), Some(1234.0));
         assert_eq!(
             metric_value(PAGE, r#"vote_aggregator_up{dependency="rabbitmq"}"#),
             Some(0.0)

@@ -17,6 +17,8 @@ use tokio::time::Instant;
 
 use super::{Clock, Fault, FaultKind, between, not_attempted, one_line, pick_replica};
 use crate::cluster::{Cluster, Link};
+use vote_aggregator::metrics;
+use vote_testkit::prometheus::up_series;
 
 /// Cuts one replica's link.
 #[derive(Debug, Clone)]
@@ -37,11 +39,11 @@ impl Default for PartitionNemesis {
 }
 
 /// The `up` gauge of a dependency.
-fn up_gauge(link: Link) -> &'static str {
-    match link {
-        Link::Broker => r#"vote_aggregator_up{dependency="rabbitmq"}"#,
-        Link::Database => r#"vote_aggregator_up{dependency="postgres"}"#,
-    }
+fn up_gauge(link: Link) -> String {
+    up_series(match link {
+        Link::Broker => metrics::DEP_RABBITMQ,
+        Link::Database => metrics::DEP_POSTGRES,
+    })
 }
 
 impl PartitionNemesis {
@@ -71,7 +73,7 @@ impl PartitionNemesis {
         let cut_at = Instant::now();
         loop {
             if let Ok(scrape) = cluster.fleet.scrape(i).await
-                && scrape.get(up_gauge(link)) == Some(0.0)
+                && scrape.get(&up_gauge(link)) == Some(0.0)
             {
                 break;
             }

@@ -20,7 +20,7 @@ use super::{Clock, Fault, FaultKind, between, not_attempted, one_line, pick_repl
 use crate::cluster::Cluster;
 
 /// The service's counter of lost broker sessions and failed connection attempts.
-const BROKER_FAILURES: &str = "vote_aggregator_broker_connection_failures_total";
+const BROKER_FAILURES: &str = vote_aggregator::metrics::names::BROKER_CONNECTION_FAILURES_TOTAL;
 
 /// SIGSTOP + SIGCONT.
 #[derive(Debug, Clone)]

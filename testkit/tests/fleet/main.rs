@@ -62,7 +62,9 @@ async fn two_replicas_count_together_and_survive_pause_kill_restart_and_stop() -
         assert_eq!(status, 200);
         let scrape = fleet.scrape(i).await?;
         assert_eq!(
-            scrape.get(r#"vote_aggregator_up{dependency="postgres"}"#),
+            scrape.get(&vote_testkit::prometheus::up_series(
+                vote_aggregator::metrics::DEP_POSTGRES
+            )),
             Some(1.0)
         );
     }

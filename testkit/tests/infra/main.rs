@@ -70,7 +70,7 @@ async fn amqp_url_accepts_a_connection_and_a_quorum_queue() -> anyhow::Result<()
     let name = infra::fresh_queue_name();
     let mut args = FieldTable::default();
     args.insert(
-        "x-queue-type".into(),
+        vote_aggregator::broker::args::QUEUE_TYPE.into(),
         AMQPValue::LongString("quorum".into()),
     );
     let queue = channel
