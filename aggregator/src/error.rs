@@ -1,8 +1,8 @@
 //! Error types of the library.
 //!
 //! Policy:
-//! - Library code returns these `thiserror` enums; only the binary (and the harness)
-//!   uses `anyhow`.
+//! - Library code returns these `thiserror` enums; only the binaries (the service's and
+//!   `vote-tools`) and the test code use `anyhow`.
 //! - Every message is ONE line that says what is wrong and, where the operator can act,
 //!   what to do. The binary prints it as is.
 //! - No message ever contains a credential: URLs pass through [`crate::config::redact_url`].

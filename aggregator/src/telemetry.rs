@@ -1,5 +1,5 @@
 //! Log set-up shared by the binaries: `tracing` with an `RUST_LOG` filter (default given
-//! by the binary: `info` for the service, `warn` for the harness tool) and the format
+//! by the binary: `info` for the service, `warn` for `vote-tools`) and the format
 //! chosen by `LOG_FORMAT` (`text` or `json`), to stderr.
 
 use tracing_subscriber::EnvFilter;

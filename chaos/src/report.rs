@@ -77,7 +77,7 @@ pub struct ChaosReport {
     pub drain_after_last_fault: Duration,
     /// Per replica.
     pub recovery: Vec<Recovery>,
-    /// Other problems (harness errors after the faults, unclean shutdown, ...).
+    /// Other problems (test kit errors after the faults, unclean shutdown, ...).
     pub problems: Vec<String>,
     /// Where logs, ledger and this report are kept (removed after a pass unless kept).
     pub dir: PathBuf,
