@@ -1,0 +1,288 @@
+//! Measuring one configuration: drain a pre-filled queue with real replica processes
+//! (capacity), publish at a steady rate (latency), and sample the replicas' and servers'
+//! CPU and memory (cost).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Double};
+use vote_aggregator::config::QueueType;
+
+use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
+use vote_testkit::infra::{self};
+use vote_testkit::ledger::Ledger;
+use vote_testkit::procinfo;
+use vote_testkit::progress::Progress;
+use vote_testkit::publish::{PublishOptions, publish_messages};
+use vote_testkit::testbed::TestBed;
+use vote_testkit::workload::{Message, Workload};
+
+use super::{ConfigResult, LoadOptions, fresh_bed, prefill};
+
+#[derive(QueryableByName)]
+struct LatencyRow {
+    #[diesel(sql_type = Double)]
+    micros: f64,
+}
+
+#[derive(QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+pub(super) async fn measure_config(
+    servers: &infra::PrivateInfra,
+    workload: &Workload,
+    queue_type: QueueType,
+    batch: usize,
+    replicas: usize,
+    opts: &LoadOptions,
+) -> anyhow::Result<ConfigResult> {
+    let bed = fresh_bed(servers, queue_type).await?;
+    let ledger = prefill(&bed, workload, opts).await?;
+    let expected = ledger.votes.len() as u64;
+    let deliveries = expected + ledger.duplicates_sent;
+
+    let log_dir = opts
+        .out_dir
+        .join("logs")
+        .join(format!("{}-b{batch}-r{replicas}", queue_type.as_str()));
+    std::fs::create_dir_all(&log_dir)?;
+    let mut base_env = bed.replica_base_env();
+    base_env.retain(|(k, _)| k != "QUEUE_TYPE");
+    base_env.push(("QUEUE_TYPE".into(), queue_type.as_str().into()));
+    base_env.push(("BATCH_SIZE".into(), batch.to_string()));
+    let prefetch = (batch * opts.prefetch_factor.max(1)).min(65_535);
+    base_env.push(("PREFETCH_COUNT".into(), prefetch.to_string()));
+    base_env.push(("RUN_MIGRATIONS".into(), "false".into()));
+    base_env.push(("RUST_LOG".into(), "warn".into()));
+    let specs: Vec<ReplicaSpec> = (0..replicas)
+        .map(|i| ReplicaSpec {
+            name: format!("load-{}", i + 1),
+            env: vec![],
+        })
+        .collect();
+    let fleet = Fleet::start(FleetOptions::new(&log_dir, base_env)?, specs).await?;
+
+    // Capacity: from the first counted vote to the last.
+    let progress = Progress::new("draining", expected, opts.progress);
+    let mut first: Option<(Instant, u64)> = None;
+    let mut cpu_at_first: Option<CpuSample> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (drain_secs, counted_in_window) = loop {
+        let counted: u64 = fleet
+            .scrape_all()
+            .await
+            .into_iter()
+            .flatten()
+            .map(|s| s.counted())
+            .sum();
+        progress.set(counted);
+        if counted > 0 && first.is_none() {
+            first = Some((Instant::now(), counted));
+            cpu_at_first = Some(CpuSample::take(servers, &fleet));
+        }
+        if counted >= expected {
+            let (t, c0) = first.unwrap_or((Instant::now(), 0));
+            break (t.elapsed().as_secs_f64(), counted - c0);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("drain did not finish in 10 minutes ({counted}/{expected})");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    progress.finish(expected);
+    let drain_cpu = match cpu_at_first {
+        Some(start) => {
+            CpuSample::take(servers, &fleet).costs_since(&start, counted_in_window, drain_secs)
+        }
+        None => DrainCpu::default(),
+    };
+    let votes_per_second = counted_in_window as f64 / drain_secs.max(0.001);
+    let deliveries_per_second = votes_per_second * deliveries as f64 / expected.max(1) as f64;
+
+    // Latency at half of capacity: new votes whose cast_at is their publish time.
+    let steady_rate = (votes_per_second / 2.0).max(10.0);
+    let steady_count = (steady_rate * opts.steady.as_secs_f64()).round() as usize;
+    let steady_start = chrono::Utc::now();
+    let fresh: Vec<Message> = (0..steady_count)
+        .map(|i| {
+            Message::Original(vote_testkit::votes::vote(
+                "steady",
+                &format!("candidate-{}", i % 6),
+            ))
+        })
+        .collect();
+    // The vote's cast_at is set at generation; generate just-in-time by publishing in
+    // small rate-limited slices so cast_at stays within a few ms of the publish.
+    let mut steady_ledger = Ledger::new(&bed.queue, opts.seed);
+    publish_steady(&bed, &fresh, steady_rate, &mut steady_ledger).await?;
+    let mut db_view = bed.db().await?;
+    let want = (expected + steady_ledger.votes.len() as u64) as i64;
+    vote_testkit::inspect::eventually(
+        "steady votes committed",
+        Duration::from_secs(120),
+        async || Ok(db_view.vote_count().await? >= want),
+    )
+    .await?;
+    use diesel_async::RunQueryDsl;
+    let rows: Vec<LatencyRow> = diesel::sql_query(
+        "SELECT (EXTRACT(EPOCH FROM (recorded_at - cast_at)) * 1000000)::float8 AS micros \
+         FROM votes WHERE election_id = 'steady' AND cast_at >= $1",
+    )
+    .bind::<diesel::sql_types::Timestamptz, _>(steady_start)
+    .load(db_view.connection())
+    .await?;
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)
+        .context("histogram bounds")?;
+    for r in &rows {
+        let _ = hist.record(r.micros.max(1.0) as u64);
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+
+    // Cost: CPU and peak memory of each replica process.
+    let mut cpu = 0.0;
+    let mut peak_rss_kib = 0u64;
+    for i in 0..fleet.len() {
+        if let Some(pid) = fleet.pid(i) {
+            cpu += process_cpu_seconds(pid).unwrap_or(0.0);
+            peak_rss_kib = peak_rss_kib.max(procinfo::peak_rss_kib(pid).unwrap_or(0));
+        }
+    }
+    let total_counted: CountRow = diesel::sql_query("SELECT count(*)::bigint AS n FROM votes")
+        .get_result(db_view.connection())
+        .await?;
+    fleet.shutdown().await?;
+    Ok(ConfigResult {
+        replicas,
+        batch_size: batch,
+        prefetch,
+        queue_type: queue_type.as_str().into(),
+        votes_per_second,
+        deliveries_per_second,
+        broker_ceiling_votes_per_second: 0.0,
+        db_ceiling_votes_per_second: 0.0,
+        ratio_to_broker_ceiling: 0.0,
+        ratio_to_db_ceiling: 0.0,
+        steady_rate,
+        latency_p50_ms: ms(0.50),
+        latency_p95_ms: ms(0.95),
+        latency_p99_ms: ms(0.99),
+        latency_max_ms: hist.max() as f64 / 1000.0,
+        latency_samples: hist.len(),
+        drain_aggregator_cpu_seconds_per_1000_votes: drain_cpu.aggregator,
+        drain_broker_cpu_seconds_per_1000_votes: drain_cpu.broker,
+        drain_database_cpu_seconds_per_1000_votes: drain_cpu.database,
+        drain_machine_cpu_share: drain_cpu.machine_share,
+        drain_machine_busy_share: drain_cpu.machine_busy,
+        cpu_bound_votes_per_second: drain_cpu.cpu_bound,
+        cpu_seconds_per_1000_votes: cpu / (total_counted.n.max(1) as f64 / 1000.0),
+        peak_rss_mib: peak_rss_kib as f64 / 1024.0,
+        limited_by: String::new(),
+    })
+}
+
+/// Publishes `votes` at `rate` on one connection, stamping each vote's `cast_at` with
+/// its publish time, and records each vote as attempted before it is sent and as
+/// confirmed once it is.
+async fn publish_steady(
+    bed: &TestBed,
+    votes: &[Message],
+    rate: f64,
+    ledger: &mut Ledger,
+) -> anyhow::Result<()> {
+    let originals: Vec<Message> = votes
+        .iter()
+        .filter(|m| matches!(m, Message::Original(_)))
+        .cloned()
+        .collect();
+    let options = PublishOptions {
+        rate: Some(rate),
+        stamp_cast_at: true,
+        ..PublishOptions::default()
+    };
+    publish_messages(&bed.amqp_url, &bed.queue, &originals, &options, ledger).await
+}
+
+/// CPU seconds used so far by the replicas and the two server containers.
+struct CpuSample {
+    /// (busy, total) clock ticks of the whole machine.
+    machine: Option<(u64, u64)>,
+    aggregator: f64,
+    broker: Option<f64>,
+    database: Option<f64>,
+}
+
+/// Per-1000-vote CPU costs over a drain.
+#[derive(Default)]
+struct DrainCpu {
+    aggregator: f64,
+    broker: Option<f64>,
+    database: Option<f64>,
+    machine_share: Option<f64>,
+    machine_busy: Option<f64>,
+    cpu_bound: Option<f64>,
+}
+
+impl CpuSample {
+    fn take(servers: &infra::PrivateInfra, fleet: &Fleet) -> Self {
+        CpuSample {
+            machine: procinfo::machine_ticks(),
+            aggregator: (0..fleet.len())
+                .filter_map(|i| fleet.pid(i).and_then(process_cpu_seconds))
+                .sum(),
+            broker: container_cpu_seconds(servers.rabbitmq_container_id()),
+            database: container_cpu_seconds(servers.postgres_container_id()),
+        }
+    }
+
+    fn costs_since(&self, start: &CpuSample, votes: u64, secs: f64) -> DrainCpu {
+        let per_1000 = |now: f64, then: f64| (now - then) / (votes.max(1) as f64 / 1000.0);
+        let aggregator = per_1000(self.aggregator, start.aggregator);
+        let broker = self.broker.zip(start.broker).map(|(n, t)| per_1000(n, t));
+        let database = self
+            .database
+            .zip(start.database)
+            .map(|(n, t)| per_1000(n, t));
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        let total = broker.zip(database).map(|(b, d)| aggregator + b + d);
+        DrainCpu {
+            aggregator,
+            broker,
+            database,
+            machine_share: total.map(|t| t * votes as f64 / 1000.0 / (secs.max(0.001) * cores)),
+            machine_busy: self.machine.zip(start.machine).and_then(|(n, t)| {
+                let total = n.1.checked_sub(t.1)?;
+                (total > 0).then(|| n.0.saturating_sub(t.0) as f64 / total as f64)
+            }),
+            cpu_bound: total.map(|t| cores * 1000.0 / t.max(1e-9)),
+        }
+    }
+}
+
+/// CPU seconds used by a Docker container so far, from its cgroup (v1 `cpuacct` or v2
+/// `cpu.stat`); `None` when neither can be read (e.g. a remote Docker host).
+fn container_cpu_seconds(id: &str) -> Option<f64> {
+    if let Ok(ns) =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage"))
+    {
+        return ns.trim().parse::<f64>().ok().map(|ns| ns / 1e9);
+    }
+    let stat = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat"
+    ))
+    .ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|us| us / 1e6)
+}
+
+/// User + system CPU seconds of a live process.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    procinfo::stat(pid).map(|s| s.cpu_seconds)
+}

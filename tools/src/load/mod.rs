@@ -1,0 +1,361 @@
+//! `vote-tools load` (`make load`): capacity baselines measured against the machine's
+//! own ceilings, in the same run.
+//!
+//! For every configuration (replicas × batch size × queue type) on fresh containers
+//! (PostgreSQL with fsync ON, as in production):
+//! 1. **capacity**: pre-fill the queue with N votes (+10 % duplicates), start the replica
+//!    processes, and time the drain from the first counted vote to the last: counted
+//!    votes/s;
+//! 2. **latency**: publish at 50 % of that capacity for a while, and read every vote's
+//!    publish-to-commit latency (`votes.recorded_at`, written during the batch's INSERT
+//!    just before COMMIT, minus `cast_at`, set when the vote was published) into an HDR
+//!    histogram: p50/p95/p99/max;
+//! 3. **cost**: CPU seconds and peak RSS of each replica process, from `/proc`.
+//!
+//! And the ceilings, measured in the same run with the same data:
+//! - **broker ceiling**: a minimal consumer that only receives and acks (same prefetch,
+//!   same queue type, one `multiple` ack per batch), no database;
+//! - **database ceiling**: the aggregator's own batch statement fed from memory at the
+//!   same batch size, one transaction at a time, no broker.
+//!
+//! Throughput is quoted as a ratio to those ceilings: on a shared, noisy machine a bare
+//! votes/s figure means little. Timings are benchmarks, never test assertions.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use diesel::QueryableByName;
+use diesel::sql_types::Text;
+use serde::{Deserialize, Serialize};
+use vote_aggregator::config::QueueType;
+use vote_aggregator::db::{self};
+
+use vote_testkit::infra::{self, Infra, InfraOptions};
+use vote_testkit::ledger::Ledger;
+use vote_testkit::procinfo;
+use vote_testkit::publish::{PublishOptions, publish_messages};
+use vote_testkit::testbed::TestBed;
+use vote_testkit::workload::{Workload, WorkloadSpec};
+
+mod ceilings;
+mod measure;
+
+use ceilings::{broker_ceiling, db_ceiling};
+use measure::measure_config;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Distinct votes pre-filled per configuration.
+    pub votes: usize,
+    /// Share of votes published twice in the pre-fill.
+    pub duplicates: f64,
+    /// Replica counts to try.
+    pub replicas: Vec<usize>,
+    /// Batch sizes to try.
+    pub batch_sizes: Vec<usize>,
+    /// Queue types to try.
+    pub queue_types: Vec<QueueType>,
+    /// Length of the steady-rate latency phase.
+    pub steady: Duration,
+    /// `PREFETCH_COUNT` = this × batch size (the service's default is 2).
+    pub prefetch_factor: usize,
+    /// Where the JSON, Markdown and PNG go.
+    pub out_dir: PathBuf,
+    /// Workload seed.
+    pub seed: u64,
+    /// Show progress.
+    pub progress: bool,
+}
+
+/// The machine and software the figures were measured on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    /// CPU cores available.
+    pub cores: usize,
+    /// Memory, GiB.
+    pub memory_gib: f64,
+    /// Kernel release.
+    pub kernel: String,
+    /// `SELECT version()` of the PostgreSQL server.
+    pub postgres: String,
+    /// RabbitMQ image (or external server).
+    pub rabbitmq: String,
+    /// PostgreSQL `fsync` setting during the run.
+    pub postgres_fsync: String,
+    /// Version of vote-aggregator.
+    pub aggregator_version: String,
+}
+
+/// One configuration's figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigResult {
+    /// Replica processes.
+    pub replicas: usize,
+    /// `BATCH_SIZE`.
+    pub batch_size: usize,
+    /// `PREFETCH_COUNT` (prefetch factor × batch size).
+    pub prefetch: usize,
+    /// `quorum` or `classic`.
+    pub queue_type: String,
+    /// Counted votes per second while draining the pre-filled queue.
+    pub votes_per_second: f64,
+    /// Deliveries per second while draining (votes + duplicates).
+    pub deliveries_per_second: f64,
+    /// Minimal receive-and-ack consumer, same prefetch and queue type: deliveries/s.
+    pub broker_ceiling_votes_per_second: f64,
+    /// The batch statement from memory at this batch size: votes/s.
+    pub db_ceiling_votes_per_second: f64,
+    /// `deliveries_per_second / broker_ceiling_votes_per_second`.
+    pub ratio_to_broker_ceiling: f64,
+    /// `votes_per_second / db_ceiling_votes_per_second`.
+    pub ratio_to_db_ceiling: f64,
+    /// Rate of the latency phase (50 % of capacity), votes/s.
+    pub steady_rate: f64,
+    /// Publish-to-commit latency percentiles at that rate, ms.
+    pub latency_p50_ms: f64,
+    /// See `latency_p50_ms`.
+    pub latency_p95_ms: f64,
+    /// See `latency_p50_ms`.
+    pub latency_p99_ms: f64,
+    /// See `latency_p50_ms`.
+    pub latency_max_ms: f64,
+    /// Votes whose latency was measured.
+    pub latency_samples: u64,
+    /// Replica CPU seconds (user + system, all replicas) per 1000 counted votes.
+    pub cpu_seconds_per_1000_votes: f64,
+    /// Largest peak RSS of one replica, MiB.
+    pub peak_rss_mib: f64,
+    /// During the capacity drain: CPU seconds per 1000 counted votes of the replicas...
+    pub drain_aggregator_cpu_seconds_per_1000_votes: f64,
+    /// ... of the RabbitMQ container (None when its cgroup cannot be read) ...
+    pub drain_broker_cpu_seconds_per_1000_votes: Option<f64>,
+    /// ... and of the PostgreSQL container.
+    pub drain_database_cpu_seconds_per_1000_votes: Option<f64>,
+    /// Share of the machine's CPU (all cores) that replicas + broker + database used
+    /// during the drain.
+    pub drain_machine_cpu_share: Option<f64>,
+    /// Share of the machine's CPU busy during the drain, whoever used it (from
+    /// /proc/stat): above the previous figure when other work shares the machine.
+    pub drain_machine_busy_share: Option<f64>,
+    /// What the measured per-vote CPU costs allow on this many cores if nothing else
+    /// waited: cores / (CPU seconds per vote, summed over the three). A ceiling for the
+    /// whole pipeline on this machine.
+    pub cpu_bound_votes_per_second: Option<f64>,
+    /// What bounded this configuration, judged from the ratios and CPU use.
+    pub limited_by: String,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// When the run started (RFC 3339).
+    pub started_at: String,
+    /// Wall time of the run, seconds.
+    pub wall_seconds: f64,
+    /// The command line that produced it.
+    pub command: String,
+    /// Distinct votes per drain.
+    pub votes: usize,
+    /// Share of duplicates in the pre-fill.
+    pub duplicates: f64,
+    /// Seconds of the steady-rate phase.
+    pub steady_seconds: f64,
+    /// Workload seed.
+    pub seed: u64,
+    /// Where it ran.
+    pub machine: Machine,
+    /// One entry per configuration.
+    pub configs: Vec<ConfigResult>,
+}
+
+/// Runs every configuration and returns the figures (the caller writes the outputs).
+///
+/// # Errors
+/// When the servers cannot start or a phase fails (a drain that never finishes is an
+/// error: the figures would be meaningless).
+pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadReport> {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now().to_rfc3339();
+    eprintln!(
+        "load: seed {} · {} votes (+{:.0}% duplicates) per drain · steady phase {:?}",
+        opts.seed,
+        opts.votes,
+        opts.duplicates * 100.0,
+        opts.steady
+    );
+    // Fresh private servers with fsync ON: baselines must pay for durability.
+    let servers = infra::start_private(InfraOptions {
+        fsync: true,
+        ..InfraOptions::default()
+    })
+    .await?;
+    let machine = machine(&servers).await?;
+    let workload = Workload::generate(&WorkloadSpec {
+        votes: opts.votes,
+        elections: 3,
+        candidates: 6,
+        precincts: 50,
+        duplicates: opts.duplicates,
+        conflict_share: 0.0,
+        late_share: 0.0,
+        malformed: 0.0,
+        seed: opts.seed,
+    });
+
+    let mut broker_ceilings: HashMap<(String, usize), f64> = HashMap::new();
+    let mut db_ceilings: HashMap<usize, f64> = HashMap::new();
+    let mut configs = Vec::new();
+    let total = opts.queue_types.len() * opts.batch_sizes.len() * opts.replicas.len();
+    let mut n = 0;
+    for &queue_type in &opts.queue_types {
+        for &batch in &opts.batch_sizes {
+            let key = (queue_type.as_str().to_string(), batch);
+            if !broker_ceilings.contains_key(&key) {
+                let c = broker_ceiling(&servers, &workload, queue_type, batch, opts).await?;
+                eprintln!(
+                    "load: broker ceiling {} batch {batch}: {c:.0} deliveries/s",
+                    queue_type.as_str()
+                );
+                broker_ceilings.insert(key.clone(), c);
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = db_ceilings.entry(batch) {
+                let c = db_ceiling(&servers, &workload, batch).await?;
+                eprintln!("load: database ceiling batch {batch}: {c:.0} votes/s");
+                e.insert(c);
+            }
+            for &replicas in &opts.replicas {
+                n += 1;
+                eprintln!(
+                    "load: [{n}/{total}] {replicas} replica(s), batch {batch}, {} queue",
+                    queue_type.as_str()
+                );
+                let mut r =
+                    measure_config(&servers, &workload, queue_type, batch, replicas, opts).await?;
+                r.broker_ceiling_votes_per_second = broker_ceilings[&key];
+                r.db_ceiling_votes_per_second = db_ceilings[&batch];
+                r.ratio_to_broker_ceiling =
+                    r.deliveries_per_second / r.broker_ceiling_votes_per_second.max(1.0);
+                r.ratio_to_db_ceiling = r.votes_per_second / r.db_ceiling_votes_per_second.max(1.0);
+                r.limited_by = limited_by(&r);
+                eprintln!(
+                    "load:   {:.0} votes/s ({:.0}% of broker ceiling, {:.0}% of database ceiling) · p99 {:.1} ms · {:.3} CPU s/1000 votes · peak RSS {:.1} MiB",
+                    r.votes_per_second,
+                    r.ratio_to_broker_ceiling * 100.0,
+                    r.ratio_to_db_ceiling * 100.0,
+                    r.latency_p99_ms,
+                    r.cpu_seconds_per_1000_votes,
+                    r.peak_rss_mib
+                );
+                configs.push(r);
+            }
+        }
+    }
+    Ok(LoadReport {
+        started_at,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        command,
+        votes: opts.votes,
+        duplicates: opts.duplicates,
+        steady_seconds: opts.steady.as_secs_f64(),
+        seed: opts.seed,
+        machine,
+        configs,
+    })
+}
+
+/// A judgement, not a measurement: close to a ceiling means bounded by it; a machine
+/// whose cores were saturated during the drain is CPU-bound, and the split of that CPU
+/// says who used it; otherwise the aggregator's own pipeline is the limit.
+fn limited_by(r: &ConfigResult) -> String {
+    let broker = r.ratio_to_broker_ceiling;
+    let db = r.ratio_to_db_ceiling;
+    let split = match (
+        r.drain_broker_cpu_seconds_per_1000_votes,
+        r.drain_database_cpu_seconds_per_1000_votes,
+    ) {
+        (Some(b), Some(d)) => {
+            let a = r.drain_aggregator_cpu_seconds_per_1000_votes;
+            let t = (a + b + d).max(1e-9);
+            format!(
+                " (CPU: broker {:.0} %, database {:.0} %, aggregator {:.0} %)",
+                100.0 * b / t,
+                100.0 * d / t,
+                100.0 * a / t
+            )
+        }
+        _ => String::new(),
+    };
+    if r.drain_machine_cpu_share.is_some_and(|s| s >= 0.85) {
+        format!("machine CPU: cores saturated{split}")
+    } else if r.drain_machine_busy_share.is_some_and(|s| s >= 0.9) {
+        format!("machine CPU: cores saturated, partly by other work on the machine{split}")
+    } else if broker >= 0.8 && broker >= db {
+        format!("broker: near its receive-and-ack ceiling{split}")
+    } else if db >= 0.8 {
+        format!("database: near its batch-statement ceiling{split}")
+    } else {
+        format!("commit pipeline: below both ceilings with CPU to spare{split}")
+    }
+}
+
+async fn machine(servers: &infra::PrivateInfra) -> anyhow::Result<Machine> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        v: String,
+    }
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    let mut conn = AsyncPgConnection::establish(&servers.admin_database_url()).await?;
+    let version: Row = diesel::sql_query("SELECT version() AS v")
+        .get_result(&mut conn)
+        .await?;
+    let fsync: Row = diesel::sql_query("SELECT current_setting('fsync') AS v")
+        .get_result(&mut conn)
+        .await?;
+    let memory_bytes = procinfo::memory_total_bytes().unwrap_or(0) as f64;
+    Ok(Machine {
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        memory_gib: memory_bytes / 1024.0 / 1024.0 / 1024.0,
+        kernel: procinfo::kernel_release().unwrap_or_default(),
+        postgres: version.v,
+        rabbitmq: servers.rabbitmq_image().to_owned(),
+        postgres_fsync: fsync.v,
+        aggregator_version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
+/// A fresh database and queue of `queue_type`, declared and migrated.
+pub(super) async fn fresh_bed(servers: &Infra, queue_type: QueueType) -> anyhow::Result<TestBed> {
+    let bed = TestBed::new(servers).await?;
+    let mut config = bed.config("load-declarer");
+    config.queue_type = queue_type;
+    let session = vote_aggregator::broker::connect(&config).await?;
+    let _ = session.connection.close(200, "declared".into()).await;
+    db::run_migrations(&config.database_url).await?;
+    Ok(bed)
+}
+
+pub(super) async fn prefill(
+    bed: &TestBed,
+    workload: &Workload,
+    opts: &LoadOptions,
+) -> anyhow::Result<Ledger> {
+    let mut ledger = Ledger::new(&bed.queue, opts.seed);
+    publish_messages(
+        &bed.amqp_url,
+        &bed.queue,
+        &workload.main,
+        &PublishOptions {
+            connections: 4,
+            progress: opts.progress,
+            ..PublishOptions::default()
+        },
+        &mut ledger,
+    )
+    .await?;
+    Ok(ledger)
+}
