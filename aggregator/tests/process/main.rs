@@ -33,6 +33,18 @@ fn run_with(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Output> {
     Ok(cmd.output()?)
 }
 
+/// Starts `vote-aggregator run` with only `env` set, its output captured.
+fn spawn_run(env: &[(&str, &str)]) -> anyhow::Result<std::process::Child> {
+    Ok(Command::new(BIN)
+        .args(["run"])
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?)
+}
+
 #[test]
 fn config_errors_are_one_line_naming_the_variable() -> anyhow::Result<()> {
     let base = [
@@ -260,14 +272,7 @@ async fn secrets_in_a_url_query_string_never_reach_a_log_line_or_error() -> anyh
         ("RUST_LOG", "debug"),
     ];
     // The service retries the unreachable database, logging each attempt, for 6 s.
-    let child = Command::new(BIN)
-        .args(["run"])
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let child = spawn_run(&env)?;
     tokio::time::sleep(Duration::from_secs(6)).await;
     signal::send(child.id(), Signal::TERM)?;
     let run = child.wait_with_output()?;
@@ -362,19 +367,9 @@ async fn json_logs_carry_the_replica_span() -> anyhow::Result<()> {
         (var::REPLICA_ID, "json-span-test"),
     ];
     // The unreachable database is retried, logging each attempt inside the replica span.
-    let child = Command::new(BIN)
-        .args(["run"])
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let child = spawn_run(&env)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()?;
-    assert!(status.success());
+    signal::send(child.id(), Signal::TERM)?;
     let out = child.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let in_span = stderr
