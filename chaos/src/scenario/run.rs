@@ -3,6 +3,7 @@
 //! invariants, read the dead letters, and write the report.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,6 +14,7 @@ use tokio::time::Instant;
 use vote_testkit::checker::{self, CheckOptions};
 use vote_testkit::infra::InfraOptions;
 use vote_testkit::inspect::{Broker, Db};
+use vote_testkit::ledger::Ledger;
 use vote_testkit::publish::{Published, SteadyLoad};
 
 use super::{Scenario, ScenarioOptions, workload_spec};
@@ -27,50 +29,14 @@ use crate::report::{ChaosReport, DeadLetters, Recovery};
 /// Only when the run could not be carried out at all (Docker, servers or replicas
 /// unavailable, a replica build without fault injection).
 pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<ChaosReport> {
-    let label = match opts.broken {
-        Some(broken) => format!("{}-{}-broken-{broken}", scenario.name(), opts.seed),
-        None => format!("{}-{}", scenario.name(), opts.seed),
-    };
-    let dir = opts.out_dir.join(&label);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut replay = format!(
-        "vote-tools chaos --scenario {scenario} --seed {} --duration {}s --rate {}",
-        opts.seed,
-        opts.duration.as_secs(),
-        opts.rate
-    );
-    if let Some(broken) = opts.broken {
-        replay.push_str(&format!(" --broken {broken}"));
-    }
-    for setting in &opts.postgres_settings {
-        replay.push_str(&format!(" --postgres-setting {setting}"));
-    }
+    let dir = fresh_run_dir(scenario, opts)?;
     eprintln!(
-        "chaos {scenario}: seed {} (replay: {replay}) · logs in {}",
+        "chaos {scenario}: seed {} (replay: {}) · logs in {}",
         opts.seed,
+        replay_command(scenario, opts),
         dir.display()
     );
-
-    let mut extra_env = Vec::new();
-    if let Some(broken) = opts.broken {
-        extra_env.push((broken.env().to_owned(), "1".to_owned()));
-    }
-    let mut cluster = Cluster::start(&ClusterOptions {
-        replicas: opts.replicas,
-        log_dir: dir.clone(),
-        heartbeat_secs: opts.heartbeat_secs,
-        extra_env,
-        infra: InfraOptions {
-            // A crash loses nothing acked only on a durable server: the default settings.
-            fsync: scenario.faults().contains(&FaultKind::DbKill),
-            postgres_settings: opts.postgres_settings.clone(),
-            ..InfraOptions::default()
-        },
-    })
-    .await?;
+    let mut cluster = start_cluster(scenario, opts, &dir).await?;
 
     // Workload.
     let spec = workload_spec(opts);
@@ -87,13 +53,7 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
     // Faults.
     let clock = Clock::start();
     let nemeses = Nemeses::new(opts.heartbeat_secs);
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    rng.set_stream(
-        1 + Scenario::ALL
-            .iter()
-            .position(|s| *s == scenario)
-            .unwrap_or(0) as u64,
-    );
+    let mut rng = schedule_rng(scenario, opts.seed);
     let faults = run_schedule(scenario, opts, &nemeses, &mut cluster, &mut rng, &clock).await;
     let last_fault_healed = faults.iter().map(|f| f.healed).max().unwrap_or_default();
     let after_faults = Instant::now();
@@ -178,6 +138,81 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
             .push(format!("replicas did not shut down cleanly: {e:#}"));
     }
     report.kept = opts.keep || !report.passed();
+    keep_or_remove(&report, ledger, &dir);
+    Ok(report)
+}
+
+/// The run's own folder under `opts.out_dir`, emptied: `<scenario>-<seed>[-broken-<bug>]`.
+fn fresh_run_dir(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<PathBuf> {
+    let label = match opts.broken {
+        Some(broken) => format!("{}-{}-broken-{broken}", scenario.name(), opts.seed),
+        None => format!("{}-{}", scenario.name(), opts.seed),
+    };
+    let dir = opts.out_dir.join(&label);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The command line that replays this run's plan.
+fn replay_command(scenario: Scenario, opts: &ScenarioOptions) -> String {
+    let mut replay = format!(
+        "vote-tools chaos --scenario {scenario} --seed {} --duration {}s --rate {}",
+        opts.seed,
+        opts.duration.as_secs(),
+        opts.rate
+    );
+    if let Some(broken) = opts.broken {
+        replay.push_str(&format!(" --broken {broken}"));
+    }
+    for setting in &opts.postgres_settings {
+        replay.push_str(&format!(" --postgres-setting {setting}"));
+    }
+    replay
+}
+
+/// The cluster a scenario runs on: durable PostgreSQL settings when the scenario crashes
+/// the server, and the broken build's switch on every replica when asked for.
+async fn start_cluster(
+    scenario: Scenario,
+    opts: &ScenarioOptions,
+    dir: &Path,
+) -> anyhow::Result<Cluster> {
+    let mut extra_env = Vec::new();
+    if let Some(broken) = opts.broken {
+        extra_env.push((broken.env().to_owned(), "1".to_owned()));
+    }
+    Cluster::start(&ClusterOptions {
+        replicas: opts.replicas,
+        log_dir: dir.to_path_buf(),
+        heartbeat_secs: opts.heartbeat_secs,
+        extra_env,
+        infra: InfraOptions {
+            // A crash loses nothing acked only on a durable server: the default settings.
+            fsync: scenario.faults().contains(&FaultKind::DbKill),
+            postgres_settings: opts.postgres_settings.clone(),
+            ..InfraOptions::default()
+        },
+    })
+    .await
+}
+
+/// The schedule's random stream: the seed, on a stream of its own per scenario, so that
+/// the same seed gives each scenario its own plan and the workload's stream is untouched.
+fn schedule_rng(scenario: Scenario, seed: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let index = Scenario::ALL
+        .iter()
+        .position(|s| *s == scenario)
+        .unwrap_or(0);
+    rng.set_stream(1 + index as u64);
+    rng
+}
+
+/// Keeps the run's folder with its ledger and report when `report.kept`, else removes it.
+fn keep_or_remove(report: &ChaosReport, ledger: &Ledger, dir: &Path) {
     if report.kept {
         let saved = ledger.save(&dir.join("ledger.json")).and_then(|()| {
             std::fs::write(dir.join("report.txt"), format!("{report}\n"))
@@ -186,10 +221,9 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
         if let Err(e) = saved {
             eprintln!("warning: {e:#}");
         }
-    } else if let Err(e) = std::fs::remove_dir_all(&dir) {
+    } else if let Err(e) = std::fs::remove_dir_all(dir) {
         eprintln!("warning: cannot remove {}: {e}", dir.display());
     }
-    Ok(report)
 }
 
 /// Strikes faults on the scenario's seeded schedule until `opts.duration` is used up.
