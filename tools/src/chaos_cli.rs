@@ -9,15 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use vote_chaos::scenario::{self, Broken, Scenario, ScenarioOptions};
 
-/// Run chaos scenarios: faults (kills, pauses, broker and database restarts, database
-/// crashes, backend terminations, partitions, a crash between COMMIT and ack) injected on a
-/// seeded schedule into 3 real vote-aggregator replicas under steady load, then the
-/// exactly-once checker.
-///
-/// Scenarios: kill-restart, zombie-pause, broker-restart, db-restart, db-kill,
-/// backend-terminate, partition, commit-ack, mixed (or all). The replicas must be a fault-injection build:
-/// `cargo build --workspace --features vote-aggregator/fault-injection`. Needs Docker and
-/// the server images (VOTES_POSTGRES_IMAGE, VOTES_RABBITMQ_IMAGE; see `make images`).
+/// The options of `vote-tools chaos`.
 #[derive(Args)]
 pub struct ChaosArgs {
     /// Scenario to run, or `all`.

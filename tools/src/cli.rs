@@ -41,7 +41,14 @@ enum Command {
     /// malformed ones, and show the results. Leaves nothing running unless --keep.
     Demo(DemoArgs),
     /// Run chaos scenarios: faults injected on a seeded schedule into real replicas under
-    /// steady load, then the exactly-once checker (`vote-tools chaos --help`).
+    /// steady load, then the exactly-once checker.
+    ///
+    /// Scenarios: kill-restart, zombie-pause, broker-restart, db-restart, db-kill,
+    /// backend-terminate, partition, commit-ack, mixed (or all). The replicas are the
+    /// fault-injection build that `make fault-build` puts in
+    /// target/<profile>/fault-injection/. Needs Docker and the server images (see
+    /// `make images`). Exit 0 when every scenario passed, 1 when one failed, 2 on bad usage.
+    #[command(long_about)]
     Chaos(crate::chaos_cli::ChaosArgs),
 }
 
