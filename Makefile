@@ -2,9 +2,6 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-OFFLINE_POSTGRES_IMAGE := vote-aggregator/postgres:17-offline
-OFFLINE_RABBITMQ_IMAGE := vote-aggregator/rabbitmq:4.0-offline
-
 # Test servers: the test kit picks the images itself (VOTES_POSTGRES_IMAGE /
 # VOTES_RABBITMQ_IMAGE if set, else the offline images if `make images` built them, else
 # the official ones); see testkit/src/infra/images.rs.
@@ -19,7 +16,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 images: ## (root) build offline PostgreSQL 17 + RabbitMQ 4.0 images from Debian packages (only without registry access)
-	OFFLINE_POSTGRES_IMAGE=$(OFFLINE_POSTGRES_IMAGE) OFFLINE_RABBITMQ_IMAGE=$(OFFLINE_RABBITMQ_IMAGE) images/build.sh
+	images/build.sh
 
 test: fault-build ## run every test against real PostgreSQL and RabbitMQ containers
 	cargo build --workspace --locked   # the suites run the real binaries
@@ -51,6 +48,7 @@ release: ## optimised build: target/release/vote-aggregator
 lint: ## what CI checks besides the tests
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
 fmt: ## format the code
 	cargo fmt --all

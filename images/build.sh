@@ -49,11 +49,12 @@ die() {
 command -v docker >/dev/null 2>&1 || die "docker CLI not found"
 docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable (is it running?)"
 
+# An official image's name is postgres or rabbitmq, optionally behind docker.io/ and
+# library/, with any tag.
 for name in "$PG_IMAGE" "$RMQ_IMAGE"; do
-    case "$name" in
-    */*) ;;
-    *) die "refusing to build under '$name': an offline build must not carry an official image's name (use a name with a '/', e.g. vote-aggregator/postgres:17-offline)" ;;
-    esac
+    if printf '%s\n' "$name" | grep -Eq '^(docker\.io/)?(library/)?(postgres|rabbitmq)(:|@|$)'; then
+        die "refusing to build under '$name': an offline build must never carry an official image's name (use e.g. vote-aggregator/postgres:17-offline)"
+    fi
 done
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }

@@ -1,6 +1,6 @@
 //! The vote message: decoding and validating a delivery body, and encoding one.
 //!
-//! This module owns the wire contract of docs/design.md: a UTF-8 JSON object of at most
+//! This module owns the wire contract of docs/DESIGN.md: a UTF-8 JSON object of at most
 //! [`MAX_BODY_BYTES`] with `vote_id` (UUID), `election_id` and `candidate_id` (1–64
 //! characters of `A-Z a-z 0-9 . _ : -`), optional `precinct_id` (same charset) and
 //! `cast_at` (RFC 3339). Unknown fields are ignored. Decoding never panics, whatever the

@@ -20,7 +20,7 @@
 //! - [`fleet`]: real `vote-aggregator` processes, with signals (stop, kill, pause, resume)
 //!   and metric scrapes; [`prometheus`]: the one parser of `/metrics` pages;
 //!   [`procinfo`]: the one reader of `/proc`; [`signal`]: the one way to signal a process.
-//! - [`checker`]: the exactly-once checker (the four invariants of docs/design.md).
+//! - [`checker`]: the exactly-once checker (the four invariants of docs/DESIGN.md).
 //! - [`inspect`]: reading back the outcome from PostgreSQL and RabbitMQ, polling helpers.
 
 pub mod checker;

@@ -31,7 +31,7 @@ pub struct ChaosArgs {
     /// How long the checker waits for the queue to drain after the faults.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     drain_timeout: Duration,
-    /// Folder for each run's logs, ledger and report (default: <target>/chaos).
+    /// Folder for each run's logs, ledger and report (default: `<target>/chaos`).
     #[arg(long)]
     out_dir: Option<PathBuf>,
     /// Keep each run's folder even when it passed.

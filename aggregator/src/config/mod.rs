@@ -29,7 +29,7 @@ pub use self::redact::redact_url;
 pub use self::variables::VARIABLES;
 use self::variables::*;
 
-/// Name of the default queue, from the contract (docs/design.md).
+/// Name of the default queue, from the contract (docs/DESIGN.md).
 pub const DEFAULT_QUEUE_NAME: &str = "votes.aggregation";
 
 /// RabbitMQ queue type of the votes queue.

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use lapin::Channel;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, warn};
 
@@ -17,32 +18,35 @@ pub(super) async fn spawn_queue_monitor(ctx: &Ctx, session: &Session, stop: Canc
     let Ok(channel) = session.connection.create_channel().await else {
         return;
     };
-    let ctx = ctx.clone();
+    tokio::spawn(monitor_loop(ctx.clone(), channel, stop).in_current_span());
+}
+
+/// Every 2 s until `stop`: the queue's depth and the unexplained dead letters' count into
+/// the metrics, and a warning when the latter grows. Ends when the channel fails.
+async fn monitor_loop(ctx: Ctx, channel: Channel, stop: CancellationToken) {
     let unexplained = broker::unexplained_queue(&ctx.config.queue_name);
-    tokio::spawn(
-        async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let depth = broker::message_count(&channel, &ctx.config, &ctx.config.queue_name).await;
-            let odd = broker::message_count(&channel, &ctx.config, &unexplained).await;
-            let (Ok(depth), Ok(odd)) = (depth, odd) else {
-                break;
-            };
-            ctx.metrics.queue_depth.set(i64::from(depth));
-            let before = ctx.metrics.dead_letters_unexplained.get();
-            ctx.metrics.dead_letters_unexplained.set(i64::from(odd));
-            if i64::from(odd) > before {
-                warn!(queue = %unexplained, messages = odd,
-                      "the broker dead-lettered messages without a reason (TTL, a delivery-limit policy, a reject); \
-                       they may be valid votes that were NOT counted: inspect them and move them back to the votes queue \
-                       (the vote UUID makes recounting safe)");
-            }
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let depth = broker::message_count(&channel, &ctx.config, &ctx.config.queue_name).await;
+        let odd = broker::message_count(&channel, &ctx.config, &unexplained).await;
+        let (Ok(depth), Ok(odd)) = (depth, odd) else {
+            break;
+        };
+        ctx.metrics.queue_depth.set(i64::from(depth));
+        let before = ctx.metrics.dead_letters_unexplained.get();
+        ctx.metrics.dead_letters_unexplained.set(i64::from(odd));
+        if i64::from(odd) > before {
+            warn!(
+                queue = %unexplained,
+                messages = odd,
+                "the broker dead-lettered messages without a reason (TTL, a delivery-limit \
+                 policy, a reject); they may be valid votes that were NOT counted: inspect \
+                 them and move them back to the votes queue (the vote UUID makes recounting safe)"
+            );
         }
     }
-        .in_current_span(),
-    );
 }

@@ -1,4 +1,4 @@
-//! The `verify` check: invariant 1 of docs/design.md (every candidate's tally equals
+//! The `verify` check: invariant 1 of docs/DESIGN.md (every candidate's tally equals
 //! its counted votes), read in one consistent snapshot.
 
 use diesel::QueryableByName;
@@ -50,7 +50,7 @@ struct Totals {
     candidates: i64,
 }
 
-/// Checks invariant 1 of docs/design.md: for every (election, candidate), the sum of its
+/// Checks invariant 1 of docs/DESIGN.md: for every (election, candidate), the sum of its
 /// tally shards equals its rows in `votes`. Runs in one REPEATABLE READ snapshot so a
 /// live system is checked consistently.
 ///

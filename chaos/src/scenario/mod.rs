@@ -1,7 +1,7 @@
 //! Scenarios: a workload + a seeded fault schedule + the checker, on a private cluster.
 //!
 //! This module owns the shape of a run, the same for every scenario:
-//! 1. start a [`Cluster`] (private servers, replicas behind their own proxies) in a
+//! 1. start a [`Cluster`](crate::cluster::Cluster) (private servers, replicas behind their own proxies) in a
 //!    folder named after the scenario and seed;
 //! 2. publish a seeded stream at a steady rate (duplicates, conflicts, ~1 % malformed,
 //!    quorum queue, confirms, retries) for as long as the faults last;

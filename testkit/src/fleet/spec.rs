@@ -68,7 +68,7 @@ impl FleetOptions {
         Ok(Self::with_binary(aggregator_binary()?, log_dir, base_env))
     }
 
-    /// Options running `binary` (e.g. [`fault_injection_binary`]), 60 s ready timeout.
+    /// Options running `binary` (e.g. [`super::fault_injection_binary`]), 60 s ready timeout.
     pub fn with_binary(
         binary: PathBuf,
         log_dir: impl Into<PathBuf>,
