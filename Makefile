@@ -8,7 +8,8 @@ SHELL := /bin/bash
 
 # The fault-injection replica binary only the chaos suite runs, kept apart from every
 # ordinary build (Cargo would otherwise unify the feature into them).
-FAULT_BINARY := target/debug/fault-injection/vote-aggregator
+CARGO_TARGET := $(or $(CARGO_TARGET_DIR),target)
+FAULT_BINARY := $(CARGO_TARGET)/debug/fault-injection/vote-aggregator
 
 .PHONY: help images test chaos load demo build release fault-build lint fmt init-db-sql clean-containers
 
@@ -24,23 +25,24 @@ test: fault-build ## run every test against real PostgreSQL and RabbitMQ contain
 
 chaos: fault-build ## every chaos scenario, 60 s of faults each + drain (~10 min; SCENARIO=name, DURATION=60s, SEED=n to replay)
 	cargo build --locked -p vote-tools
-	target/debug/vote-tools chaos --scenario $(or $(SCENARIO),all) --duration $(or $(DURATION),60s) $(if $(SEED),--seed $(SEED))
+	$(CARGO_TARGET)/debug/vote-tools chaos --scenario $(or $(SCENARIO),all) --duration $(or $(DURATION),60s) $(if $(SEED),--seed $(SEED))
 
 load: ## capacity baselines vs this machine's broker and database ceilings (~10 min) -> target/load/report.{json,md}, throughput.png
 	cargo build --release --locked -p vote-aggregator -p vote-tools
-	target/release/vote-tools load -n $(or $(VOTES),100000) --steady-seconds 8 --out target/load $(ARGS)
+	$(CARGO_TARGET)/release/vote-tools load -n $(or $(VOTES),100000) --steady-seconds 8 --out target/load $(ARGS)
 
 demo: ## start servers + 3 replicas, publish 20 000 votes with duplicates, show the results (ARGS=--keep to leave it running)
 	cargo build --workspace --locked
-	target/debug/vote-tools demo $(ARGS)
+	$(CARGO_TARGET)/debug/vote-tools demo $(ARGS)
 
 build: ## debug build of the service and the tools
 	cargo build --workspace --locked
 
 fault-build: ## the chaos suite's fault-injection replica -> target/debug/fault-injection/ (never deploy it)
-	cargo build --locked -p vote-aggregator --bin vote-aggregator --features fault-injection
-	mkdir -p $(dir $(FAULT_BINARY)) && cp target/debug/vote-aggregator $(FAULT_BINARY)
-	cargo build --locked -p vote-aggregator --bin vote-aggregator   # the ordinary binary back in place
+	@# The ordinary binary is put back in place whether or not the first steps worked.
+	cargo build --locked -p vote-aggregator --bin vote-aggregator --features fault-injection \
+	  && mkdir -p $(dir $(FAULT_BINARY)) && cp $(CARGO_TARGET)/debug/vote-aggregator $(FAULT_BINARY); \
+	  rc=$$?; cargo build --locked -p vote-aggregator --bin vote-aggregator && exit $$rc
 
 release: ## optimised build: target/release/vote-aggregator
 	cargo build --release --locked -p vote-aggregator

@@ -2,7 +2,7 @@
 //! current executable (or `VOTE_AGGREGATOR_BIN`), or the chaos suite's separate
 //! fault-injection build (or `VOTE_AGGREGATOR_FAULT_BIN`). Errors say how to build it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
@@ -37,14 +37,56 @@ pub fn aggregator_binary() -> anyhow::Result<PathBuf> {
 /// `target/<profile>/fault-injection/vote-aggregator`, which `make fault-build` makes. It
 /// lives apart so that no ordinary build ever contains the hooks.
 ///
+/// Cargo does not rebuild it (only `make fault-build` does), so a binary found by the
+/// lookup is refused when a source of the service is newer than it: a chaos run must
+/// never test yesterday's code. (A binary named by the variable is taken as it is.)
+///
 /// # Errors
-/// As [`aggregator_binary`].
+/// As [`aggregator_binary`], and when the binary is older than the service's sources.
 pub fn fault_injection_binary() -> anyhow::Result<PathBuf> {
-    binary(
+    const HINT: &str = "make fault-build";
+    let explicit = std::env::var_os(FAULT_BINARY_ENV).is_some_and(|v| !v.is_empty());
+    let path = binary(
         FAULT_BINARY_ENV,
         &format!("{FAULT_BINARY_DIR}/vote-aggregator"),
-        "make fault-build",
-    )
+        HINT,
+    )?;
+    if !explicit && let Some(newer) = newer_service_source(&path) {
+        bail!(
+            "the fault-injection build at {} is older than {}: rebuild it with `{HINT}`",
+            path.display(),
+            newer.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The service's sources as this kit was compiled next to them: the crate folder
+/// (its `src/` and manifest) and the workspace's `Cargo.lock`.
+const SERVICE_SOURCES: [&str; 3] = [
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../aggregator/src"),
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../aggregator/Cargo.toml"),
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"),
+];
+
+/// A source of the service modified after `binary` was written, if any (none when the
+/// sources are not on this machine).
+fn newer_service_source(binary: &Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
+    let mut pending: Vec<PathBuf> = SERVICE_SOURCES.iter().map(PathBuf::from).collect();
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                pending.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()));
+            }
+        } else if meta.modified().is_ok_and(|m| m > built) {
+            return Some(path);
+        }
+    }
+    None
 }
 
 /// `env` when set (it must name a file), else `relative` under `target/<profile>/`.
@@ -79,4 +121,38 @@ fn binary(env: &str, relative: &str, build_hint: &str) -> anyhow::Result<PathBuf
         );
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_binary_older_than_the_service_sources_is_stale_and_a_newer_one_is_not() {
+        let dir = std::env::temp_dir().join(format!("fault-binary-age-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let old = dir.join("old");
+        std::fs::write(&old, b"x").expect("write");
+        let epoch = std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .expect("open");
+        epoch
+            .set_modified(std::time::SystemTime::UNIX_EPOCH)
+            .expect("set mtime");
+        assert!(
+            newer_service_source(&old).is_some(),
+            "every source is newer than 1970"
+        );
+        let new = dir.join("new");
+        std::fs::write(&new, b"x").expect("write");
+        let future = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+        let f = std::fs::File::options()
+            .write(true)
+            .open(&new)
+            .expect("open");
+        f.set_modified(future).expect("set mtime");
+        assert_eq!(newer_service_source(&new), None);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
