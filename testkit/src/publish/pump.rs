@@ -10,7 +10,7 @@
 //! create is the system's to absorb. Whatever is still unconfirmed when the run ends is
 //! indeterminate.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -105,6 +105,9 @@ pub(super) async fn pump(plan: &Plan<'_>, sink: &mut impl Sink) -> anyhow::Resul
     let mut session: Option<Publisher> = None;
     let mut stopped_at: Option<Instant> = None;
     let mut failures = 0u32;
+    // With `stamp_cast_at`: each message as first sent, so that a retry sends the same
+    // payload (a new `cast_at` would make it a conflicting copy of its own vote).
+    let mut stamped: HashMap<usize, Message> = HashMap::new();
     let mut fail = |what: &str| -> anyhow::Result<()> {
         failures += 1;
         match plan.max_failures {
@@ -170,8 +173,9 @@ pub(super) async fn pump(plan: &Plan<'_>, sink: &mut impl Sink) -> anyhow::Resul
             }
             continue;
         }
-        let outcome = publish_window(publisher, plan, &window, sink).await;
+        let outcome = publish_window(publisher, plan, &window, &mut stamped, sink).await;
         for &i in &outcome.confirmed {
+            stamped.remove(&i);
             sink.confirmed(i);
         }
         if outcome.returned && plan.returned_is_fatal {
@@ -209,6 +213,7 @@ async fn publish_window(
     publisher: &Publisher,
     plan: &Plan<'_>,
     window: &[usize],
+    stamped: &mut HashMap<usize, Message>,
     sink: &mut impl Sink,
 ) -> WindowOutcome {
     let mut broken = false;
@@ -219,7 +224,7 @@ async fn publish_window(
             continue;
         }
         let (body, props) = if plan.stamp_cast_at {
-            message_parts(&stamped(&plan.messages[i]))
+            message_parts(stamped.entry(i).or_insert_with(|| stamp(&plan.messages[i])))
         } else {
             message_parts(&plan.messages[i])
         };
@@ -256,7 +261,7 @@ async fn publish_window(
 }
 
 /// `message` with its vote's `cast_at` set to now (to the microsecond, as stored).
-fn stamped(message: &Message) -> Message {
+fn stamp(message: &Message) -> Message {
     let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
     let restamp = |v: &vote_aggregator::vote::Vote| vote_aggregator::vote::Vote {
         cast_at: now,

@@ -115,8 +115,8 @@ pub(super) async fn measure_config(
             ))
         })
         .collect();
-    // The vote's cast_at is set at generation; generate just-in-time by publishing in
-    // small rate-limited slices so cast_at stays within a few ms of the publish.
+    // Each vote's cast_at is set the moment it is first sent (a retry resends the same
+    // payload), so recorded_at - cast_at is the publish-to-commit latency.
     let mut steady_ledger = Ledger::new(&bed.queue, opts.seed);
     publish_steady(&bed, &fresh, steady_rate, &mut steady_ledger).await?;
     let mut db_view = bed.db().await?;
