@@ -236,7 +236,9 @@ impl Config {
                 .parse()
                 .map_err(|()| ConfigError::invalid(QUEUE_TYPE, &v, "'quorum' or 'classic'"))?;
         }
-        config.batch_size = env.int(BATCH_SIZE, 1, 10_000)?.unwrap_or(500) as usize;
+        if let Some(n) = env.int(BATCH_SIZE, 1, 10_000)? {
+            config.batch_size = n as usize;
+        }
         if let Some(ms) = env.int(BATCH_TIMEOUT_MS, 1, 60_000)? {
             config.batch_timeout = Duration::from_millis(ms);
         }
@@ -255,8 +257,12 @@ impl Config {
             ));
         }
         config.prefetch_count = prefetch as u16;
-        config.db_pool_size = env.int(DB_POOL_SIZE, 1, 100)?.unwrap_or(4) as u32;
-        config.tally_shards = env.int(TALLY_SHARDS, 1, 1024)?.unwrap_or(16) as u16;
+        if let Some(n) = env.int(DB_POOL_SIZE, 1, 100)? {
+            config.db_pool_size = n as u32;
+        }
+        if let Some(n) = env.int(TALLY_SHARDS, 1, 1024)? {
+            config.tally_shards = n as u16;
+        }
         if let Some(v) = env.get(METRICS_ADDR) {
             config.metrics_addr = v.parse().map_err(|_| {
                 ConfigError::invalid(METRICS_ADDR, &v, "an IP:port such as 0.0.0.0:8001")

@@ -188,3 +188,21 @@ fn session_timeouts_are_checked_against_each_other() {
     assert_eq!(c.db_timeouts.lock, Duration::from_millis(1000));
     assert_eq!(c.db_attempt_timeout, Duration::from_millis(15000));
 }
+
+/// The defaults the README and `--help` state are the parser's: setting a variable to its
+/// documented default gives the same configuration as leaving it unset.
+#[test]
+fn every_documented_default_is_the_parsers_default() {
+    let unset = format!("{:?}", parse(&[]).expect("defaults parse"));
+    let mut checked = 0;
+    for var in VARIABLES {
+        let variables::DefaultValue::Value(value) = var.default else {
+            continue;
+        };
+        let set = parse(&[(var.name, value)])
+            .unwrap_or_else(|e| panic!("{}={value:?} (its documented default): {e}", var.name));
+        assert_eq!(format!("{set:?}"), unset, "{}={value:?}", var.name);
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} literal defaults checked");
+}
