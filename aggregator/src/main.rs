@@ -34,6 +34,9 @@ enum Command {
     /// Print the README's configuration table (Markdown) and exit.
     #[command(hide = true)]
     ConfigTable,
+    /// Print the README's metrics table (Markdown) and exit.
+    #[command(hide = true)]
+    MetricsTable,
 }
 
 fn main() -> ExitCode {
@@ -45,9 +48,16 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    if let Some(Command::ConfigTable) = cli.command {
-        print!("{}", config::variables::markdown_table());
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::ConfigTable) => {
+            print!("{}", config::variables::markdown_table());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::MetricsTable) => {
+            print!("{}", vote_aggregator::metrics::markdown_table());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     telemetry::init(config::log_format_from_env(), "info");
     // One thread: a replica uses well under one core, and measured under load
@@ -68,7 +78,7 @@ fn main() -> ExitCode {
             Command::Run => run().await,
             Command::Migrate => migrate().await,
             Command::Verify => verify().await,
-            Command::ConfigTable => Ok(ExitCode::SUCCESS),
+            Command::ConfigTable | Command::MetricsTable => Ok(ExitCode::SUCCESS),
         }
     });
     match result {

@@ -170,7 +170,24 @@ macro_rules! metrics {
         #[cfg(test)]
         const CONSTANTS: &[(&str, &str)] = &[ $( (stringify!($const), names::$const), )* ];
 
-        impl Metrics {
+        /// Marks the start of the README's metrics table (see [`markdown_table`]).
+pub const README_BEGIN: &str = "<!-- metrics-table:begin -->";
+/// See [`README_BEGIN`].
+pub const README_END: &str = "<!-- metrics-table:end -->";
+
+/// The README's metrics table, rendered from [`DECLARED`]: every metric's name without
+/// [`PREFIX`], its type and its help. A unit test keeps the README's copy identical;
+/// `vote-aggregator metrics-table` prints it.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| metric | type | meaning |\n| --- | --- | --- |\n");
+    for m in DECLARED {
+        let short = m.name.strip_prefix(PREFIX).unwrap_or(m.name);
+        out.push_str(&format!("| `{short}` | {} | {} |\n", m.kind, m.help()));
+    }
+    out
+}
+
+impl Metrics {
             fn register_all(registry: Registry) -> Self {
                 Metrics {
                     $( $field: register::<$ty>(
@@ -355,5 +372,20 @@ mod tests {
                 d.name
             );
         }
+    }
+
+    #[test]
+    fn the_readme_holds_exactly_the_rendered_metrics_table() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+        let readme = std::fs::read_to_string(path).expect("README.md next to the workspace");
+        let begin = readme.find(README_BEGIN).expect("begin marker in README.md");
+        let end = readme.find(README_END).expect("end marker in README.md");
+        let inside = readme[begin + README_BEGIN.len()..end].trim_matches('\n');
+        assert_eq!(
+            inside,
+            markdown_table().trim_end(),
+            "README.md's metrics table differs from metrics::DECLARED: paste the output of \
+             `vote-aggregator metrics-table` between the markers"
+        );
     }
 }
