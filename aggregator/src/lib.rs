@@ -156,3 +156,14 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
         task,
     })
 }
+
+/// The text of the repository's README.md between two marker lines (for the tests that
+/// keep its generated tables identical to their one source).
+#[cfg(test)]
+pub(crate) fn readme_between(begin: &str, end: &str) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+    let readme = std::fs::read_to_string(path).expect("README.md next to the workspace");
+    let from = readme.find(begin).expect("begin marker in README.md") + begin.len();
+    let to = readme.find(end).expect("end marker in README.md");
+    readme[from..to].trim_matches('\n').to_owned()
+}

@@ -376,11 +376,7 @@ mod tests {
 
     #[test]
     fn the_readme_holds_exactly_the_rendered_metrics_table() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
-        let readme = std::fs::read_to_string(path).expect("README.md next to the workspace");
-        let begin = readme.find(README_BEGIN).expect("begin marker in README.md");
-        let end = readme.find(README_END).expect("end marker in README.md");
-        let inside = readme[begin + README_BEGIN.len()..end].trim_matches('\n');
+        let inside = crate::readme_between(README_BEGIN, README_END);
         assert_eq!(
             inside,
             markdown_table().trim_end(),
