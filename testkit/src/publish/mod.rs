@@ -8,7 +8,7 @@
 //!
 //! Two ways to publish a workload, on one loop (the private `pump` module): [`publish_messages`], a fixed
 //! list as fast as confirms allow (or at a rate) that gives up when the broker stays
-//! away, and [`SteadyLoad`], a steady rate in the background for as long as faults last,
+//! away ([`publish_workload`] sends a workload's main and late parts with it), and [`SteadyLoad`], a steady rate in the background for as long as faults last,
 //! that never gives up and stops when told. [`Publisher`] is the single connection both
 //! use, also handy on its own for a few votes.
 
@@ -294,6 +294,29 @@ pub async fn publish_messages(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Publishes a whole [`crate::workload::Workload`] the way runs do: `main` first, then
+/// `before_late` (a pause, or waiting for the originals to be committed) and `late`, all
+/// with [`publish_messages`] into the same `ledger`. `before_late` runs only when there
+/// are late messages; it sees the ledger as `main` left it.
+///
+/// # Errors
+/// As [`publish_messages`], or what `before_late` returns.
+pub async fn publish_workload(
+    amqp_url: &str,
+    queue: &str,
+    workload: &crate::workload::Workload,
+    options: &PublishOptions,
+    ledger: &mut crate::ledger::Ledger,
+    before_late: impl AsyncFnOnce(&crate::ledger::Ledger) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    publish_messages(amqp_url, queue, &workload.main, options, ledger).await?;
+    if workload.late.is_empty() {
+        return Ok(());
+    }
+    before_late(ledger).await?;
+    publish_messages(amqp_url, queue, &workload.late, options, ledger).await
 }
 
 /// The body and properties a workload message is published with: votes as the contract

@@ -12,7 +12,7 @@ use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec, Scrape};
 use vote_testkit::infra;
 use vote_testkit::inspect::eventually;
 use vote_testkit::ledger::Ledger;
-use vote_testkit::publish::{PublishOptions, publish_messages};
+use vote_testkit::publish::{PublishOptions, publish_workload};
 use vote_testkit::testbed::TestBed;
 use vote_testkit::workload::{Workload, WorkloadSpec};
 
@@ -52,30 +52,25 @@ async fn run(plan: Plan) -> anyhow::Result<(Report, Vec<Scrape>)> {
         connections: plan.connections,
         ..PublishOptions::default()
     };
-    publish_messages(
+    publish_workload(
         &bed.amqp_url,
         &bed.queue,
-        &workload.main,
+        &workload,
         &options,
         &mut ledger,
-    )
-    .await?;
-    if plan.late_after_commit {
-        let mut db = bed.db().await?;
-        let originals = ledger.votes.len() as i64;
-        eventually(
-            "originals committed",
-            Duration::from_secs(120),
-            async || Ok(db.vote_count().await? >= originals),
-        )
-        .await?;
-    }
-    publish_messages(
-        &bed.amqp_url,
-        &bed.queue,
-        &workload.late,
-        &options,
-        &mut ledger,
+        async |ledger| {
+            if plan.late_after_commit {
+                let mut db = bed.db().await?;
+                let originals = ledger.votes.len() as i64;
+                eventually(
+                    "originals committed",
+                    Duration::from_secs(120),
+                    async || Ok(db.vote_count().await? >= originals),
+                )
+                .await?;
+            }
+            Ok(())
+        },
     )
     .await?;
 
