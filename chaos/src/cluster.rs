@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use url::Url;
+use vote_aggregator::config::QueueType;
+use vote_aggregator::config::variables as var;
 use vote_testkit::fleet::{self, Fleet, FleetOptions, ReplicaSpec};
 use vote_testkit::infra::{self, InfraOptions, PrivateInfra};
 use vote_testkit::proxy::FaultProxy;
@@ -120,25 +122,28 @@ impl Cluster {
             let batch = ["100", "250", "500"][i % 3];
             let spec = ReplicaSpec::new(format!("r{i}"))
                 .with_env(
-                    "DATABASE_URL",
+                    var::DATABASE_URL,
                     with_port(&bed.database_url, database.local_addr())?,
                 )
-                .with_env("AMQP_URL", with_port(&bed.amqp_url, broker.local_addr())?)
-                .with_env("BATCH_SIZE", batch);
+                .with_env(
+                    var::AMQP_URL,
+                    with_port(&bed.amqp_url, broker.local_addr())?,
+                )
+                .with_env(var::BATCH_SIZE, batch);
             specs.push(spec);
             links.push(ReplicaLinks { broker, database });
         }
         let mut base_env: Vec<(String, String)> = [
-            ("QUEUE_NAME", bed.queue.as_str()),
-            ("QUEUE_TYPE", "quorum"),
-            ("RUST_LOG", "info"),
-            ("SHUTDOWN_GRACE_SECONDS", "10"),
+            (var::QUEUE_NAME, bed.queue.as_str()),
+            (var::QUEUE_TYPE, QueueType::Quorum.as_str()),
+            (var::RUST_LOG, "info"),
+            (var::SHUTDOWN_GRACE_SECONDS, "10"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         base_env.push((
-            "AMQP_HEARTBEAT_SECONDS".to_owned(),
+            var::AMQP_HEARTBEAT_SECONDS.to_owned(),
             opts.heartbeat_secs.to_string(),
         ));
         base_env.extend(opts.extra_env.iter().cloned());
@@ -208,10 +213,14 @@ impl Cluster {
         let Cluster {
             fleet,
             links,
-            bed: _,
+            bed,
             servers,
         } = self;
         let stopped = fleet.shutdown().await.map(|_| ());
+        // The database lives only as long as the private pair, which is removed next:
+        // dropping it first would be wasted work (and a bed dropped later would start a
+        // background DROP DATABASE against containers that are gone).
+        bed.keep();
         drop(links);
         drop(servers);
         stopped

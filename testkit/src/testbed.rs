@@ -3,7 +3,8 @@
 //!
 //! Every test makes its own bed, so tests in one binary share the containers but never
 //! each other's data. A bed drops its database when it is dropped (in the background) or
-//! [`TestBed::finish`]ed (awaited), so a long test process does not pile up databases.
+//! [`TestBed::finish`]ed (awaited), so a long test process does not pile up databases;
+//! [`TestBed::keep`] leaves it in place for a person to look at.
 //!
 //! Beds start from an EMPTY database, not a clone of a migrated template: the service
 //! migrates on start, and tests rely on seeing that happen.
@@ -11,7 +12,9 @@
 use std::time::Duration;
 
 use vote_aggregator::Config;
+use vote_aggregator::broker::DEAD_LETTER_QUEUE_SUFFIX;
 use vote_aggregator::config::QueueType;
+use vote_aggregator::config::variables as var;
 
 use crate::infra::{Infra, fresh_queue_name};
 use crate::inspect::{Broker, Db};
@@ -30,7 +33,8 @@ pub struct TestBed {
     database: DatabaseGuard,
 }
 
-/// Drops its database (in the background) unless [`TestBed::finish`] already did.
+/// Drops its database (in the background) unless [`TestBed::finish`] already did or
+/// [`TestBed::keep`] turned it off.
 #[derive(Debug)]
 struct DatabaseGuard {
     admin_url: String,
@@ -78,6 +82,13 @@ impl TestBed {
         crate::infra::drop_database(&self.database.admin_url, &self.database.url).await
     }
 
+    /// Keeps this bed's database: consumes the bed WITHOUT dropping the database, now or
+    /// later (for `--keep` runs whose database a person inspects after the process
+    /// exits). Removing it is then up to the caller; removing the servers removes it too.
+    pub fn keep(mut self) {
+        self.database.armed = false;
+    }
+
     /// A service configuration for this bed: its queue (quorum), HTTP on a free local
     /// port, short grace period, migrations on start.
     pub fn config(&self, replica: &str) -> Config {
@@ -94,12 +105,12 @@ impl TestBed {
     /// bed (for tests that run the real binary).
     pub fn env(&self, replica: &str) -> Vec<(String, String)> {
         [
-            ("DATABASE_URL", self.database_url.as_str()),
-            ("AMQP_URL", self.amqp_url.as_str()),
-            ("QUEUE_NAME", self.queue.as_str()),
-            ("QUEUE_TYPE", "quorum"),
-            ("METRICS_ADDR", "127.0.0.1:0"),
-            ("REPLICA_ID", replica),
+            (var::DATABASE_URL, self.database_url.as_str()),
+            (var::AMQP_URL, self.amqp_url.as_str()),
+            (var::QUEUE_NAME, self.queue.as_str()),
+            (var::QUEUE_TYPE, QueueType::Quorum.as_str()),
+            (var::METRICS_ADDR, "127.0.0.1:0"),
+            (var::REPLICA_ID, replica),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -111,7 +122,7 @@ impl TestBed {
     pub fn replica_base_env(&self) -> Vec<(String, String)> {
         self.env("unused")
             .into_iter()
-            .filter(|(k, _)| k != "REPLICA_ID" && k != "METRICS_ADDR")
+            .filter(|(k, _)| k != var::REPLICA_ID && k != var::METRICS_ADDR)
             .collect()
     }
 
@@ -126,7 +137,7 @@ impl TestBed {
 
     /// The dead-letter queue's name.
     pub fn dead_letter_queue(&self) -> String {
-        format!("{}.dlq", self.queue)
+        format!("{}{DEAD_LETTER_QUEUE_SUFFIX}", self.queue)
     }
 
     /// Declares the topology (as a replica would at start), so votes can be published

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use vote_aggregator::config::DEFAULT_QUEUE_NAME;
+use vote_aggregator::config::variables as var;
 use vote_testkit::checker::{self, CheckOptions};
 use vote_testkit::ledger::Ledger;
 use vote_testkit::publish::{self, PublishOptions};
@@ -55,10 +57,10 @@ enum Command {
 #[derive(Args)]
 struct Broker {
     /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+    #[arg(long, env = var::AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// Queue the aggregator consumes.
-    #[arg(long, env = "QUEUE_NAME", default_value = "votes.aggregation")]
+    #[arg(long, env = var::QUEUE_NAME, default_value = DEFAULT_QUEUE_NAME)]
     queue: String,
 }
 
@@ -113,7 +115,7 @@ struct CheckArgs {
     #[command(flatten)]
     broker: Broker,
     /// PostgreSQL URL of the aggregator's database.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = var::DATABASE_URL, hide_env_values = true)]
     database_url: String,
     /// Ledger written by `vote-tools publish --ledger`.
     #[arg(long)]
@@ -258,25 +260,19 @@ async fn publish_cmd(args: PublishArgs) -> anyhow::Result<ExitCode> {
     };
     let mut ledger = Ledger::new(&args.broker.queue, spec.seed);
     let url = &args.broker.amqp_url;
-    publish::publish_messages(
+    let late_delay = Duration::from_millis(args.late_delay_ms);
+    publish::publish_workload(
         url,
         &args.broker.queue,
-        &workload.main,
+        &workload,
         &options,
         &mut ledger,
+        async |_| {
+            tokio::time::sleep(late_delay).await;
+            Ok(())
+        },
     )
     .await?;
-    if !workload.late.is_empty() {
-        tokio::time::sleep(Duration::from_millis(args.late_delay_ms)).await;
-        publish::publish_messages(
-            url,
-            &args.broker.queue,
-            &workload.late,
-            &options,
-            &mut ledger,
-        )
-        .await?;
-    }
     println!(
         "published {} votes (confirmed) · duplicates {} · conflicting copies {} · malformed {} · retried {} · attempted {} · indeterminate {}",
         ledger.votes.len(),

@@ -8,12 +8,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use vote_aggregator::config::variables as var;
 
 use vote_testkit::checker::{self, CheckOptions};
 use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
 use vote_testkit::infra;
 use vote_testkit::ledger::Ledger;
-use vote_testkit::publish::{PublishOptions, publish_messages};
+use vote_testkit::publish::{PublishOptions, publish_workload};
 use vote_testkit::testbed::TestBed;
 use vote_testkit::workload::{Workload, WorkloadSpec};
 
@@ -46,7 +47,7 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
         .map(|i| ReplicaSpec {
             name: format!("replica-{}", i + 1),
             env: vec![(
-                "BATCH_SIZE".to_string(),
+                var::BATCH_SIZE.to_string(),
                 BATCH_SIZES[i % BATCH_SIZES.len()].to_string(),
             )],
         })
@@ -86,20 +87,13 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
         progress: true,
         ..PublishOptions::default()
     };
-    publish_messages(
+    publish_workload(
         &bed.amqp_url,
         &bed.queue,
-        &workload.main,
+        &workload,
         &options,
         &mut ledger,
-    )
-    .await?;
-    publish_messages(
-        &bed.amqp_url,
-        &bed.queue,
-        &workload.late,
-        &options,
-        &mut ledger,
+        async |_| Ok(()),
     )
     .await?;
 
@@ -178,9 +172,9 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
     if keep {
         infra::keep_at_exit();
         println!("Left running (--keep):");
-        println!("  DATABASE_URL={}", bed.database_url);
-        println!("  AMQP_URL={}", bed.amqp_url);
-        println!("  QUEUE_NAME={}", bed.queue);
+        println!("  {}={}", var::DATABASE_URL, bed.database_url);
+        println!("  {}={}", var::AMQP_URL, bed.amqp_url);
+        println!("  {}={}", var::QUEUE_NAME, bed.queue);
         for i in 0..fleet.len() {
             println!(
                 "  {} pid {} · http://{}/metrics",
@@ -194,8 +188,11 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
             bed.database_url
         );
         println!(
-            "Publish more with: AMQP_URL='{}' QUEUE_NAME={} vote-tools publish -n 1000",
-            bed.amqp_url, bed.queue
+            "Publish more with: {}='{}' {}={} vote-tools publish -n 1000",
+            var::AMQP_URL,
+            bed.amqp_url,
+            var::QUEUE_NAME,
+            bed.queue
         );
         println!(
             "Stop everything with: kill {} ; make clean-containers",
@@ -205,9 +202,12 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
                 .join(" ")
         );
         fleet.detach();
+        // The database outlives this process: it is what the lines above point to.
+        bed.keep();
     } else {
         println!("Stopping the replicas and servers (run with --keep to leave them running).");
         fleet.shutdown().await?;
+        bed.finish().await?;
     }
     Ok(if violations.is_empty() {
         ExitCode::SUCCESS

@@ -10,6 +10,7 @@ use std::process::{ExitStatus, Stdio};
 
 use anyhow::{Context, anyhow};
 use tokio::process::{Child, Command};
+use vote_aggregator::config::variables as var;
 
 use super::logs::{self, LOG_TAIL_LINES, START_MARKER};
 use super::spec::{FleetOptions, ReplicaSpec};
@@ -94,13 +95,13 @@ impl Replica {
             cmd.env("PATH", path);
         }
         cmd.env(
-            "RUST_LOG",
-            std::env::var_os("RUST_LOG").unwrap_or_else(|| "info".into()),
+            var::RUST_LOG,
+            std::env::var_os(var::RUST_LOG).unwrap_or_else(|| "info".into()),
         )
         .envs(opts.base_env.iter().map(|(k, v)| (k, v)))
         .envs(r.spec.env.iter().map(|(k, v)| (k, v)))
-        .env("REPLICA_ID", &r.spec.name)
-        .env("METRICS_ADDR", r.addr.to_string())
+        .env(var::REPLICA_ID, &r.spec.name)
+        .env(var::METRICS_ADDR, r.addr.to_string())
         .current_dir(&opts.log_dir)
         .stdin(Stdio::null())
         .stdout(log)

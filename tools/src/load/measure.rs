@@ -8,6 +8,7 @@ use anyhow::Context;
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Double};
 use vote_aggregator::config::QueueType;
+use vote_aggregator::config::variables as var;
 
 use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
 use vote_testkit::infra::{self};
@@ -51,13 +52,13 @@ pub(super) async fn measure_config(
         .join(format!("{}-b{batch}-r{replicas}", queue_type.as_str()));
     std::fs::create_dir_all(&log_dir)?;
     let mut base_env = bed.replica_base_env();
-    base_env.retain(|(k, _)| k != "QUEUE_TYPE");
-    base_env.push(("QUEUE_TYPE".into(), queue_type.as_str().into()));
-    base_env.push(("BATCH_SIZE".into(), batch.to_string()));
+    base_env.retain(|(k, _)| k != var::QUEUE_TYPE);
+    base_env.push((var::QUEUE_TYPE.into(), queue_type.as_str().into()));
+    base_env.push((var::BATCH_SIZE.into(), batch.to_string()));
     let prefetch = (batch * opts.prefetch_factor.max(1)).min(65_535);
-    base_env.push(("PREFETCH_COUNT".into(), prefetch.to_string()));
-    base_env.push(("RUN_MIGRATIONS".into(), "false".into()));
-    base_env.push(("RUST_LOG".into(), "warn".into()));
+    base_env.push((var::PREFETCH_COUNT.into(), prefetch.to_string()));
+    base_env.push((var::RUN_MIGRATIONS.into(), "false".into()));
+    base_env.push((var::RUST_LOG.into(), "warn".into()));
     let specs: Vec<ReplicaSpec> = (0..replicas)
         .map(|i| ReplicaSpec {
             name: format!("load-{}", i + 1),
