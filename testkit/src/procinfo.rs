@@ -1,6 +1,7 @@
 //! Everything the kit and the tools read from `/proc`, in one place, through the `procfs`
 //! crate (it parses `stat` fields correctly even when a command name holds spaces or
 //! parentheses, and knows the machine's clock-tick rate instead of assuming 100 Hz).
+//! The kernel release comes from uname(2) (`rustix`), not `/proc`.
 //!
 //! Each reader returns `None` when the process (or the file) is gone: callers probe
 //! processes that may just have exited, so absence is an answer, not an error.
@@ -81,12 +82,12 @@ pub fn memory_total_bytes() -> Option<u64> {
     procfs::Meminfo::current().ok().map(|m| m.mem_total)
 }
 
-/// The kernel release string (`/proc/sys/kernel/osrelease`, e.g. `6.8.0-45-generic`).
-/// Read as text: `procfs` parses it into numbers and drops the suffix.
+/// The kernel release string (uname(2)'s `release`, e.g. `6.8.0-45-generic`), kept as
+/// text: `procfs` parses it into numbers and drops the suffix. `None` when empty.
 pub fn kernel_release() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .ok()
-        .map(|s| s.trim().to_owned())
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy().trim().to_owned();
+    (!release.is_empty()).then_some(release)
 }
 
 #[cfg(test)]

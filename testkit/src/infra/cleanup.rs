@@ -74,8 +74,9 @@ pub(super) async fn reap_stale(docker: &Docker) -> anyhow::Result<()> {
 /// The host name, to tell this machine's test containers from those of other machines (or
 /// other PID namespaces) sharing the engine.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
+    let uname = rustix::system::uname();
+    Some(uname.nodename().to_string_lossy().into_owned())
+        .filter(|name| !name.trim().is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .map(|name| name.trim().to_owned())
         .filter(|name| !name.is_empty())
