@@ -252,15 +252,22 @@ fn mismatch_or(config: &Config, queue: &str, e: lapin::Error) -> BrokerError {
     amqp_err(config, e)
 }
 
-/// Messages ready in `queue` (passive declare: never creates or changes it).
+/// What a passive declare tells about a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Messages ready (not counting deliveries unacked by a consumer).
+    pub messages: u32,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+/// The [`QueueCounts`] of `queue` by passive declare: never creates or changes it. The
+/// bare AMQP error is returned (a missing queue closes `channel` with 404), so callers
+/// without a [`Config`] can use it too; [`message_count`] maps it for the service.
 ///
 /// # Errors
-/// [`BrokerError`] when the channel fails.
-pub async fn message_count(
-    channel: &Channel,
-    config: &Config,
-    queue: &str,
-) -> Result<u32, BrokerError> {
+/// When the queue does not exist or the channel fails.
+pub async fn queue_counts(channel: &Channel, queue: &str) -> Result<QueueCounts, lapin::Error> {
     let q = channel
         .queue_declare(
             queue.into(),
@@ -270,9 +277,26 @@ pub async fn message_count(
             },
             FieldTable::default(),
         )
+        .await?;
+    Ok(QueueCounts {
+        messages: q.message_count(),
+        consumers: q.consumer_count(),
+    })
+}
+
+/// Messages ready in `queue` (passive declare: never creates or changes it).
+///
+/// # Errors
+/// [`BrokerError`] when the channel fails.
+pub async fn message_count(
+    channel: &Channel,
+    config: &Config,
+    queue: &str,
+) -> Result<u32, BrokerError> {
+    queue_counts(channel, queue)
         .await
-        .map_err(|e| amqp_err(config, e))?;
-    Ok(q.message_count())
+        .map(|c| c.messages)
+        .map_err(|e| amqp_err(config, e))
 }
 
 /// Publishes a malformed delivery to the dead-letter queue with its body intact, its

@@ -11,8 +11,8 @@ use anyhow::Context;
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Double, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::AMQPValue;
 use lapin::{Connection, ConnectionProperties};
 use uuid::Uuid;
 
@@ -119,6 +119,20 @@ impl Db {
     /// On a failed query.
     pub async fn scalar(&mut self, sql: &str) -> anyhow::Result<i64> {
         let row: One = diesel::sql_query(sql).get_result(&mut self.conn).await?;
+        Ok(row.n)
+    }
+
+    /// [`Db::scalar`] with text parameters: `params[0]` binds `$1`, and so on (for names
+    /// such as the service's `application_name`, which are bound, never pasted in).
+    ///
+    /// # Errors
+    /// On a failed query.
+    pub async fn scalar_with(&mut self, sql: &str, params: &[&str]) -> anyhow::Result<i64> {
+        let mut query = diesel::sql_query(sql).into_boxed::<diesel::pg::Pg>();
+        for p in params {
+            query = query.bind::<Text, _>(p.to_string());
+        }
+        let row: One = query.get_result(&mut self.conn).await?;
         Ok(row.n)
     }
 
@@ -229,19 +243,11 @@ impl Broker {
     /// When the queue does not exist or the broker fails.
     pub async fn queue_state(&self, queue: &str) -> anyhow::Result<(u32, u32)> {
         let ch = self.connection.create_channel().await?;
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let counts = vote_aggregator::broker::queue_counts(&ch, queue)
             .await
             .with_context(|| format!("queue '{queue}' not found"))?;
         let _ = ch.close(200, "ok".into()).await;
-        Ok((q.message_count(), q.consumer_count()))
+        Ok((counts.messages, counts.consumers))
     }
 
     /// Takes every message from `queue` (acking them), waiting up to `settle` for late
