@@ -21,6 +21,16 @@ use tracing::debug;
 use crate::error::Error;
 use crate::metrics::{DEP_POSTGRES, DEP_RABBITMQ, Metrics};
 
+/// The paths the endpoint serves, declared once for the service and its probes.
+pub mod paths {
+    /// Prometheus text exposition of the replica's metrics.
+    pub const METRICS: &str = "/metrics";
+    /// 200 while the process is alive and serving.
+    pub const HEALTHZ: &str = "/healthz";
+    /// 200 only while connected to RabbitMQ and PostgreSQL (and commits succeed).
+    pub const READYZ: &str = "/readyz";
+}
+
 /// Binds the endpoint.
 ///
 /// # Errors
@@ -63,7 +73,7 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
     }
     match req.uri().path() {
-        "/metrics" => {
+        paths::METRICS => {
             let mut resp = text(StatusCode::OK, metrics.render());
             resp.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
@@ -71,8 +81,8 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
             );
             resp
         }
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => {
+        paths::HEALTHZ => text(StatusCode::OK, "ok\n".into()),
+        paths::READYZ => {
             let mut down: Vec<&str> = [DEP_RABBITMQ, DEP_POSTGRES]
                 .into_iter()
                 .filter(|d| !metrics.is_up(d))

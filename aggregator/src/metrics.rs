@@ -18,6 +18,18 @@ use crate::vote::RejectKind;
 /// The prefix of every metric name.
 pub const PREFIX: &str = "vote_aggregator_";
 
+/// The label names of the labelled metrics, declared once for the service and its readers.
+pub mod labels {
+    /// Label of `vote_aggregator_up`: which dependency ([`super::DEP_POSTGRES`] or
+    /// [`super::DEP_RABBITMQ`]).
+    pub const DEPENDENCY: &str = "dependency";
+    /// Label of `vote_aggregator_votes_duplicate_total`: the AMQP redelivered flag
+    /// (`"true"` or `"false"`).
+    pub const REDELIVERED: &str = "redelivered";
+    /// Label of `vote_aggregator_votes_rejected_total`: why the delivery was rejected.
+    pub const REASON: &str = "reason";
+}
+
 /// The `dependency` label values of [`Metrics::up`].
 pub const DEP_POSTGRES: &str = "postgres";
 /// See [`DEP_POSTGRES`].
@@ -222,13 +234,13 @@ metrics! {
     /// counted; label `redelivered` is the AMQP redelivered flag ("true" after a crash or
     /// lost ack, "false" for a duplicate publish).
     votes_duplicate: IntCounterVec = VOTES_DUPLICATE_TOTAL "vote_aggregator_votes_duplicate_total",
-        Shape::label(&["redelivered"]);
+        Shape::label(&[labels::REDELIVERED]);
     /// Votes not counted because their UUID was already counted with another payload;
     /// each is recorded in `vote_conflicts`.
     votes_conflicting: IntCounter = VOTES_CONFLICTING_TOTAL "vote_aggregator_votes_conflicting_total";
     /// Malformed deliveries sent to the dead-letter queue, by `reason`.
     votes_rejected: IntCounterVec = VOTES_REJECTED_TOTAL "vote_aggregator_votes_rejected_total",
-        Shape::label(&["reason"]);
+        Shape::label(&[labels::REASON]);
     /// Votes per committed batch.
     batch_size: Histogram = BATCH_SIZE "vote_aggregator_batch_size",
         Shape::buckets(vec![1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]);
@@ -252,7 +264,7 @@ metrics! {
     ack_failures: IntCounter = ACK_FAILURES_TOTAL "vote_aggregator_ack_failures_total";
     /// 1 while the replica is connected to the dependency (label `dependency`: `postgres`
     /// or `rabbitmq`), else 0.
-    up: IntGaugeVec = UP "vote_aggregator_up", Shape::label(&["dependency"]);
+    up: IntGaugeVec = UP "vote_aggregator_up", Shape::label(&[labels::DEPENDENCY]);
     /// Messages ready in the queue, as last seen by this replica.
     queue_depth: IntGauge = QUEUE_DEPTH "vote_aggregator_queue_depth";
     /// Messages in the unexplained dead-letter queue (dead-lettered by the broker, not by

@@ -8,6 +8,7 @@
 
 use anyhow::{Context, bail};
 
+use vote_aggregator::metrics::labels::DEPENDENCY;
 use vote_aggregator::metrics::names::{
     BATCHES_COMMITTED_TOTAL, UP, VOTES_CONFLICTING_TOTAL, VOTES_COUNTED_TOTAL,
     VOTES_DUPLICATE_TOTAL, VOTES_RECEIVED_TOTAL, VOTES_REJECTED_TOTAL,
@@ -17,7 +18,7 @@ use vote_aggregator::metrics::names::{
 /// ([`vote_aggregator::metrics::DEP_POSTGRES`] or [`vote_aggregator::metrics::DEP_RABBITMQ`]),
 /// as [`Scrape::get`] and [`metric_value`] take it.
 pub fn up_series(dependency: &str) -> String {
-    format!("{UP}{{dependency=\"{dependency}\"}}")
+    format!("{UP}{{{DEPENDENCY}=\"{dependency}\"}}")
 }
 
 /// One sample of a Prometheus text page.
@@ -228,6 +229,7 @@ pub fn metric_value(page: &str, name: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vote_aggregator::metrics::{DEP_POSTGRES, DEP_RABBITMQ};
 
     const PAGE: &str = r#"# HELP vote_aggregator_votes_counted_total Votes inserted.
 # TYPE vote_aggregator_votes_counted_total counter
@@ -253,14 +255,8 @@ weird{a="x\"y\\z",b="1"} 2.5 1700000000000
         assert_eq!(s.duplicates(), 63);
         assert_eq!(s.conflicting(), 2);
         assert_eq!(s.rejected(), 5);
-        assert_eq!(
-            s.get(r#"vote_aggregator_up{dependency="postgres"}"#),
-            Some(1.0)
-        );
-        assert_eq!(
-            s.get(r#"vote_aggregator_up{dependency="rabbitmq"}"#),
-            Some(0.0)
-        );
+        assert_eq!(s.get(&up_series(DEP_POSTGRES)), Some(1.0));
+        assert_eq!(s.get(&up_series(DEP_RABBITMQ)), Some(0.0));
         assert_eq!(s.get("vote_aggregator_up"), None, "labels must match");
         assert_eq!(
             s.get(r#"vote_aggregator_batch_size_bucket{le="+Inf"}"#),

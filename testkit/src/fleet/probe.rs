@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::lifecycle::Fleet;
 use crate::inspect::http_get;
 use crate::prometheus::Scrape;
+use vote_aggregator::http::paths;
 
 /// How long [`Fleet::scrape`] waits for a `/metrics` answer (a paused replica accepts the
 /// connection in the kernel but never answers).
@@ -34,7 +35,9 @@ impl Fleet {
                     r.log_tail()
                 );
             };
-            match tokio::time::timeout(Duration::from_secs(2), http_get(r.addr, "/readyz")).await {
+            match tokio::time::timeout(Duration::from_secs(2), http_get(r.addr, paths::READYZ))
+                .await
+            {
                 Ok(Ok((200, _))) => return Ok(()),
                 Ok(Ok((status, body))) => {
                     last = format!("/readyz answered {status}: {}", body.trim());
@@ -85,7 +88,7 @@ impl Fleet {
         if r.live_pid().is_none() {
             return Err(r.not_running());
         }
-        let (status, body) = tokio::time::timeout(timeout, http_get(r.addr, "/metrics"))
+        let (status, body) = tokio::time::timeout(timeout, http_get(r.addr, paths::METRICS))
             .await
             .map_err(|_| {
                 anyhow!(
