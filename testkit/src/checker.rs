@@ -268,7 +268,11 @@ pub async fn check(
     }
     let mut db = Db::connect(database_url).await?;
     let broker = Broker::connect(amqp_url).await?;
-    let dlq = format!("{}.dlq", ledger.queue);
+    let dlq = format!(
+        "{}{}",
+        ledger.queue,
+        vote_aggregator::broker::DEAD_LETTER_QUEUE_SUFFIX
+    );
     // Confirmed conflicting copies, by id (distinct ids: the drain waits for as many
     // recorded conflicts at most).
     let confirmed_conflicts: HashMap<Uuid, HashSet<&str>> = by_id(ledger.conflicts.iter());

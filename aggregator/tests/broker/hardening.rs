@@ -15,7 +15,7 @@ use vote_aggregator::config::QueueType;
 /// Waits until the replica serving `addr` reports ready.
 async fn wait_ready(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     eventually("ready", WAIT, async || {
-        Ok(http_get(addr, "/readyz").await?.0 == 200)
+        Ok(http_get(addr, paths::READYZ).await?.0 == 200)
     })
     .await
 }
@@ -97,7 +97,9 @@ async fn a_queue_with_the_brokers_default_delivery_limit_stops_startup() -> anyh
     let mut args = FieldTable::default();
     args.insert(
         broker::args::QUEUE_TYPE.into(),
-        lapin::types::AMQPValue::LongString("quorum".into()),
+        lapin::types::AMQPValue::LongString(
+            vote_aggregator::config::QueueType::Quorum.as_str().into(),
+        ),
     );
     args.insert(
         broker::args::DEAD_LETTER_EXCHANGE.into(),
@@ -148,7 +150,7 @@ async fn a_vote_the_broker_dead_letters_on_its_own_is_counted_in_a_metric() -> a
         Ok(m.dead_letters_unexplained.get() == 1)
     })
     .await?;
-    let (status, page) = http_get(replica.running.metrics_addr(), "/metrics").await?;
+    let (status, page) = http_get(replica.running.metrics_addr(), paths::METRICS).await?;
     assert_eq!(status, 200);
     assert_eq!(
         metric_value(&page, names::DEAD_LETTERS_UNEXPLAINED),
@@ -179,21 +181,23 @@ async fn readiness_turns_503_while_commits_fail_though_select_1_works() -> anyho
     // A read-only database: SELECT 1 answers, every INSERT fails.
     let db_name = bed.database_name();
     let mut admin = bed.db().await?;
-    let kick = format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = '{db_name}' AND application_name = 'vote-aggregator'"
-    );
+    // Terminates the service's sessions on this database: $1 the database, $2 the
+    // service's application_name.
+    let kick = "SELECT count(pg_terminate_backend(pid))::bigint AS n FROM pg_stat_activity \
+                WHERE datname = $1 AND application_name = $2";
     admin
         .batch_execute(&format!(
             "ALTER DATABASE \"{db_name}\" SET default_transaction_read_only = on"
         ))
         .await?;
-    admin.execute(&kick).await?;
+    admin
+        .scalar_with(kick, &[&db_name, db::APPLICATION_NAME])
+        .await?;
     let publisher = bed.publisher().await?;
     let vote = votes::vote("e", "a");
     publisher.publish_votes(std::slice::from_ref(&vote)).await?;
     eventually("503 while commits fail", WAIT, async || {
-        let (status, body) = http_get(addr, "/readyz").await?;
+        let (status, body) = http_get(addr, paths::READYZ).await?;
         Ok(status == 503 && body.contains("commits"))
     })
     .await?;
@@ -204,10 +208,12 @@ async fn readiness_turns_503_while_commits_fail_though_select_1_works() -> anyho
             "ALTER DATABASE \"{db_name}\" RESET default_transaction_read_only"
         ))
         .await?;
-    admin.execute(&kick).await?;
+    admin
+        .scalar_with(kick, &[&db_name, db::APPLICATION_NAME])
+        .await?;
     wait_stored(&bed, 1).await?;
     eventually("ready again", WAIT, async || {
-        Ok(http_get(addr, "/readyz").await?.0 == 200)
+        Ok(http_get(addr, paths::READYZ).await?.0 == 200)
     })
     .await?;
     replica.stop().await
@@ -287,7 +293,7 @@ async fn a_dead_letter_copy_does_not_expire() -> anyhow::Result<()> {
     let m = replica.running.metrics().clone();
     eventually("dead-lettered", WAIT, async || {
         Ok(m.votes_rejected
-            .with_label_values(&["malformed_json"])
+            .with_label_values(&[vote_aggregator::vote::RejectKind::MalformedJson.as_str()])
             .get()
             == 1)
     })
@@ -334,10 +340,11 @@ async fn service_backends(
     db: &mut vote_testkit::inspect::Db,
     db_name: &str,
 ) -> anyhow::Result<i64> {
-    db.scalar(&format!(
+    db.scalar_with(
         "SELECT count(*) AS n FROM pg_stat_activity \
-         WHERE datname = '{db_name}' AND application_name = 'vote-aggregator'"
-    ))
+         WHERE datname = $1 AND application_name = $2",
+        &[db_name, db::APPLICATION_NAME],
+    )
     .await
 }
 

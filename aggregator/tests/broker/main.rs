@@ -12,11 +12,13 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use vote_aggregator::db::{self, BatchColumns};
-use vote_aggregator::metrics::names;
+use vote_aggregator::http::paths;
+use vote_aggregator::metrics::{DEP_POSTGRES, labels, names};
 use vote_aggregator::vote::{self, Vote};
 use vote_aggregator::{Config, Running};
 use vote_testkit::infra;
 use vote_testkit::inspect::{PerCandidate, eventually, http_get, metric_value};
+use vote_testkit::prometheus::up_series;
 use vote_testkit::publish::vote_properties;
 use vote_testkit::testbed::TestBed;
 use vote_testkit::votes;
@@ -473,10 +475,10 @@ async fn metrics_and_health_endpoints_report_the_replica() -> anyhow::Result<()>
     let replica = Replica::start(bed.config("r1")).await?;
     let addr = replica.running.metrics_addr();
     eventually("readyz 200", WAIT, async || {
-        Ok(http_get(addr, "/readyz").await?.0 == 200)
+        Ok(http_get(addr, paths::READYZ).await?.0 == 200)
     })
     .await?;
-    assert_eq!(http_get(addr, "/healthz").await?.0, 200);
+    assert_eq!(http_get(addr, paths::HEALTHZ).await?.0, 200);
     let publisher = bed.publisher().await?;
     publisher
         .publish_votes(&votes::spread(5, &["e"], &["a"]))
@@ -486,18 +488,20 @@ async fn metrics_and_health_endpoints_report_the_replica() -> anyhow::Result<()>
         .await?;
     wait_stored(&bed, 5).await?;
     eventually("metrics show the work", WAIT, async || {
-        let (_, page) = http_get(addr, "/metrics").await?;
+        let (_, page) = http_get(addr, paths::METRICS).await?;
         Ok(metric_value(&page, names::VOTES_COUNTED_TOTAL) == Some(5.0)
             && metric_value(
                 &page,
                 &format!(
-                    r#"{}{{reason="malformed_json"}}"#,
-                    names::VOTES_REJECTED_TOTAL
+                    r#"{}{{{}="{}"}}"#,
+                    names::VOTES_REJECTED_TOTAL,
+                    labels::REASON,
+                    vote::RejectKind::MalformedJson.as_str()
                 ),
             ) == Some(1.0))
     })
     .await?;
-    let (_, page) = http_get(addr, "/metrics").await?;
+    let (_, page) = http_get(addr, paths::METRICS).await?;
     for name in [
         names::VOTES_RECEIVED_TOTAL.to_string(),
         format!("{}_count", names::BATCH_SIZE),
@@ -505,7 +509,7 @@ async fn metrics_and_health_endpoints_report_the_replica() -> anyhow::Result<()>
         format!("{}_count", names::PUBLISH_TO_COMMIT_SECONDS),
         names::DATABASE_CONNECTION_FAILURES_TOTAL.to_string(),
         names::BROKER_CONNECTION_FAILURES_TOTAL.to_string(),
-        format!(r#"{}{{dependency="postgres"}}"#, names::UP),
+        up_series(DEP_POSTGRES),
         names::QUEUE_DEPTH.to_string(),
     ] {
         assert!(metric_value(&page, &name).is_some(), "{name} missing");

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use vote_aggregator::http::paths;
 use vote_testkit::infra::{self, InfraOptions};
 use vote_testkit::inspect::{eventually, http_get};
 use vote_testkit::testbed::TestBed;
@@ -24,7 +25,7 @@ async fn database_stopped_mid_stream_nothing_acked_then_exact_recovery() -> anyh
     let addr = replica.metrics_addr();
     let metrics = replica.metrics().clone();
     eventually("replica ready", WAIT, async || {
-        Ok(http_get(addr, "/readyz").await?.0 == 200)
+        Ok(http_get(addr, paths::READYZ).await?.0 == 200)
     })
     .await?;
 
@@ -42,8 +43,8 @@ async fn database_stopped_mid_stream_nothing_acked_then_exact_recovery() -> anyh
     let during = votes::spread(400, &["e"], &["a", "b", "c"]);
     publisher.publish_votes(&during).await?;
     eventually("readyz 503 while PostgreSQL is down", WAIT, async || {
-        let (status, body) = http_get(addr, "/readyz").await?;
-        Ok(status == 503 && body.contains("postgres"))
+        let (status, body) = http_get(addr, paths::READYZ).await?;
+        Ok(status == 503 && body.contains(vote_aggregator::metrics::DEP_POSTGRES))
     })
     .await?;
     // The replica takes deliveries up to its prefetch but acks none of them.
@@ -74,7 +75,7 @@ async fn database_stopped_mid_stream_nothing_acked_then_exact_recovery() -> anyh
     })
     .await?;
     eventually("readyz 200 again", WAIT, async || {
-        Ok(http_get(addr, "/readyz").await?.0 == 200)
+        Ok(http_get(addr, paths::READYZ).await?.0 == 200)
     })
     .await?;
     let mut all = before.clone();
@@ -143,7 +144,7 @@ async fn start_ready(
     let replica = vote_aggregator::spawn(config, stop.clone()).await?;
     let addr = replica.metrics_addr();
     eventually("replica ready", WAIT, async || {
-        Ok(http_get(addr, "/readyz").await?.0 == 200)
+        Ok(http_get(addr, paths::READYZ).await?.0 == 200)
     })
     .await?;
     Ok((replica, stop))
@@ -199,7 +200,7 @@ async fn a_stalled_dead_letter_confirm_never_holds_a_transaction_open() -> anyho
     eventually("r1 took the poison message", WAIT, async || {
         Ok(stalled_metrics
             .votes_rejected
-            .with_label_values(&["malformed_json"])
+            .with_label_values(&[vote_aggregator::vote::RejectKind::MalformedJson.as_str()])
             .get()
             == 1)
     })
@@ -265,11 +266,11 @@ async fn a_stalled_dead_letter_confirm_never_holds_a_transaction_open() -> anyho
     let rejected = || {
         stalled_metrics
             .votes_rejected
-            .with_label_values(&["malformed_json"])
+            .with_label_values(&[vote_aggregator::vote::RejectKind::MalformedJson.as_str()])
             .get()
             + other_metrics
                 .votes_rejected
-                .with_label_values(&["malformed_json"])
+                .with_label_values(&[vote_aggregator::vote::RejectKind::MalformedJson.as_str()])
                 .get()
     };
     eventually("the second poison message taken", WAIT, async || {
@@ -325,9 +326,10 @@ async fn a_commit_whose_answer_is_lost_counts_its_votes_as_counted() -> anyhow::
     bed.publisher().await?.publish_votes(&batch).await?;
     eventually("COMMIT under way", WAIT, async || {
         Ok(db
-            .scalar(
+            .scalar_with(
                 "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE application_name = 'vote-aggregator' AND wait_event = 'PgSleep'",
+                 WHERE application_name = $1 AND wait_event = 'PgSleep'",
+                &[vote_aggregator::db::APPLICATION_NAME],
             )
             .await?
             == 1)

@@ -3,6 +3,8 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use vote_aggregator::config::variables as var;
+use vote_aggregator::http::paths;
 use vote_aggregator::metrics::names;
 use vote_testkit::infra;
 use vote_testkit::inspect::{eventually, http_get, metric_value};
@@ -48,16 +50,16 @@ fn spawn_run(env: &[(&str, &str)]) -> anyhow::Result<std::process::Child> {
 #[test]
 fn config_errors_are_one_line_naming_the_variable() -> anyhow::Result<()> {
     let base = [
-        ("DATABASE_URL", "postgres://u:topsecret@127.0.0.1:1/x"),
-        ("AMQP_URL", "amqp://u:topsecret@127.0.0.1:1/%2f"),
+        (var::DATABASE_URL, "postgres://u:topsecret@127.0.0.1:1/x"),
+        (var::AMQP_URL, "amqp://u:topsecret@127.0.0.1:1/%2f"),
     ];
     let cases: &[(&[(&str, &str)], &str)] = &[
         (
-            &[("BATCH_SIZE", "lots")],
+            &[(var::BATCH_SIZE, "lots")],
             "error: invalid BATCH_SIZE=\"lots\": expected a whole number from 1 to 10000",
         ),
         (
-            &[("QUEUE_TYPE", "stream")],
+            &[(var::QUEUE_TYPE, "stream")],
             "error: invalid QUEUE_TYPE=\"stream\": expected 'quorum' or 'classic'",
         ),
         (
@@ -72,7 +74,7 @@ fn config_errors_are_one_line_naming_the_variable() -> anyhow::Result<()> {
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert_eq!(stderr.trim_end(), *want);
     }
-    let out = run_with(&["run"], &[("AMQP_URL", "amqp://u:topsecret@h/%2f")])?;
+    let out = run_with(&["run"], &[(var::AMQP_URL, "amqp://u:topsecret@h/%2f")])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         stderr.trim_end(),
@@ -80,7 +82,7 @@ fn config_errors_are_one_line_naming_the_variable() -> anyhow::Result<()> {
     );
     let out = run_with(
         &["verify"],
-        &[("DATABASE_URL", "postgres://u:topsecret@127.0.0.1:1/x")],
+        &[(var::DATABASE_URL, "postgres://u:topsecret@127.0.0.1:1/x")],
     )?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
@@ -125,11 +127,11 @@ async fn sigterm_commits_and_acks_the_batch_in_hand_then_exits_zero() -> anyhow:
     let port = free_port()?;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let mut env = bed.env("sigterm");
-    env.retain(|(k, _)| k != "METRICS_ADDR");
-    env.push(("METRICS_ADDR".into(), addr.to_string()));
+    env.retain(|(k, _)| k != var::METRICS_ADDR);
+    env.push((var::METRICS_ADDR.into(), addr.to_string()));
     // A batch that would wait a minute to fill: only SIGTERM can flush it.
-    env.push(("BATCH_SIZE".into(), "1000".into()));
-    env.push(("BATCH_TIMEOUT_MS".into(), "60000".into()));
+    env.push((var::BATCH_SIZE.into(), "1000".into()));
+    env.push((var::BATCH_TIMEOUT_MS.into(), "60000".into()));
     let mut child = tokio::process::Command::new(BIN)
         .args(["run"])
         .envs(env)
@@ -143,13 +145,13 @@ async fn sigterm_commits_and_acks_the_batch_in_hand_then_exits_zero() -> anyhow:
         .kill_on_drop(true)
         .spawn()?;
     eventually("replica ready", WAIT, async || {
-        Ok(matches!(http_get(addr, "/readyz").await, Ok((200, _))))
+        Ok(matches!(http_get(addr, paths::READYZ).await, Ok((200, _))))
     })
     .await?;
     let votes = votes::spread(50, &["e"], &["a", "b"]);
     bed.publisher().await?.publish_votes(&votes).await?;
     eventually("50 deliveries in hand", WAIT, async || {
-        let (_, page) = http_get(addr, "/metrics").await?;
+        let (_, page) = http_get(addr, paths::METRICS).await?;
         Ok(metric_value(&page, names::VOTES_RECEIVED_TOTAL) == Some(50.0))
     })
     .await?;
@@ -176,11 +178,11 @@ async fn verify_passes_on_a_consistent_database_and_shows_a_diff_on_a_tampered_o
     let (a, b) = tokio::join!(
         tokio::task::spawn_blocking({
             let url = url.to_string();
-            move || run_with(&["migrate"], &[("DATABASE_URL", &url)])
+            move || run_with(&["migrate"], &[(var::DATABASE_URL, &url)])
         }),
         tokio::task::spawn_blocking({
             let url = url.to_string();
-            move || run_with(&["migrate"], &[("DATABASE_URL", &url)])
+            move || run_with(&["migrate"], &[(var::DATABASE_URL, &url)])
         }),
     );
     let (a, b) = (a??, b??);
@@ -205,13 +207,13 @@ async fn verify_passes_on_a_consistent_database_and_shows_a_diff_on_a_tampered_o
          ('e', 'alice', 0, 1), ('e', 'alice', 3, 1), ('e', 'bob', 1, 1)",
     )
     .await?;
-    let ok = run_with(&["verify"], &[("DATABASE_URL", url)])?;
+    let ok = run_with(&["verify"], &[(var::DATABASE_URL, url)])?;
     assert_eq!(ok.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&ok.stdout).contains("consistent: 3 votes"));
 
     db.execute("UPDATE tally_shards SET votes = votes + 5 WHERE candidate_id = 'bob'")
         .await?;
-    let bad = run_with(&["verify"], &[("DATABASE_URL", url)])?;
+    let bad = run_with(&["verify"], &[(var::DATABASE_URL, url)])?;
     let out = String::from_utf8_lossy(&bad.stdout);
     assert_eq!(bad.status.code(), Some(2), "{out}");
     assert!(out.contains("bob") && out.contains("+5"), "{out}");
@@ -240,7 +242,7 @@ async fn the_psql_script_builds_the_same_schema_that_migrate_recognises() -> any
     let sql = std::fs::read_to_string(&script)?;
     let mut db = bed.db().await?;
     db.batch_execute(&sql).await?;
-    let out = run_with(&["migrate"], &[("DATABASE_URL", &bed.database_url)])?;
+    let out = run_with(&["migrate"], &[(var::DATABASE_URL, &bed.database_url)])?;
     assert!(
         out.status.success(),
         "{}",
@@ -250,7 +252,7 @@ async fn the_psql_script_builds_the_same_schema_that_migrate_recognises() -> any
         String::from_utf8_lossy(&out.stdout).trim(),
         "schema is up to date"
     );
-    let out = run_with(&["verify"], &[("DATABASE_URL", &bed.database_url)])?;
+    let out = run_with(&["verify"], &[(var::DATABASE_URL, &bed.database_url)])?;
     assert_eq!(out.status.code(), Some(0));
     Ok(())
 }
@@ -266,10 +268,10 @@ async fn secrets_in_a_url_query_string_never_reach_a_log_line_or_error() -> anyh
     let amqp_url = format!("amqp://votes:{}@127.0.0.1:1/%2f", SECRETS[2]);
     let metrics_addr = format!("127.0.0.1:{port}");
     let env = [
-        ("DATABASE_URL", db_url.as_str()),
-        ("AMQP_URL", amqp_url.as_str()),
-        ("METRICS_ADDR", metrics_addr.as_str()),
-        ("RUST_LOG", "debug"),
+        (var::DATABASE_URL, db_url.as_str()),
+        (var::AMQP_URL, amqp_url.as_str()),
+        (var::METRICS_ADDR, metrics_addr.as_str()),
+        (var::RUST_LOG, "debug"),
     ];
     // The service retries the unreachable database, logging each attempt, for 6 s.
     let child = spawn_run(&env)?;

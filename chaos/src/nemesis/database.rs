@@ -13,19 +13,21 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use diesel::QueryableByName;
-use diesel::sql_types::BigInt;
+use diesel::sql_types::{BigInt, Text};
 use diesel_async::RunQueryDsl as _;
 use tokio::time::Instant;
+use vote_aggregator::db::APPLICATION_NAME;
 use vote_testkit::inspect::Db;
 
 use super::broker::{short_id, short_time};
 use super::{Clock, Fault, FaultKind, one_line};
 use crate::cluster::Cluster;
 
-/// Terminates every replica backend of the current database; returns how many.
+/// Terminates every replica backend of the current database; returns how many. `$1` is
+/// the service's `application_name` ([`APPLICATION_NAME`]).
 const TERMINATE_SQL: &str = "SELECT count(*)::bigint AS n FROM ( \
      SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity \
-     WHERE application_name = 'vote-aggregator' AND datname = current_database() \
+     WHERE application_name = $1 AND datname = current_database() \
        AND pid <> pg_backend_pid()) t WHERE ok";
 
 #[derive(QueryableByName)]
@@ -97,6 +99,7 @@ impl DatabaseNemesis {
         let deadline = Instant::now() + self.terminate_patience;
         loop {
             let row: Count = diesel::sql_query(TERMINATE_SQL)
+                .bind::<Text, _>(APPLICATION_NAME)
                 .get_result(db.connection())
                 .await
                 .context("pg_terminate_backend")?;
@@ -105,7 +108,7 @@ impl DatabaseNemesis {
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "no backend with application_name 'vote-aggregator' to terminate within {:?}",
+                    "no backend with application_name '{APPLICATION_NAME}' to terminate within {:?}",
                     self.terminate_patience
                 );
             }

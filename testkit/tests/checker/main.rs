@@ -13,6 +13,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use vote_aggregator::db::{self, BatchColumns};
+use vote_aggregator::http::paths;
 use vote_aggregator::vote::{self, Vote};
 use vote_testkit::checker::{self, CheckOptions};
 use vote_testkit::infra;
@@ -252,7 +253,10 @@ async fn replica(
     let replica = vote_aggregator::spawn(bed.config(name), stop.clone()).await?;
     let addr = replica.metrics_addr();
     vote_testkit::inspect::eventually("replica ready", Duration::from_secs(60), async || {
-        Ok(vote_testkit::inspect::http_get(addr, "/readyz").await?.0 == 200)
+        Ok(vote_testkit::inspect::http_get(addr, paths::READYZ)
+            .await?
+            .0
+            == 200)
     })
     .await?;
     Ok((stop, replica))

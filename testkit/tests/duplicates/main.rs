@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use vote_aggregator::config::variables as var;
 use vote_testkit::checker::{self, CheckOptions, Report};
 use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec, Scrape};
 use vote_testkit::infra;
@@ -32,7 +33,7 @@ fn replicas() -> Vec<ReplicaSpec> {
         .into_iter()
         .map(|(name, batch)| ReplicaSpec {
             name: name.to_string(),
-            env: vec![("BATCH_SIZE".to_string(), batch.to_string())],
+            env: vec![(var::BATCH_SIZE.to_string(), batch.to_string())],
         })
         .collect()
 }

@@ -10,6 +10,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use vote_aggregator::config::variables as var;
+use vote_aggregator::http::paths;
 use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
 use vote_testkit::infra;
 use vote_testkit::inspect::{eventually, http_get};
@@ -41,11 +43,11 @@ async fn two_replicas_count_together_and_survive_pause_kill_restart_and_stop() -
     let started = std::time::Instant::now();
     let bed = TestBed::new(infra::shared().await?).await?;
     let mut base = bed.env("unused");
-    base.retain(|(k, _)| k != "REPLICA_ID" && k != "METRICS_ADDR");
-    base.push(("SHUTDOWN_GRACE_SECONDS".into(), "5".into()));
+    base.retain(|(k, _)| k != var::REPLICA_ID && k != var::METRICS_ADDR);
+    base.push((var::SHUTDOWN_GRACE_SECONDS.into(), "5".into()));
     let specs = vec![
-        ReplicaSpec::new("fleet-a").with_env("BATCH_SIZE", "50"),
-        ReplicaSpec::new("fleet-b").with_env("BATCH_SIZE", "100"),
+        ReplicaSpec::new("fleet-a").with_env(var::BATCH_SIZE, "50"),
+        ReplicaSpec::new("fleet-b").with_env(var::BATCH_SIZE, "100"),
     ];
     let opts = FleetOptions::new(log_dir("main"), base)?;
     let mut fleet = Fleet::start(opts, specs).await?;
@@ -58,7 +60,7 @@ async fn two_replicas_count_together_and_survive_pause_kill_restart_and_stop() -
     assert_ne!(fleet.metrics_addr(0), fleet.metrics_addr(1));
     for i in 0..2 {
         assert!(fleet.is_running(i));
-        let (status, _) = http_get(fleet.metrics_addr(i), "/readyz").await?;
+        let (status, _) = http_get(fleet.metrics_addr(i), paths::READYZ).await?;
         assert_eq!(status, 200);
         let scrape = fleet.scrape(i).await?;
         assert_eq!(
@@ -199,11 +201,11 @@ async fn two_replicas_count_together_and_survive_pause_kill_restart_and_stop() -
 async fn a_replica_that_exits_at_start_fails_fast_with_its_log() -> anyhow::Result<()> {
     let base = vec![
         (
-            "DATABASE_URL".to_string(),
+            var::DATABASE_URL.to_string(),
             "postgres://u:p@127.0.0.1:1/x".to_string(),
         ),
         (
-            "AMQP_URL".to_string(),
+            var::AMQP_URL.to_string(),
             "amqp://u:p@127.0.0.1:1/%2f".to_string(),
         ),
     ];
@@ -211,7 +213,7 @@ async fn a_replica_that_exits_at_start_fails_fast_with_its_log() -> anyhow::Resu
     let started = std::time::Instant::now();
     let err = Fleet::start(
         opts,
-        vec![ReplicaSpec::new("bad-0").with_env("BATCH_SIZE", "lots")],
+        vec![ReplicaSpec::new("bad-0").with_env(var::BATCH_SIZE, "lots")],
     )
     .await
     .expect_err("a config error must fail the start");

@@ -71,7 +71,7 @@ async fn amqp_url_accepts_a_connection_and_a_quorum_queue() -> anyhow::Result<()
     let mut args = FieldTable::default();
     args.insert(
         vote_aggregator::broker::args::QUEUE_TYPE.into(),
-        AMQPValue::LongString("quorum".into()),
+        AMQPValue::LongString(vote_aggregator::config::QueueType::Quorum.as_str().into()),
     );
     let queue = channel
         .queue_declare(
