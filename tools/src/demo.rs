@@ -194,8 +194,14 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
             var::QUEUE_NAME,
             bed.queue
         );
+        // Only this run's containers (its own labels), not every test container on the
+        // engine as `make clean-containers` would remove.
+        let filters: String = infra::own_labels()
+            .iter()
+            .map(|(key, value)| format!(" --filter label={key}={value}"))
+            .collect();
         println!(
-            "Stop everything with: kill {} ; make clean-containers",
+            "Stop everything with: kill {} ; docker rm -fv $(docker ps -aq{filters})",
             (0..fleet.len())
                 .filter_map(|i| fleet.pid(i).map(|p| p.to_string()))
                 .collect::<Vec<_>>()
