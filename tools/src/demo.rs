@@ -30,6 +30,11 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
     }
     println!("vote-aggregator demo · seed {seed} (replay with --seed {seed})\n");
 
+    if keep {
+        // Before the servers start, so their containers are labelled as kept (later test
+        // runs leave them alone). A demo that fails leaves them too: `make clean-containers`.
+        infra::keep_at_exit();
+    }
     let started = Instant::now();
     println!("1/5 starting PostgreSQL and RabbitMQ ...");
     let servers = infra::shared().await?;
@@ -170,7 +175,6 @@ pub async fn run(votes: usize, replicas: usize, seed: u64, keep: bool) -> anyhow
     println!("replica shares\n{shares}\n");
 
     if keep {
-        infra::keep_at_exit();
         println!("Left running (--keep):");
         println!("  {}={}", var::DATABASE_URL, bed.database_url);
         println!("  {}={}", var::AMQP_URL, bed.amqp_url);

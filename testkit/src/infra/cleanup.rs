@@ -8,23 +8,25 @@
 //! part of the Rust crate). So every container carries the labels
 //! `vote-aggregator.test=1`, `vote-aggregator.test.pid=<pid>` and
 //! `vote-aggregator.test.host=<hostname>`; an `atexit` hook removes this process's, and the
-//! first Docker use in a process removes this host's whose pid is no longer alive. Other
-//! engineers' containers (another host label, or a live pid) are never touched.
+//! first Docker use in a process removes this host's whose pid is no longer alive, unless
+//! they were started to be kept (`vote-aggregator.test.keep=1`). Other engineers'
+//! containers (another host label, or a live pid) are never touched.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bollard::Docker;
 
 use super::engine::{block_on_docker, docker, list_labelled, remove_containers};
-use super::{LABEL_HOST, LABEL_PID, LABEL_TEST};
+use super::{LABEL_HOST, LABEL_KEEP, LABEL_PID, LABEL_TEST};
 
 /// Set before the first container is created: only then is there anything to remove at exit.
 pub(super) static CREATED_ANY: AtomicBool = AtomicBool::new(false);
 static KEEP_AT_EXIT: AtomicBool = AtomicBool::new(false);
 
 /// Leaves this process's containers running when it exits (for `vote-tools demo
-/// --keep`). They are still removed by the next test process's stale-container sweep,
-/// or by `make clean-containers`.
+/// --keep`). Call it before the first container starts: those started after it carry
+/// the label `vote-aggregator.test.keep=1`, which the stale-container sweep of later test
+/// processes respects; `make clean-containers` still removes them.
 pub fn keep_at_exit() {
     KEEP_AT_EXIT.store(true, Ordering::SeqCst);
 }
@@ -33,11 +35,15 @@ pub fn keep_at_exit() {
 /// kit starts carries them; so may a test's own testcontainers container, to be cleaned up
 /// the same way.
 pub fn own_labels() -> Vec<(String, String)> {
-    vec![
+    let mut labels = vec![
         (LABEL_TEST.to_owned(), "1".to_owned()),
         (LABEL_PID.to_owned(), std::process::id().to_string()),
         (LABEL_HOST.to_owned(), hostname()),
-    ]
+    ];
+    if KEEP_AT_EXIT.load(Ordering::SeqCst) {
+        labels.push((LABEL_KEEP.to_owned(), "1".to_owned()));
+    }
+    labels
 }
 
 /// [`own_labels`] as `key=value` label filters.
@@ -58,7 +64,8 @@ pub(super) async fn reap_stale(docker: &Docker) -> anyhow::Result<()> {
         .filter_map(|(id, labels)| {
             let pid: u32 = labels.get(LABEL_PID)?.parse().ok()?;
             let same_host = labels.get(LABEL_HOST) == Some(&host);
-            (same_host && pid != me && !pid_alive(pid)).then_some(id)
+            let kept = labels.contains_key(LABEL_KEEP);
+            (same_host && !kept && pid != me && !pid_alive(pid)).then_some(id)
         })
         .collect();
     if !stale.is_empty() {

@@ -73,6 +73,7 @@ const LABEL_PID: &str = "vote-aggregator.test.pid";
 const LABEL_HOST: &str = "vote-aggregator.test.host";
 const LABEL_ROLE: &str = "vote-aggregator.test.role";
 const LABEL_SCOPE: &str = "vote-aggregator.test.scope";
+const LABEL_KEEP: &str = "vote-aggregator.test.keep";
 
 const ENV_DATABASE_URL: &str = "VOTES_TEST_DATABASE_URL";
 const ENV_AMQP_URL: &str = "VOTES_TEST_AMQP_URL";
