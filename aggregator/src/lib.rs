@@ -19,7 +19,8 @@
 //!   delivery order, teardown; its `pipeline` (batches and commits in flight), `batch`,
 //!   `commit` (the commit task, retries, in-doubt) and `monitor` (queue depth);
 //! - [`metrics`] (every metric declared once, names in [`metrics::names`]) and
-//!   [`http`]: observability;
+//!   [`http`]: observability; [`http_client`]: the one-shot GET the `healthcheck`
+//!   subcommand and the test kit's probes use;
 //! - [`error`](mod@error): error types and the error policy;
 //! - [`telemetry`]: log set-up for the binaries. Every log line of a replica carries
 //!   the `replica` span (`replica = REPLICA_ID`), and those of a broker session the
@@ -35,6 +36,7 @@ pub mod db;
 pub mod error;
 pub mod fault;
 pub mod http;
+pub mod http_client;
 pub mod metrics;
 mod supervisor;
 pub mod telemetry;

@@ -318,37 +318,12 @@ where
 
 pub use crate::prometheus::metric_value;
 
-/// GETs `path` from a replica's HTTP endpoint over HTTP/1.1 (hyper's client on one
-/// connection, closed afterwards): (status, body).
-///
-/// It has no timeout of its own, on purpose: a paused replica accepts the TCP connection
-/// in the kernel but never answers, and each caller picks how long to wait by wrapping
-/// the call in [`tokio::time::timeout`] (dropping the future closes the connection).
+/// GETs `path` from a replica's HTTP endpoint: the service's own one-shot client
+/// ([`vote_aggregator::http_client::get`]; no timeout of its own, wrap it in
+/// [`tokio::time::timeout`]): (status, body).
 ///
 /// # Errors
 /// When the endpoint cannot be reached or the answer is not valid HTTP.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use http_body_util::{BodyExt as _, Empty};
-    use hyper::body::Bytes;
-
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .header(hyper::header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .with_context(|| format!("bad request path {path:?}"))?;
-    // The connection is driven alongside the request (never detached), so a caller's
-    // timeout drops both and no socket outlives the call.
-    let exchange = async move {
-        let response = sender.send_request(request).await?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    let (answer, _) = futures_util::future::join(exchange, connection).await;
-    answer.with_context(|| format!("GET {path} at {addr}"))
+    Ok(vote_aggregator::http_client::get(addr, path).await?)
 }

@@ -191,6 +191,18 @@ impl Config {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
 
+    /// Reads only `METRICS_ADDR` (for `healthcheck`, which needs no server URL): the
+    /// configured address, or the default.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when it is not an IP:port.
+    pub fn metrics_addr_from_env() -> Result<SocketAddr, ConfigError> {
+        load_dotenv()?;
+        let lookup = |key: &str| std::env::var(key).ok();
+        let default = Config::new("", "").metrics_addr;
+        Ok(metrics_addr(&Env(&lookup))?.unwrap_or(default))
+    }
+
     /// Reads only `DATABASE_URL` / `DATABASE_URL_FILE` (for `migrate` and `verify`,
     /// which need no broker).
     ///
@@ -263,10 +275,8 @@ impl Config {
         if let Some(n) = env.int(TALLY_SHARDS, 1, 1024)? {
             config.tally_shards = n as u16;
         }
-        if let Some(v) = env.get(METRICS_ADDR) {
-            config.metrics_addr = v.parse().map_err(|_| {
-                ConfigError::invalid(METRICS_ADDR, &v, "an IP:port such as 0.0.0.0:8001")
-            })?;
+        if let Some(addr) = metrics_addr(&env)? {
+            config.metrics_addr = addr;
         }
         if let Some(v) = env.get(LOG_FORMAT) {
             config.log_format = v
@@ -326,6 +336,17 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// `METRICS_ADDR` when set.
+fn metrics_addr(env: &Env<'_>) -> Result<Option<SocketAddr>, ConfigError> {
+    env.get(METRICS_ADDR)
+        .map(|v| {
+            v.parse().map_err(|_| {
+                ConfigError::invalid(METRICS_ADDR, &v, "an IP:port such as 0.0.0.0:8001")
+            })
+        })
+        .transpose()
 }
 
 /// Reads `RUST_LOG`-independent settings needed before the full config (log format),

@@ -385,3 +385,45 @@ async fn json_logs_carry_the_replica_span() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `vote-aggregator healthcheck` (what a container runtime calls): exit 0 while the
+/// replica at METRICS_ADDR serves `/healthz` (even with its servers unreachable: it is
+/// alive, just not ready), exit 1 with one line once it is gone.
+#[tokio::test]
+async fn healthcheck_follows_the_replica_it_asks() -> anyhow::Result<()> {
+    use vote_aggregator::config::variables as var;
+    let metrics_addr = format!("0.0.0.0:{}", free_port()?);
+    let env = [
+        (var::DATABASE_URL, "postgres://votes:pw@127.0.0.1:1/votes"),
+        (var::AMQP_URL, "amqp://votes:pw@127.0.0.1:1/%2f"),
+        (var::METRICS_ADDR, metrics_addr.as_str()),
+    ];
+    let check = |env: &[(&str, &str)]| run_with(&["healthcheck", "--timeout-seconds", "2"], env);
+    let only_addr = [(var::METRICS_ADDR, metrics_addr.as_str())];
+    let before = check(&only_addr)?;
+    assert_eq!(before.status.code(), Some(1), "nothing listens yet");
+
+    let child = spawn_run(&env)?;
+    let healthy = eventually("healthcheck exits 0", WAIT, async || {
+        Ok(check(&only_addr)?.status.success())
+    })
+    .await;
+    signal::send(child.id(), Signal::TERM)?;
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    healthy?;
+
+    let after = check(&only_addr)?;
+    let stderr = String::from_utf8_lossy(&after.stderr);
+    assert_eq!(after.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("unhealthy: GET /healthz at 127.0.0.1:"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    Ok(())
+}
