@@ -11,7 +11,13 @@ SHELL := /bin/bash
 CARGO_TARGET := $(or $(CARGO_TARGET_DIR),target)
 FAULT_BINARY := $(CARGO_TARGET)/debug/fault-injection/vote-aggregator
 
-.PHONY: help images test chaos load demo build release fault-build lint fmt init-db-sql clean-containers
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+OFFLINE_BASE_IMAGE := vote-aggregator/debian:trixie-offline
+# The runtime base: the official one unless `make images` built the offline stand-in.
+BASE_IMAGE ?= $(shell docker image inspect $(OFFLINE_BASE_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_BASE_IMAGE) || echo debian:trixie-slim)
+
+.PHONY: help images image image-test test chaos load demo build release fault-build lint fmt init-db-sql clean-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -43,6 +49,14 @@ fault-build: ## the chaos suite's fault-injection replica -> target/debug/fault-
 	cargo build --locked -p vote-aggregator --bin vote-aggregator --features fault-injection \
 	  && mkdir -p $(dir $(FAULT_BINARY)) && cp $(CARGO_TARGET)/debug/vote-aggregator $(FAULT_BINARY); \
 	  rc=$$?; cargo build --locked -p vote-aggregator --bin vote-aggregator && exit $$rc
+
+image: ## the service image vote-aggregator:$(VERSION) and :latest (release build on the trixie base)
+	cargo build --release --locked -p vote-aggregator --bin vote-aggregator
+	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) \
+	  --build-arg REVISION=$(REVISION) -t vote-aggregator:$(VERSION) -t vote-aggregator:latest .
+
+image-test: image ## check the service image: user, ports, labels, health check, clean stop, no fault hooks
+	scripts/image-test.sh vote-aggregator:$(VERSION) $(CARGO_TARGET)/release/vote-aggregator
 
 release: ## optimised build: target/release/vote-aggregator
 	cargo build --release --locked -p vote-aggregator

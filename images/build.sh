@@ -5,6 +5,8 @@
 #
 #   vote-aggregator/postgres:17-offline    (override: OFFLINE_POSTGRES_IMAGE)
 #   vote-aggregator/rabbitmq:4.0-offline   (override: OFFLINE_RABBITMQ_IMAGE)
+#   vote-aggregator/debian:trixie-offline  (override: OFFLINE_BASE_IMAGE): the runtime
+#                                          base of the service's own image
 #
 # They always carry their own names, never the official ones: the tests pick
 # the image through VOTES_POSTGRES_IMAGE / VOTES_RABBITMQ_IMAGE, which this
@@ -26,6 +28,7 @@ set -euo pipefail
 
 PG_IMAGE="${OFFLINE_POSTGRES_IMAGE:-vote-aggregator/postgres:17-offline}"
 RMQ_IMAGE="${OFFLINE_RABBITMQ_IMAGE:-vote-aggregator/rabbitmq:4.0-offline}"
+BASE_IMAGE="${OFFLINE_BASE_IMAGE:-vote-aggregator/debian:trixie-offline}"
 SUITE=trixie
 PG_MAJOR=17
 RMQ_SERIES=4.0
@@ -51,8 +54,8 @@ docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable (is it ru
 
 # An official image's name is postgres or rabbitmq, optionally behind docker.io/ and
 # library/, with any tag.
-for name in "$PG_IMAGE" "$RMQ_IMAGE"; do
-    if printf '%s\n' "$name" | grep -Eq '^(docker\.io/)?(library/)?(postgres|rabbitmq)(:|@|$)'; then
+for name in "$PG_IMAGE" "$RMQ_IMAGE" "$BASE_IMAGE"; do
+    if printf '%s\n' "$name" | grep -Eq '^(docker\.io/)?(library/)?(postgres|rabbitmq|debian)(:|@|$)'; then
         die "refusing to build under '$name': an offline build must never carry an official image's name (use e.g. vote-aggregator/postgres:17-offline)"
     fi
 done
@@ -61,11 +64,16 @@ image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
 BUILD_PG=0
 BUILD_RMQ=0
-for pair in "PG:$PG_IMAGE" "RMQ:$RMQ_IMAGE"; do
+BUILD_BASE=0
+for pair in "PG:$PG_IMAGE" "RMQ:$RMQ_IMAGE" "BASE:$BASE_IMAGE"; do
     kind=${pair%%:*}
     name=${pair#*:}
     if [ "$FORCE" = 1 ] || ! image_exists "$name"; then
-        [ "$kind" = PG ] && BUILD_PG=1 || BUILD_RMQ=1
+        case "$kind" in
+        PG) BUILD_PG=1 ;;
+        RMQ) BUILD_RMQ=1 ;;
+        BASE) BUILD_BASE=1 ;;
+        esac
         if image_exists "$name"; then
             log "$name exists, rebuilding because FORCE=1"
         else
@@ -75,7 +83,7 @@ for pair in "PG:$PG_IMAGE" "RMQ:$RMQ_IMAGE"; do
         log "$name already exists, skipping (FORCE=1 rebuilds)"
     fi
 done
-if [ "$BUILD_PG$BUILD_RMQ" = 00 ]; then
+if [ "$BUILD_PG$BUILD_RMQ$BUILD_BASE" = 000 ]; then
     log "nothing to do"
     exit 0
 fi
@@ -548,10 +556,34 @@ EOF
     log "[rabbitmq] built $RMQ_IMAGE"
 }
 
+# ---------------------------------------------------------------------------
+# 4. The runtime base of the service's own image (Dockerfile BASE_IMAGE): the
+#    minbase tree itself, a stand-in for debian:trixie-slim.
+# ---------------------------------------------------------------------------
+build_base() {
+    local root
+    log "[base] copying base tree (log: $WORK/base-install.log)"
+    root=$(prepare_tree runtime-base)
+    run_logged "$WORK/base-install.log" in_chroot "$root" "
+        command -v useradd
+        $SLIM_SCRIPT
+    " || die "preparing the runtime base failed"
+    import_tree "$root" "$BASE_IMAGE" SIGTERM "${COMMON_LABELS[@]}" \
+        --change "LABEL org.opencontainers.image.title=\"Debian $SUITE minbase (offline build)\"" \
+        --change "LABEL org.opencontainers.image.description=\"Stand-in for debian:$SUITE-slim built with debootstrap\"" \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV LANG=C.UTF-8' \
+        --change 'CMD ["bash"]' ||
+        die "docker import of $BASE_IMAGE failed"
+    rm -rf --one-file-system "$root"
+    log "[base] built $BASE_IMAGE"
+}
+
 if [ "$BUILD_PG" = 1 ]; then build_postgres; fi
 if [ "$BUILD_RMQ" = 1 ]; then build_rabbitmq; fi
+if [ "$BUILD_BASE" = 1 ]; then build_base; fi
 
-for image in "$PG_IMAGE" "$RMQ_IMAGE"; do
+for image in "$PG_IMAGE" "$RMQ_IMAGE" "$BASE_IMAGE"; do
     size=$(docker image inspect -f '{{.Size}}' "$image" 2>/dev/null || echo 0)
     log "$image: $((size / 1000000)) MB"
 done
