@@ -161,7 +161,7 @@ impl Config {
             prefetch_count: 1000,
             db_pool_size: 4,
             tally_shards: 16,
-            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8001)),
+            metrics_addr: DEFAULT_METRICS_ADDR,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(25),
             run_migrations: true,
@@ -199,8 +199,7 @@ impl Config {
     pub fn metrics_addr_from_env() -> Result<SocketAddr, ConfigError> {
         load_dotenv()?;
         let lookup = |key: &str| std::env::var(key).ok();
-        let default = Config::new("", "").metrics_addr;
-        Ok(metrics_addr(&Env(&lookup))?.unwrap_or(default))
+        Ok(metrics_addr(&Env(&lookup))?.unwrap_or(DEFAULT_METRICS_ADDR))
     }
 
     /// Reads only `DATABASE_URL` / `DATABASE_URL_FILE` (for `migrate` and `verify`,
@@ -337,6 +336,10 @@ impl Config {
         Ok(config)
     }
 }
+
+/// Where the HTTP endpoint listens unless `METRICS_ADDR` says otherwise.
+const DEFAULT_METRICS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8001);
 
 /// `METRICS_ADDR` when set.
 fn metrics_addr(env: &Env<'_>) -> Result<Option<SocketAddr>, ConfigError> {
