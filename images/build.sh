@@ -293,12 +293,41 @@ write_postgres_entrypoint() {
 #     STDOUT through pg_ctl) creates the database and runs init scripts, is
 #     stopped, and the real server is exec'd (its log goes to STDERR). Later
 #     starts skip the initialisation.
+#   * POSTGRES_PASSWORD_FILE, POSTGRES_USER_FILE, POSTGRES_DB_FILE and
+#     POSTGRES_INITDB_ARGS_FILE (Docker secrets): the variable's value is read
+#     from that file. Like the official image, the file is read by the first
+#     pass of this script, i.e. as root when the container starts as root (a
+#     0600 root-owned secret works) and as the --user otherwise; setting both
+#     VAR and VAR_FILE is an error.
 #   * `postgres ARGS` or `-flags` run the server with those args; any other
 #     command is exec'd as is.
 set -Eeuo pipefail
 
 me=${BASH_SOURCE[0]}
 say() { printf '%s: %s\n' "$me" "$*"; }
+
+# file_env VAR [DEFAULT]: export VAR from $VAR, else from the file named by
+# $VAR_FILE, else DEFAULT; VAR_FILE is then unset, so the re-exec'd second
+# pass (as postgres) just sees VAR.
+file_env() {
+    local var=$1 def=${2:-} file_var="$1_FILE" val
+    if [ -n "${!var:-}" ] && [ -n "${!file_var:-}" ]; then
+        printf >&2 'error: both %s and %s are set (but are exclusive)\n' "$var" "$file_var"
+        exit 1
+    fi
+    val=$def
+    if [ -n "${!var:-}" ]; then
+        val=${!var}
+    elif [ -n "${!file_var:-}" ]; then
+        if [ ! -f "${!file_var}" ] || [ ! -r "${!file_var}" ]; then
+            printf >&2 'error: %s=%s is not a file that uid %s can read\n' "$file_var" "${!file_var}" "$(id -u)"
+            exit 1
+        fi
+        val=$(<"${!file_var}")
+    fi
+    export "$var=$val"
+    unset "$file_var"
+}
 
 if [ "$#" -eq 0 ] || [ "${1:0:1}" = '-' ]; then
     set -- postgres "$@"
@@ -313,6 +342,10 @@ for arg in "${@:2}"; do
 done
 
 export PGDATA=${PGDATA:-/var/lib/postgresql/data}
+file_env POSTGRES_PASSWORD
+file_env POSTGRES_USER postgres
+file_env POSTGRES_DB "$POSTGRES_USER"
+file_env POSTGRES_INITDB_ARGS
 
 if [ "$(id -u)" = 0 ]; then
     mkdir -p "$PGDATA" /var/run/postgresql
@@ -324,8 +357,6 @@ if [ "$(id -u)" = 0 ]; then
         setpriv --reuid=postgres --regid=postgres --init-groups -- "$me" "$@"
 fi
 
-export POSTGRES_USER=${POSTGRES_USER:-postgres}
-export POSTGRES_DB=${POSTGRES_DB:-$POSTGRES_USER}
 auth=${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}
 
 if [ -s "$PGDATA/PG_VERSION" ]; then
