@@ -22,7 +22,7 @@ BASE_IMAGE ?= $(shell docker image inspect $(OFFLINE_BASE_IMAGE) >/dev/null 2>&1
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-images: ## (root) build offline PostgreSQL 17 + RabbitMQ 4.0 images from Debian packages (only without registry access)
+images: ## (root) build offline PostgreSQL 17, RabbitMQ 4.0, Prometheus 2.53 + Debian trixie base images from Debian packages (only without registry access)
 	images/build.sh
 
 test: fault-build ## run every test against real PostgreSQL and RabbitMQ containers

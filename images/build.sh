@@ -1,37 +1,44 @@
 #!/usr/bin/env bash
-# Build the two offline Docker images that stand in for the official
-# `postgres:17` and `rabbitmq:4.0` images on machines that reach no container
-# registry but do reach Debian's package archive:
+# Build the offline Docker images that stand in for official images on
+# machines that reach no container registry but do reach Debian's package
+# archive:
 #
-#   vote-aggregator/postgres:17-offline    (override: OFFLINE_POSTGRES_IMAGE)
-#   vote-aggregator/rabbitmq:4.0-offline   (override: OFFLINE_RABBITMQ_IMAGE)
-#   vote-aggregator/debian:trixie-offline  (override: OFFLINE_BASE_IMAGE): the runtime
-#                                          base of the service's own image
+#   vote-aggregator/postgres:17-offline      (override: OFFLINE_POSTGRES_IMAGE)
+#   vote-aggregator/rabbitmq:4.0-offline     (override: OFFLINE_RABBITMQ_IMAGE)
+#   vote-aggregator/prometheus:2.53-offline  (override: OFFLINE_PROMETHEUS_IMAGE):
+#                                            for prom/prometheus:v2.53.3
+#   vote-aggregator/debian:trixie-offline    (override: OFFLINE_BASE_IMAGE): the runtime
+#                                            base of the service's own image
 #
 # They always carry their own names, never the official ones: the tests pick
 # the image through VOTES_POSTGRES_IMAGE / VOTES_RABBITMQ_IMAGE, which this
 # script deliberately ignores.
 #
-# Both are Debian trixie `minbase` root filesystems made with debootstrap (run
+# All are Debian trixie `minbase` root filesystems made with debootstrap (run
 # once, then copied), with the server installed from Debian's packages in a
-# chroot, an entrypoint that mimics the official image's, and `docker import`.
+# chroot, an entrypoint or image config that mimics the official image's, and
+# `docker import`.
 #
 # Environment:
 #   FORCE=1          rebuild even when an image already exists
 #   DEBIAN_MIRROR    Debian archive URI (default: the first plain `.../debian`
 #                    URI in this machine's apt sources)
-#   OFFLINE_POSTGRES_IMAGE, OFFLINE_RABBITMQ_IMAGE   image names (must not be
-#                    an official image's name; the script refuses those)
+#   OFFLINE_POSTGRES_IMAGE, OFFLINE_RABBITMQ_IMAGE, OFFLINE_PROMETHEUS_IMAGE,
+#   OFFLINE_BASE_IMAGE   image names (must not be an official image's name;
+#                    the script refuses those)
 #
 # Needs root, docker, and network access to the Debian archive. See README.md.
 set -euo pipefail
 
 PG_IMAGE="${OFFLINE_POSTGRES_IMAGE:-vote-aggregator/postgres:17-offline}"
 RMQ_IMAGE="${OFFLINE_RABBITMQ_IMAGE:-vote-aggregator/rabbitmq:4.0-offline}"
+PROM_IMAGE="${OFFLINE_PROMETHEUS_IMAGE:-vote-aggregator/prometheus:2.53-offline}"
 BASE_IMAGE="${OFFLINE_BASE_IMAGE:-vote-aggregator/debian:trixie-offline}"
 SUITE=trixie
 PG_MAJOR=17
 RMQ_SERIES=4.0
+PROM_SERIES=2.53
+PROM_OFFICIAL=prom/prometheus:v2.53.3
 FORCE="${FORCE:-0}"
 
 export DEBIAN_FRONTEND=noninteractive
@@ -52,11 +59,12 @@ die() {
 command -v docker >/dev/null 2>&1 || die "docker CLI not found"
 docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable (is it running?)"
 
-# An official image's name is postgres or rabbitmq, optionally behind docker.io/ and
-# library/, with any tag.
-for name in "$PG_IMAGE" "$RMQ_IMAGE" "$BASE_IMAGE"; do
-    if printf '%s\n' "$name" | grep -Eq '^(docker\.io/)?(library/)?(postgres|rabbitmq|debian)(:|@|$)'; then
-        die "refusing to build under '$name': an offline build must never carry an official image's name (use e.g. vote-aggregator/postgres:17-offline)"
+# An official image's name is postgres, rabbitmq or debian, optionally behind
+# docker.io/ and library/, or prom/prometheus, optionally behind docker.io/;
+# with any tag or digest.
+for name in "$PG_IMAGE" "$RMQ_IMAGE" "$PROM_IMAGE" "$BASE_IMAGE"; do
+    if printf '%s\n' "$name" | grep -Eq '^((docker\.io/)?(library/)?(postgres|rabbitmq|debian)|(docker\.io/)?prom/prometheus)(:|@|$)'; then
+        die "refusing to build under '$name': an offline build must never carry an official image's name (use a vote-aggregator/NAME:TAG-offline name like the defaults)"
     fi
 done
 
@@ -64,14 +72,16 @@ image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
 BUILD_PG=0
 BUILD_RMQ=0
+BUILD_PROM=0
 BUILD_BASE=0
-for pair in "PG:$PG_IMAGE" "RMQ:$RMQ_IMAGE" "BASE:$BASE_IMAGE"; do
+for pair in "PG:$PG_IMAGE" "RMQ:$RMQ_IMAGE" "PROM:$PROM_IMAGE" "BASE:$BASE_IMAGE"; do
     kind=${pair%%:*}
     name=${pair#*:}
     if [ "$FORCE" = 1 ] || ! image_exists "$name"; then
         case "$kind" in
         PG) BUILD_PG=1 ;;
         RMQ) BUILD_RMQ=1 ;;
+        PROM) BUILD_PROM=1 ;;
         BASE) BUILD_BASE=1 ;;
         esac
         if image_exists "$name"; then
@@ -83,7 +93,7 @@ for pair in "PG:$PG_IMAGE" "RMQ:$RMQ_IMAGE" "BASE:$BASE_IMAGE"; do
         log "$name already exists, skipping (FORCE=1 rebuilds)"
     fi
 done
-if [ "$BUILD_PG$BUILD_RMQ$BUILD_BASE" = 000 ]; then
+if [ "$BUILD_PG$BUILD_RMQ$BUILD_PROM$BUILD_BASE" = 0000 ]; then
     log "nothing to do"
     exit 0
 fi
@@ -588,7 +598,94 @@ EOF
 }
 
 # ---------------------------------------------------------------------------
-# 4. The runtime base of the service's own image (Dockerfile BASE_IMAGE): the
+# 4. Prometheus: a stand-in for prom/prometheus:v2.53.3 as a compose file sees
+#    it (same ENTRYPOINT, CMD, USER, WORKDIR, VOLUME, EXPOSE and paths), from
+#    Debian's prometheus + promtool packages. Debian builds without the React
+#    UI: /graph is a Debian notice page linking to the classic UI under
+#    /classic/, whose assets come from the libjs-* dependencies through
+#    /usr/share/prometheus/web (the binary's --web.local-assets default).
+# ---------------------------------------------------------------------------
+build_prometheus() {
+    local root ver
+    log "[prometheus] copying base tree, installing prometheus + promtool (log: $WORK/prometheus-install.log)"
+    root=$(prepare_tree prometheus)
+    # The official image keeps console templates in /usr/share/prometheus
+    # (linked from /etc/prometheus); Debian keeps them in /etc/prometheus (a
+    # README only): link the official paths there, so its CMD works as is.
+    # Any dangling link in the web assets (e.g. a libjs-* file that the slim
+    # dpkg excludes dropped) would be a 404 in the classic UI: fail on it.
+    run_logged "$WORK/prometheus-install.log" in_chroot "$root" "
+        apt-get install -y -q --no-install-recommends prometheus promtool
+        test -x /bin/prometheus
+        test -x /bin/promtool
+        /bin/prometheus --version
+        /bin/promtool --version
+        for d in consoles console_libraries; do
+            test -d /etc/prometheus/\$d
+            test -e /usr/share/prometheus/\$d || ln -s /etc/prometheus/\$d /usr/share/prometheus/\$d
+        done
+        test -f /usr/share/prometheus/web/templates/graph.html
+        test -f /usr/share/prometheus/web/static/js/graph/index.js
+        mkdir -p /prometheus
+        $SLIM_SCRIPT
+        broken=\$(find -L /usr/share/prometheus/web -type l)
+        if [ -n \"\$broken\" ]; then echo \"dangling web asset links: \$broken\" >&2; exit 1; fi
+    " || die "installing prometheus failed"
+    # The official image's default config (upstream's
+    # documentation/examples/prometheus.yml): Prometheus scrapes only itself.
+    # Debian's sample also scrapes a node exporter on :9100, a down target here.
+    cat >"$root/etc/prometheus/prometheus.yml" <<'PROMETHEUS_YML_EOF'
+# Default configuration of the offline Prometheus image (made by
+# images/build.sh), like the one in prom/prometheus:v2.53.3: Prometheus
+# scrapes itself. Mount your own file over /etc/prometheus/prometheus.yml.
+global:
+  scrape_interval: 15s
+  evaluation_interval: 15s
+
+alerting:
+  alertmanagers:
+    - static_configs:
+        - targets:
+          # - alertmanager:9093
+
+rule_files:
+  # - "first_rules.yml"
+
+scrape_configs:
+  - job_name: "prometheus"
+    static_configs:
+      - targets: ["localhost:9090"]
+PROMETHEUS_YML_EOF
+    # Like the official image: config and data belong to nobody (65534:65534;
+    # Debian calls group 65534 nogroup).
+    chroot "$root" chown -R 65534:65534 /etc/prometheus /prometheus
+    chroot "$root" /bin/promtool check config /etc/prometheus/prometheus.yml >>"$WORK/prometheus-install.log" 2>&1 ||
+        die "promtool rejects the default prometheus.yml (see $WORK/prometheus-install.log)"
+    # shellcheck disable=SC2016 # dpkg-query's own ${Version} format
+    ver=$(chroot "$root" dpkg-query -W -f '${Version}' prometheus)
+    case "$ver" in
+    "$PROM_SERIES".*) ;;
+    *) warn "Debian $SUITE ships prometheus $ver, not $PROM_SERIES.x; $PROM_IMAGE gets it anyway" ;;
+    esac
+    log "[prometheus] prometheus $ver installed, tree $(du -sxh "$root" | cut -f1); docker import -> $PROM_IMAGE"
+    import_tree "$root" "$PROM_IMAGE" SIGTERM "${COMMON_LABELS[@]}" \
+        --change "LABEL org.opencontainers.image.title=\"Prometheus $PROM_SERIES (offline build)\"" \
+        --change "LABEL org.opencontainers.image.version=\"$ver\"" \
+        --change "LABEL org.opencontainers.image.description=\"Stand-in for $PROM_OFFICIAL built from Debian $SUITE packages (classic web UI only)\"" \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'USER nobody' \
+        --change 'WORKDIR /prometheus' \
+        --change 'VOLUME /prometheus' \
+        --change 'EXPOSE 9090' \
+        --change 'ENTRYPOINT ["/bin/prometheus"]' \
+        --change 'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus", "--web.console.libraries=/usr/share/prometheus/console_libraries", "--web.console.templates=/usr/share/prometheus/consoles"]' ||
+        die "docker import of $PROM_IMAGE failed"
+    rm -rf --one-file-system "$root"
+    log "[prometheus] built $PROM_IMAGE"
+}
+
+# ---------------------------------------------------------------------------
+# 5. The runtime base of the service's own image (Dockerfile BASE_IMAGE): the
 #    minbase tree itself, a stand-in for debian:trixie-slim.
 # ---------------------------------------------------------------------------
 build_base() {
@@ -612,9 +709,10 @@ build_base() {
 
 if [ "$BUILD_PG" = 1 ]; then build_postgres; fi
 if [ "$BUILD_RMQ" = 1 ]; then build_rabbitmq; fi
+if [ "$BUILD_PROM" = 1 ]; then build_prometheus; fi
 if [ "$BUILD_BASE" = 1 ]; then build_base; fi
 
-for image in "$PG_IMAGE" "$RMQ_IMAGE" "$BASE_IMAGE"; do
+for image in "$PG_IMAGE" "$RMQ_IMAGE" "$PROM_IMAGE" "$BASE_IMAGE"; do
     size=$(docker image inspect -f '{{.Size}}' "$image" 2>/dev/null || echo 0)
     log "$image: $((size / 1000000)) MB"
 done
