@@ -20,12 +20,17 @@
 # `docker import`.
 #
 # Environment:
-#   FORCE=1          rebuild even when an image already exists
+#   FORCE=1          rebuild even when an image is current
 #   DEBIAN_MIRROR    Debian archive URI (default: the first plain `.../debian`
 #                    URI in this machine's apt sources)
 #   OFFLINE_POSTGRES_IMAGE, OFFLINE_RABBITMQ_IMAGE, OFFLINE_PROMETHEUS_IMAGE,
 #   OFFLINE_BASE_IMAGE   image names (must not be an official image's name;
 #                    the script refuses those)
+#
+# Every image carries the label vote-aggregator.recipe=<sha256 of this file>.
+# An image whose label differs from this file's hash (or that has none) was
+# built by another version of this script and is rebuilt; an image with the
+# same hash is current and skipped.
 #
 # Needs root, docker, and network access to the Debian archive. See README.md.
 set -euo pipefail
@@ -68,7 +73,19 @@ for name in "$PG_IMAGE" "$RMQ_IMAGE" "$PROM_IMAGE" "$BASE_IMAGE"; do
     fi
 done
 
-image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+# The recipe: one hash of this whole script, stored as a label on every
+# image, so that a change to any image's recipe rebuilds the images made by
+# the older script (a change to a comment too: simple beats clever here).
+RECIPE_LABEL=vote-aggregator.recipe
+SCRIPT_FILE=${BASH_SOURCE[0]}
+[ -f "$SCRIPT_FILE" ] || die "cannot hash this script: '$SCRIPT_FILE' is not a file (run it as images/build.sh, not from stdin)"
+RECIPE=$(sha256sum "$SCRIPT_FILE" | cut -d' ' -f1)
+
+# image_recipe IMAGE: print IMAGE's recipe label (empty when it has none);
+# fails when IMAGE does not exist.
+image_recipe() {
+    docker image inspect -f "{{ with .Config.Labels }}{{ index . \"$RECIPE_LABEL\" }}{{ end }}" "$1" 2>/dev/null
+}
 
 BUILD_PG=0
 BUILD_RMQ=0
@@ -77,21 +94,24 @@ BUILD_BASE=0
 for pair in "PG:$PG_IMAGE" "RMQ:$RMQ_IMAGE" "PROM:$PROM_IMAGE" "BASE:$BASE_IMAGE"; do
     kind=${pair%%:*}
     name=${pair#*:}
-    if [ "$FORCE" = 1 ] || ! image_exists "$name"; then
-        case "$kind" in
-        PG) BUILD_PG=1 ;;
-        RMQ) BUILD_RMQ=1 ;;
-        PROM) BUILD_PROM=1 ;;
-        BASE) BUILD_BASE=1 ;;
-        esac
-        if image_exists "$name"; then
-            log "$name exists, rebuilding because FORCE=1"
-        else
-            log "$name missing, will build it"
-        fi
+    if ! have=$(image_recipe "$name"); then
+        log "$name missing, will build it"
+    elif [ "$FORCE" = 1 ]; then
+        log "$name exists, rebuilding because FORCE=1"
+    elif [ -z "$have" ]; then
+        log "$name is stale: rebuild (it has no $RECIPE_LABEL label, so an older build.sh made it)"
+    elif [ "$have" != "$RECIPE" ]; then
+        log "$name is stale: rebuild (its $RECIPE_LABEL is ${have:0:12}..., made by another build.sh; this one is ${RECIPE:0:12}...)"
     else
-        log "$name already exists, skipping (FORCE=1 rebuilds)"
+        log "$name is current (recipe ${RECIPE:0:12}...), skipping (FORCE=1 rebuilds)"
+        continue
     fi
+    case "$kind" in
+    PG) BUILD_PG=1 ;;
+    RMQ) BUILD_RMQ=1 ;;
+    PROM) BUILD_PROM=1 ;;
+    BASE) BUILD_BASE=1 ;;
+    esac
 done
 if [ "$BUILD_PG$BUILD_RMQ$BUILD_PROM$BUILD_BASE" = 0000 ]; then
     log "nothing to do"
@@ -284,6 +304,7 @@ COMMON_LABELS=(
     --change 'LABEL org.opencontainers.image.source="vote-aggregator"'
     --change "LABEL org.opencontainers.image.base.name=\"debian:$SUITE (debootstrap minbase)\""
     --change "LABEL org.opencontainers.image.created=\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\""
+    --change "LABEL $RECIPE_LABEL=\"$RECIPE\""
 )
 
 # ---------------------------------------------------------------------------
