@@ -9,8 +9,6 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
-use crate::http::paths;
-
 /// A GET that did not produce an answer.
 #[derive(Debug, thiserror::Error)]
 #[error("GET {path} at {addr}: {reason}")]
@@ -70,35 +68,30 @@ pub fn local_address(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Asks the replica listening on `listen` whether it is alive (`/healthz` 200 within
-/// `timeout`), as a container health check does.
+/// Asks the replica listening on `listen` whether it is alive (`path` =
+/// [`crate::http::paths::HEALTHZ`], as a container health check does) or ready to count
+/// ([`crate::http::paths::READYZ`], as a rolling upgrade waits for): 200 within `timeout`.
 ///
 /// # Errors
 /// One line saying what failed: no answer in time, no connection, or another status.
-pub async fn healthcheck(listen: SocketAddr, timeout: Duration) -> Result<(), String> {
+pub async fn healthcheck(listen: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
     let addr = local_address(listen);
-    match tokio::time::timeout(timeout, get(addr, paths::HEALTHZ)).await {
+    match tokio::time::timeout(timeout, get(addr, path)).await {
         Err(_) => Err(format!(
-            "no answer from {}{} within {timeout:?}: the replica is frozen or overloaded",
-            addr,
-            paths::HEALTHZ
+            "no answer from {addr}{path} within {timeout:?}: the replica is frozen or overloaded"
         )),
         Ok(Err(e)) => Err(format!(
             "{e} (is the replica running with this METRICS_ADDR?)"
         )),
         Ok(Ok((200, _))) => Ok(()),
-        Ok(Ok((status, body))) => Err(format!(
-            "{}{} answered {status}: {}",
-            addr,
-            paths::HEALTHZ,
-            body.trim()
-        )),
+        Ok(Ok((status, body))) => Err(format!("{addr}{path} answered {status}: {}", body.trim())),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::paths;
 
     #[test]
     fn every_interface_is_reached_on_loopback() {
@@ -115,7 +108,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
-        let e = healthcheck(addr, Duration::from_secs(2))
+        let e = healthcheck(addr, paths::HEALTHZ, Duration::from_secs(2))
             .await
             .expect_err("nothing listens");
         assert!(e.contains("cannot connect"), "{e}");

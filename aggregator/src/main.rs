@@ -31,13 +31,16 @@ enum Command {
     /// Check that every candidate's tally equals its counted votes. Exits 0 when
     /// consistent, 2 with a table of differences when not. Needs only DATABASE_URL.
     Verify,
-    /// Exit 0 when the replica on this host (at METRICS_ADDR) answers /healthz with 200
-    /// within --timeout-seconds, else 1 with one line saying why. For container health
-    /// checks: needs no shell tools and no server URL.
+    /// Exit 0 when the replica on this host (at METRICS_ADDR) answers /healthz (or, with
+    /// --ready, /readyz) with 200 within --timeout-seconds, else 1 with one line saying
+    /// why. For container health checks: needs no shell tools and no server URL.
     Healthcheck {
         /// How long to wait for the answer.
         #[arg(long, default_value_t = 3)]
         timeout_seconds: u64,
+        /// Ask /readyz (connected to both servers and consuming) instead of /healthz.
+        #[arg(long)]
+        ready: bool,
     },
     /// Print the README's configuration table (Markdown) and exit.
     #[command(hide = true)]
@@ -86,7 +89,10 @@ fn main() -> ExitCode {
             Command::Run => run().await,
             Command::Migrate => migrate().await,
             Command::Verify => verify().await,
-            Command::Healthcheck { timeout_seconds } => healthcheck(timeout_seconds).await,
+            Command::Healthcheck {
+                timeout_seconds,
+                ready,
+            } => healthcheck(timeout_seconds, ready).await,
             Command::ConfigTable | Command::MetricsTable => Ok(ExitCode::SUCCESS),
         }
     });
@@ -109,10 +115,12 @@ async fn run() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn healthcheck(timeout_seconds: u64) -> anyhow::Result<ExitCode> {
+async fn healthcheck(timeout_seconds: u64, ready: bool) -> anyhow::Result<ExitCode> {
+    use vote_aggregator::http::paths;
     let listen = Config::metrics_addr_from_env()?;
     let timeout = std::time::Duration::from_secs(timeout_seconds);
-    match vote_aggregator::http_client::healthcheck(listen, timeout).await {
+    let path = if ready { paths::READYZ } else { paths::HEALTHZ };
+    match vote_aggregator::http_client::healthcheck(listen, path, timeout).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(why) => {
             eprintln!("unhealthy: {why}");

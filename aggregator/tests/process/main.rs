@@ -388,7 +388,7 @@ async fn json_logs_carry_the_replica_span() -> anyhow::Result<()> {
 
 /// `vote-aggregator healthcheck` (what a container runtime calls): exit 0 while the
 /// replica at METRICS_ADDR serves `/healthz` (even with its servers unreachable: it is
-/// alive, just not ready), exit 1 with one line once it is gone.
+/// alive, just not ready: `--ready` says so), exit 1 with one line once it is gone.
 #[tokio::test]
 async fn healthcheck_follows_the_replica_it_asks() -> anyhow::Result<()> {
     use vote_aggregator::config::variables as var;
@@ -408,6 +408,10 @@ async fn healthcheck_follows_the_replica_it_asks() -> anyhow::Result<()> {
         Ok(check(&only_addr)?.status.success())
     })
     .await;
+    let not_ready = run_with(
+        &["healthcheck", "--ready", "--timeout-seconds", "2"],
+        &only_addr,
+    );
     signal::send(child.id(), Signal::TERM)?;
     let out = child.wait_with_output()?;
     assert!(
@@ -416,6 +420,10 @@ async fn healthcheck_follows_the_replica_it_asks() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     healthy?;
+    let not_ready = not_ready?;
+    let stderr = String::from_utf8_lossy(&not_ready.stderr);
+    assert_eq!(not_ready.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/readyz answered 503"), "{stderr}");
 
     let after = check(&only_addr)?;
     let stderr = String::from_utf8_lossy(&after.stderr);
