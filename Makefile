@@ -17,7 +17,7 @@ OFFLINE_BASE_IMAGE := vote-aggregator/debian:trixie-offline
 # The runtime base: the official one unless `make images` built the offline stand-in.
 BASE_IMAGE ?= $(shell docker image inspect $(OFFLINE_BASE_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_BASE_IMAGE) || echo debian:trixie-slim)
 
-.PHONY: help images image image-test test chaos load demo build release fault-build lint fmt init-db-sql clean-containers
+.PHONY: help images image image-test test deploy-test up down ps logs stats publish chaos load demo build release fault-build lint fmt init-db-sql clean-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -25,7 +25,7 @@ help: ## list the targets
 images: ## (root) build offline PostgreSQL 17, RabbitMQ 4.0, Prometheus 2.53 + Debian trixie base images from Debian packages (only without registry access)
 	images/build.sh
 
-test: fault-build ## run every test against real PostgreSQL and RabbitMQ containers
+test: images fault-build ## run every test against real PostgreSQL and RabbitMQ containers (builds missing images first)
 	cargo build --workspace --locked   # the suites run the real binaries
 	cargo test --workspace --locked
 
@@ -50,13 +50,50 @@ fault-build: ## the chaos suite's fault-injection replica -> target/debug/fault-
 	  && mkdir -p $(dir $(FAULT_BINARY)) && cp $(CARGO_TARGET)/debug/vote-aggregator $(FAULT_BINARY); \
 	  rc=$$?; cargo build --locked -p vote-aggregator --bin vote-aggregator && exit $$rc
 
-image: ## the service image vote-aggregator:$(VERSION) and :latest (release build on the trixie base)
+image: images ## the service image vote-aggregator:$(VERSION) and :latest (release build on the trixie base)
 	cargo build --release --locked -p vote-aggregator --bin vote-aggregator
 	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) \
 	  --build-arg REVISION=$(REVISION) -t vote-aggregator:$(VERSION) -t vote-aggregator:latest .
 
 image-test: image ## check the service image: user, ports, labels, health check, clean stop, no fault hooks
 	scripts/image-test.sh vote-aggregator:$(VERSION) $(CARGO_TARGET)/release/vote-aggregator
+
+deploy-test: image build ## the compose stack under load: kill, scale 3-5-2-3, rolling upgrade + rollback, server restarts, checker (~6 min) -> target/deploy/
+	$(CARGO_TARGET)/debug/vote-tools deploy-test --image vote-aggregator:$(VERSION) --out-dir $(CARGO_TARGET)/deploy $(ARGS)
+
+# The compose stack (docker-compose.yml) through deploy/compose.sh: it picks the compose
+# program, the offline server images when present, and writes deploy/secrets/ once.
+COMPOSE := deploy/compose.sh
+RABBITMQ_PORT ?= 5672
+RABBITMQ_UI_PORT ?= 15672
+PROMETHEUS_PORT ?= 9090
+
+up: image ## start the stack: PostgreSQL, RabbitMQ, migration, 3 replicas, Prometheus (builds what is missing)
+	$(COMPOSE) up -d --no-recreate
+	@$(COMPOSE) ps
+	@echo
+	@echo "vote-aggregator is up (compose project $${COMPOSE_PROJECT_NAME:-vote-aggregator}):"
+	@echo "  metrics of every replica  http://127.0.0.1:$(PROMETHEUS_PORT)/targets  (Prometheus; query vote_aggregator_votes_counted_total)"
+	@echo "  RabbitMQ management UI    http://127.0.0.1:$(RABBITMQ_UI_PORT)  (user votes, password in deploy/secrets/rabbitmq_password)"
+	@echo "  publish test votes        make publish VOTES=10"
+	@echo "  read the results          make stats"
+	@echo "  logs / status / stop      make logs · make ps · make down"
+
+down: ## stop and remove the stack's containers (data volumes stay; ARGS=-v removes them too)
+	$(COMPOSE) down $(ARGS)
+
+ps: ## the stack's containers and their health
+	$(COMPOSE) ps
+
+logs: ## follow the stack's logs (SERVICE=aggregator for one service)
+	$(COMPOSE) logs -f --tail=100 $(SERVICE)
+
+stats: ## print vote_statistics from the stack's database
+	$(COMPOSE) exec -T postgres sh -c 'psql -U "$$POSTGRES_USER" -d "$$POSTGRES_DB" -c "SELECT * FROM vote_statistics"'
+
+publish: build ## publish VOTES (default 10) test votes to the stack's RabbitMQ with confirms
+	@AMQP_URL="amqp://$${RABBITMQ_USER:-votes}:$$(cat $${SECRETS_DIR:-deploy/secrets}/rabbitmq_password)@127.0.0.1:$(RABBITMQ_PORT)/%2f" \
+	  $(CARGO_TARGET)/debug/vote-tools publish -n $(or $(VOTES),10)
 
 release: ## optimised build: target/release/vote-aggregator
 	cargo build --release --locked -p vote-aggregator

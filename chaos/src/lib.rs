@@ -13,7 +13,10 @@
 //! - [`load`]: the seeded message stream the test kit's steady-rate publisher
 //!   (`vote_testkit::publish::SteadyLoad`) sends;
 //! - [`scenario`]: the named scenarios and the run (workload + schedule + checker);
-//! - [`report`]: the Jepsen-style report and the verdict.
+//! - [`report`]: the Jepsen-style report and the verdict;
+//! - [`drain`]: the end of a run (drained queue, dead letters), shared with
+//! - [`deploy`]: the deployment test on the Docker Compose stack (kill, scale, rolling
+//!   upgrade and rollback, server restarts) with the same publisher and checker.
 //!
 //! The replicas are a fault-injection build of `vote-aggregator` (the `commit-ack`
 //! nemesis and the broken-build check use its hooks), built apart from every ordinary
@@ -24,6 +27,8 @@
 //! line.
 
 pub mod cluster;
+pub mod deploy;
+pub mod drain;
 pub mod load;
 pub mod nemesis;
 pub mod report;

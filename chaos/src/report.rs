@@ -33,6 +33,26 @@ pub struct DeadLetters {
     pub foreign: usize,
 }
 
+impl DeadLetters {
+    /// Every way the dead-letter queue disagrees with what was published.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.missing > 0 {
+            v.push(format!(
+                "{} confirmed malformed message(s) missing from the dead-letter queue",
+                self.missing
+            ));
+        }
+        if self.foreign > 0 {
+            v.push(format!(
+                "{} dead-lettered message(s) that were not malformed messages of this run",
+                self.foreign
+            ));
+        }
+        v
+    }
+}
+
 /// How one replica ended the scenario.
 #[derive(Debug, Clone)]
 pub struct Recovery {
@@ -108,19 +128,7 @@ impl ChaosReport {
     /// Every reason this run failed (empty when it passed).
     pub fn violations(&self) -> Vec<String> {
         let mut v = self.check.violations();
-        let dl = &self.dead_letters;
-        if dl.missing > 0 {
-            v.push(format!(
-                "{} confirmed malformed message(s) missing from the dead-letter queue",
-                dl.missing
-            ));
-        }
-        if dl.foreign > 0 {
-            v.push(format!(
-                "{} dead-lettered message(s) that were not malformed messages of this run",
-                dl.foreign
-            ));
-        }
+        v.extend(self.dead_letters.violations());
         if self.faults.is_empty() || self.verified() == 0 {
             v.push("no fault verifiably happened: the scenario proved nothing".into());
         }

@@ -52,6 +52,15 @@ enum Command {
     /// `make images`). Exit 0 when every scenario passed, 1 when one failed, 2 on bad usage.
     #[command(long_about)]
     Chaos(crate::chaos_cli::ChaosArgs),
+    /// Run the deployment test on the Docker Compose stack: kill, crash, scale 3 → 5 → 2
+    /// → 3, rolling upgrade and rollback, RabbitMQ and PostgreSQL restarts, under a steady
+    /// confirmed publisher; then the exactly-once checker, `verify` and Prometheus.
+    ///
+    /// Runs `deploy/compose.sh` on its own project name (only what it started is
+    /// removed). Needs Docker, Compose and the images (`make deploy-test` builds them).
+    /// Logs, secrets and report.txt go to --out-dir. Exit 0 when it passed, 1 when not.
+    #[command(long_about)]
+    DeployTest(crate::deploy_cli::DeployTestArgs),
 }
 
 #[derive(Args)]
@@ -184,7 +193,7 @@ pub fn main(cli: Cli) -> ExitCode {
     // The chaos publisher's own connection errors during broker faults are expected:
     // lapin's error logs about them would only be noise.
     let filter = match cli.command {
-        Command::Chaos(_) => "warn,lapin=off",
+        Command::Chaos(_) | Command::DeployTest(_) => "warn,lapin=off",
         _ => "warn",
     };
     vote_aggregator::telemetry::init(vote_aggregator::config::log_format_from_env(), filter);
@@ -207,6 +216,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 crate::demo::run(args.votes, args.replicas, seed(args.seed), args.keep).await
             }
             Command::Chaos(args) => crate::chaos_cli::run(args).await,
+            Command::DeployTest(args) => crate::deploy_cli::run(args).await,
         }
     });
     match result {

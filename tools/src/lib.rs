@@ -11,5 +11,6 @@
 pub mod chaos_cli;
 pub mod cli;
 pub mod demo;
+pub mod deploy_cli;
 pub mod load;
 pub mod load_report;

@@ -2,7 +2,6 @@
 //! publish while the seeded schedule strikes, heal, check recovery, drain, check the
 //! invariants, read the dead letters, and write the report.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,12 +12,12 @@ use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
 use vote_testkit::checker::{self, CheckOptions};
 use vote_testkit::infra::InfraOptions;
-use vote_testkit::inspect::{Broker, Db};
 use vote_testkit::ledger::Ledger;
 use vote_testkit::publish::{Published, SteadyLoad};
 
 use super::{Scenario, ScenarioOptions, workload_spec};
 use crate::cluster::{Cluster, ClusterOptions};
+use crate::drain::{DRAIN_SETTLE, Endpoints, read_dead_letters, wait_drained};
 use crate::load::message_stream;
 use crate::nemesis::{Clock, Fault, FaultKind, Nemeses, between};
 use crate::report::{ChaosReport, DeadLetters, Recovery};
@@ -78,9 +77,13 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
     // Drain first, with a settle period longer than the service's longest retry backoff
     // (5 s): a replica may hold a batch unacked while it waits to retry its commit, and
     // the queue's "ready" count does not show held deliveries.
-    let drained_at = wait_drained(&cluster, DRAIN_SETTLE, opts.drain_timeout)
-        .await
-        .context("cannot watch the queue drain")?;
+    let drained_at = wait_drained(
+        &Endpoints::of(&cluster.bed),
+        DRAIN_SETTLE,
+        opts.drain_timeout,
+    )
+    .await
+    .context("cannot watch the queue drain")?;
     let check = checker::check(
         ledger,
         &cluster.bed.database_url,
@@ -104,7 +107,7 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
             after_faults.elapsed()
         }
     };
-    let dead_letters = match read_dead_letters(&cluster, &published).await {
+    let dead_letters = match read_dead_letters(&Endpoints::of(&cluster.bed), &published).await {
         Ok(dl) => dl,
         Err(e) => {
             problems.push(format!("cannot read the dead-letter queue: {e:#}"));
@@ -315,78 +318,4 @@ async fn recover(cluster: &mut Cluster, since: Instant) -> Vec<Recovery> {
         out.push(Recovery { replica, ready });
     }
     out
-}
-
-/// How long the queue must stay empty and the stored counts unchanged to call the system
-/// drained: longer than the service's longest commit retry backoff (5 s).
-const DRAIN_SETTLE: Duration = Duration::from_secs(6);
-
-/// Waits until the queue is empty and the stored votes and conflicts stopped changing for
-/// `settle`. Returns the moment the system drained (the later of the last change and
-/// the queue becoming empty), or `None` after `timeout`.
-async fn wait_drained(
-    cluster: &Cluster,
-    settle: Duration,
-    timeout: Duration,
-) -> anyhow::Result<Option<Instant>> {
-    let mut db = Db::connect(&cluster.bed.database_url).await?;
-    let broker = Broker::connect(&cluster.bed.amqp_url).await?;
-    let started = Instant::now();
-    let mut last = None;
-    let mut changed_at = Instant::now();
-    let mut empty_since: Option<Instant> = None;
-    loop {
-        let (ready, _) = broker.queue_state(&cluster.bed.queue).await?;
-        let counts = (
-            db.vote_count().await.unwrap_or(-1),
-            db.conflict_count().await.unwrap_or(-1),
-        );
-        let now = Instant::now();
-        if last != Some(counts) {
-            last = Some(counts);
-            changed_at = now;
-        }
-        empty_since = if ready == 0 {
-            empty_since.or(Some(now))
-        } else {
-            None
-        };
-        if let Some(empty) = empty_since
-            && now.duration_since(changed_at) >= settle
-            && now.duration_since(empty) >= settle
-        {
-            return Ok(Some(changed_at.max(empty)));
-        }
-        if started.elapsed() >= timeout {
-            return Ok(None);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Takes every message from the dead-letter queue and matches it against what was
-/// published.
-async fn read_dead_letters(
-    cluster: &Cluster,
-    published: &Published,
-) -> anyhow::Result<DeadLetters> {
-    let broker = Broker::connect(&cluster.bed.amqp_url).await?;
-    let letters = broker
-        .drain(&cluster.bed.dead_letter_queue(), Duration::from_millis(500))
-        .await?;
-    let bodies: HashSet<&Vec<u8>> = letters.iter().map(|l| &l.body).collect();
-    Ok(DeadLetters {
-        total: letters.len(),
-        distinct: bodies.len(),
-        malformed_confirmed: published.malformed_confirmed.len(),
-        missing: published
-            .malformed_confirmed
-            .iter()
-            .filter(|b| !bodies.contains(b))
-            .count(),
-        foreign: bodies
-            .iter()
-            .filter(|b| !published.malformed_sent.contains(**b))
-            .count(),
-    })
 }

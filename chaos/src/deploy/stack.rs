@@ -1,0 +1,404 @@
+//! The Docker Compose stack under test: started, changed and inspected through
+//! `deploy/compose.sh` (the same wrapper `make up` uses, so the test exercises what
+//! operators run) and the `docker` CLI.
+//!
+//! Why command lines and not a Docker API crate: Compose has no API of its own (its
+//! scaling, dependency order and secrets live in the CLI), and the few container
+//! operations beside it (`kill`, `stop`, `rm`, `exec`, `inspect`) are the commands an
+//! operator's checklist names, so a failing step can be replayed by hand as it was run.
+//!
+//! The stack is isolated by its project name: every container, network and volume it
+//! creates carries it, and [`Stack::down`] removes exactly those. Its host ports are free
+//! loopback ports chosen at start, fixed for the run (a restarted server keeps its port).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::process::Command;
+use tokio::time::Instant;
+
+/// The compose service that runs the replicas.
+pub const AGGREGATOR_SERVICE: &str = "aggregator";
+/// Docker Compose's labels on every container it creates (1.29 and v2 alike).
+const PROJECT_LABEL: &str = "com.docker.compose.project";
+const SERVICE_LABEL: &str = "com.docker.compose.service";
+const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
+/// The database, role and RabbitMQ user of the compose file's defaults.
+const DB_NAME: &str = "votes";
+const DB_USER: &str = "votes";
+const RABBITMQ_USER: &str = "votes";
+
+/// Host ports of the stack (loopback only).
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// PostgreSQL.
+    pub postgres: u16,
+    /// RabbitMQ AMQP.
+    pub amqp: u16,
+    /// RabbitMQ management UI.
+    pub rabbitmq_ui: u16,
+    /// Prometheus.
+    pub prometheus: u16,
+}
+
+impl Ports {
+    /// Four free loopback ports (bound, read, released).
+    fn free() -> anyhow::Result<Ports> {
+        let listeners = (0..4)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("cannot find free loopback ports")?;
+        let port = |i: usize| -> anyhow::Result<u16> { Ok(listeners[i].local_addr()?.port()) };
+        Ok(Ports {
+            postgres: port(0)?,
+            amqp: port(1)?,
+            rabbitmq_ui: port(2)?,
+            prometheus: port(3)?,
+        })
+    }
+}
+
+/// One aggregator container, as `docker inspect` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replica {
+    /// Container id.
+    pub id: String,
+    /// Container name (e.g. `vote-deploy-test-42_aggregator_3`).
+    pub name: String,
+    /// The image reference it was created from.
+    pub image: String,
+    /// Whether it is running.
+    pub running: bool,
+    /// Its address on the stack's network (what Prometheus scrapes).
+    pub ip: String,
+    /// Host PID of its main process (0 when not running).
+    pub pid: u32,
+    /// How often Docker restarted it by its restart policy.
+    pub restarts: u32,
+    /// Exit code of its last run.
+    pub exit_code: i64,
+}
+
+/// The compose stack of one deployment test.
+#[derive(Debug)]
+pub struct Stack {
+    repo: PathBuf,
+    project: String,
+    secrets: PathBuf,
+    /// Host ports.
+    pub ports: Ports,
+    /// The aggregator image new replicas are created from.
+    pub image: String,
+}
+
+impl Stack {
+    /// A stack named `project` of the compose file in `repo`, with its secrets in
+    /// `secrets` (written by the wrapper on first use). Starts nothing.
+    ///
+    /// # Errors
+    /// When no free ports are found.
+    pub fn new(repo: &Path, project: &str, secrets: &Path, image: &str) -> anyhow::Result<Stack> {
+        Ok(Stack {
+            repo: repo.to_path_buf(),
+            project: project.to_owned(),
+            secrets: secrets.to_path_buf(),
+            ports: Ports::free()?,
+            image: image.to_owned(),
+        })
+    }
+
+    /// The project name.
+    pub fn project(&self) -> &str {
+        &self.project
+    }
+
+    /// Runs `deploy/compose.sh ARGS` for this stack.
+    ///
+    /// # Errors
+    /// When the command cannot run or exits non-zero (with its last output lines).
+    pub async fn compose(&self, args: &[&str]) -> anyhow::Result<String> {
+        let port = |p: u16| p.to_string();
+        let out = Command::new(self.repo.join("deploy/compose.sh"))
+            .args(args)
+            .current_dir(&self.repo)
+            .env("COMPOSE_PROJECT_NAME", &self.project)
+            .env("SECRETS_DIR", &self.secrets)
+            .env("AGGREGATOR_IMAGE", &self.image)
+            .env("PUBLISH_ADDRESS", "127.0.0.1")
+            .env("POSTGRES_PORT", port(self.ports.postgres))
+            .env("RABBITMQ_PORT", port(self.ports.amqp))
+            .env("RABBITMQ_UI_PORT", port(self.ports.rabbitmq_ui))
+            .env("PROMETHEUS_PORT", port(self.ports.prometheus))
+            .output()
+            .await
+            .context("cannot run deploy/compose.sh")?;
+        succeeded(&format!("compose {}", args.join(" ")), out)
+    }
+
+    /// `up -d` with `replicas` aggregators; containers that exist are left as they are
+    /// (started if stopped), new ones are created from [`Stack::image`].
+    ///
+    /// # Errors
+    /// When compose fails.
+    pub async fn up(&self, replicas: usize) -> anyhow::Result<()> {
+        let scale = format!("{AGGREGATOR_SERVICE}={replicas}");
+        self.compose(&["up", "-d", "--no-recreate", "--scale", &scale])
+            .await
+            .map(drop)
+    }
+
+    /// Every aggregator container of the stack (running or not), oldest first.
+    ///
+    /// # Errors
+    /// When Docker cannot be asked.
+    pub async fn replicas(&self) -> anyhow::Result<Vec<Replica>> {
+        let project = format!("label={PROJECT_LABEL}={}", self.project);
+        let service = format!("label={SERVICE_LABEL}={AGGREGATOR_SERVICE}");
+        let oneoff = format!("label={ONEOFF_LABEL}=False");
+        let ids = docker(&[
+            "ps", "-aq", "--filter", &project, "--filter", &service, "--filter", &oneoff,
+        ])
+        .await?;
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let format = "{{.Id}}|{{.Name}}|{{.Config.Image}}|{{.State.Running}}|\
+             {{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}|{{.State.Pid}}|\
+             {{.RestartCount}}|{{.State.ExitCode}}|{{.Created}}";
+        let mut args = vec!["inspect", "-f", format];
+        args.extend(ids);
+        let mut out: Vec<(String, Replica)> = docker(&args)
+            .await?
+            .lines()
+            .map(parse_replica)
+            .collect::<anyhow::Result<_>>()?;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// The running aggregator containers.
+    ///
+    /// # Errors
+    /// When Docker cannot be asked.
+    pub async fn running(&self) -> anyhow::Result<Vec<Replica>> {
+        Ok(self
+            .replicas()
+            .await?
+            .into_iter()
+            .filter(|r| r.running)
+            .collect())
+    }
+
+    /// Waits until exactly `n` aggregators run and each answers `/readyz` 200 (asked
+    /// inside its container with `vote-aggregator healthcheck --ready`).
+    ///
+    /// # Errors
+    /// After `timeout`, saying how many ran and which were not ready.
+    pub async fn wait_ready(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Replica>> {
+        let started = Instant::now();
+        loop {
+            let running = self.running().await?;
+            let mut not_ready = Vec::new();
+            for r in &running {
+                if let Err(e) = replica_ready(&r.id).await {
+                    not_ready.push(format!("{} ({e:#})", r.name));
+                }
+            }
+            if running.len() == n && not_ready.is_empty() {
+                return Ok(running);
+            }
+            if started.elapsed() >= timeout {
+                bail!(
+                    "after {timeout:?}: {} of {n} replica(s) running; not ready: {}",
+                    running.len(),
+                    if not_ready.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        not_ready.join("; ")
+                    }
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Waits until the compose service `service` reports a healthy container.
+    ///
+    /// # Errors
+    /// After `timeout`.
+    pub async fn wait_healthy(&self, service: &str, timeout: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let id = self.compose(&["ps", "-q", service]).await?;
+            let id = id.trim();
+            if !id.is_empty() {
+                let health = docker(&["inspect", "-f", "{{.State.Health.Status}}", id]).await?;
+                if health.trim() == "healthy" {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() >= timeout {
+                bail!("{service} not healthy after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Writes the whole stack's logs (every service, timestamps) to `path`.
+    ///
+    /// # Errors
+    /// When compose fails or the file cannot be written.
+    pub async fn save_logs(&self, path: &Path) -> anyhow::Result<()> {
+        let logs = self
+            .compose(&["logs", "--no-color", "--timestamps"])
+            .await?;
+        std::fs::write(path, logs).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Removes the stack: its containers, network and volumes, nothing else.
+    ///
+    /// # Errors
+    /// When compose fails.
+    pub async fn down(&self) -> anyhow::Result<()> {
+        self.compose(&["down", "-v", "--remove-orphans", "--timeout", "40"])
+            .await
+            .map(drop)
+    }
+
+    fn secret(&self, name: &str) -> anyhow::Result<String> {
+        let path = self.secrets.join(name);
+        let value = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the secret {}", path.display()))?;
+        Ok(value.trim().to_owned())
+    }
+
+    /// The database URL from the host.
+    ///
+    /// # Errors
+    /// When the password file cannot be read.
+    pub fn database_url(&self) -> anyhow::Result<String> {
+        Ok(format!(
+            "postgres://{DB_USER}:{}@127.0.0.1:{}/{DB_NAME}",
+            self.secret("postgres_password")?,
+            self.ports.postgres
+        ))
+    }
+
+    /// The broker URL from the host.
+    ///
+    /// # Errors
+    /// When the password file cannot be read.
+    pub fn amqp_url(&self) -> anyhow::Result<String> {
+        Ok(format!(
+            "amqp://{RABBITMQ_USER}:{}@127.0.0.1:{}/%2f",
+            self.secret("rabbitmq_password")?,
+            self.ports.amqp
+        ))
+    }
+
+    /// Prometheus from the host.
+    pub fn prometheus(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports.prometheus))
+    }
+}
+
+/// Whether the replica in container `id` is ready (its own `healthcheck --ready`).
+///
+/// # Errors
+/// Why not, in one line.
+pub async fn replica_ready(id: &str) -> anyhow::Result<()> {
+    docker(&[
+        "exec",
+        id,
+        "vote-aggregator",
+        "healthcheck",
+        "--ready",
+        "--timeout-seconds",
+        "2",
+    ])
+    .await
+    .map(drop)
+}
+
+/// Runs `docker ARGS`.
+///
+/// # Errors
+/// When it cannot run or exits non-zero (with its last output lines).
+pub async fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .await
+        .context("cannot run the docker CLI")?;
+    succeeded(&format!("docker {}", args.join(" ")), out)
+}
+
+/// The command's stdout, or an error with the tail of its stderr and stdout.
+fn succeeded(what: &str, out: Output) -> anyhow::Result<String> {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        return Ok(stdout);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().chain(stdout.lines()).collect();
+    let tail = tail[tail.len().saturating_sub(8)..].join(" | ");
+    bail!("`{what}` failed ({}): {tail}", out.status)
+}
+
+/// One line of the `replicas` inspect format: (created, replica).
+fn parse_replica(line: &str) -> anyhow::Result<(String, Replica)> {
+    let f: Vec<&str> = line.trim().split('|').collect();
+    let [
+        id,
+        name,
+        image,
+        running,
+        ip,
+        pid,
+        restarts,
+        exit_code,
+        created,
+    ] = f[..]
+    else {
+        bail!("unexpected docker inspect line: {line:?}");
+    };
+    let number = |what: &str, v: &str| -> anyhow::Result<i64> {
+        v.parse()
+            .with_context(|| format!("bad {what} {v:?} in docker inspect line {line:?}"))
+    };
+    Ok((
+        created.to_owned(),
+        Replica {
+            id: id.to_owned(),
+            name: name.trim_start_matches('/').to_owned(),
+            image: image.to_owned(),
+            running: running == "true",
+            ip: ip.to_owned(),
+            pid: u32::try_from(number("pid", pid)?)?,
+            restarts: u32::try_from(number("restart count", restarts)?)?,
+            exit_code: number("exit code", exit_code)?,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_inspect_line_reads_into_a_replica() {
+        let (created, r) = parse_replica(
+            "abc|/p_aggregator_2|vote-aggregator:0.1.0|true|172.20.0.5|4242|1|0|2026-11-27T20:00:00Z",
+        )
+        .expect("parses");
+        assert_eq!(created, "2026-11-27T20:00:00Z");
+        assert_eq!(r.name, "p_aggregator_2");
+        assert!(r.running);
+        assert_eq!((r.pid, r.restarts, r.exit_code), (4242, 1, 0));
+        assert!(parse_replica("abc|too|few").is_err());
+    }
+}
