@@ -12,8 +12,10 @@ use crate::config::variables::RUST_LOG;
 pub fn init(format: LogFormat, default_filter: &str) {
     let filter =
         EnvFilter::try_from_env(RUST_LOG).unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Colours only on a terminal: `docker logs` and log shippers get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
