@@ -26,6 +26,8 @@ pub const AGGREGATOR_SERVICE: &str = "aggregator";
 const PROJECT_LABEL: &str = "com.docker.compose.project";
 const SERVICE_LABEL: &str = "com.docker.compose.service";
 const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
+/// The terminal code "clear line" (ESC [2K).
+const CLEAR_LINE: &str = "\u{1b}[2K";
 /// The database, role and RabbitMQ user of the compose file's defaults.
 const DB_NAME: &str = "votes";
 const DB_USER: &str = "votes";
@@ -256,7 +258,13 @@ impl Stack {
         let logs = self
             .compose(&["logs", "--no-color", "--timestamps"])
             .await?;
-        std::fs::write(path, logs).with_context(|| format!("cannot write {}", path.display()))
+        // Compose v2 before 2.27 starts every line with a clear-line code even with
+        // --no-color (docker/compose#11727); the file should be plain text.
+        let plain: String = logs
+            .lines()
+            .map(|l| format!("{}\n", l.trim_start_matches(CLEAR_LINE)))
+            .collect();
+        std::fs::write(path, plain).with_context(|| format!("cannot write {}", path.display()))
     }
 
     /// Removes the stack: its containers, network and volumes, nothing else.
