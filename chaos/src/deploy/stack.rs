@@ -258,8 +258,8 @@ impl Stack {
         let logs = self
             .compose(&["logs", "--no-color", "--timestamps"])
             .await?;
-        // Compose v2 before 2.27 starts every line with a clear-line code even with
-        // --no-color (docker/compose#11727); the file should be plain text.
+        // Compose v2 (seen with 2.26) starts every line with a clear-line code even with
+        // --no-color; the file should be plain text.
         let plain: String = logs
             .lines()
             .map(|l| format!("{}\n", l.trim_start_matches(CLEAR_LINE)))
