@@ -58,26 +58,24 @@ image: images ## the service image vote-aggregator:$(VERSION) and :latest (relea
 image-test: image ## check the service image: user, ports, labels, health check, clean stop, no fault hooks
 	scripts/image-test.sh vote-aggregator:$(VERSION) $(CARGO_TARGET)/release/vote-aggregator
 
-deploy-test: image build ## the compose stack under load: kill, scale 3-5-2-3, rolling upgrade + rollback, server restarts, checker (~6 min) -> target/deploy/
+deploy-test: image build ## the compose stack under load: kill, crash, scale 3-5-2-3, rolling upgrade + rollback, server restarts, checker (~4 min) -> target/deploy/
 	$(CARGO_TARGET)/debug/vote-tools deploy-test --image vote-aggregator:$(VERSION) --out-dir $(CARGO_TARGET)/deploy $(ARGS)
 
-# The compose stack (docker-compose.yml) through deploy/compose.sh: it picks the compose
-# program, the offline server images when present, and writes deploy/secrets/ once.
+# The compose stack (docker-compose.yml) through deploy/compose.sh: settings from the
+# environment, then .env (deploy/env.sh), the offline server images when present, and
+# deploy/secrets/ written once.
 COMPOSE := deploy/compose.sh
-RABBITMQ_PORT ?= 5672
-RABBITMQ_UI_PORT ?= 15672
-PROMETHEUS_PORT ?= 9090
 
 up: image ## start the stack: PostgreSQL, RabbitMQ, migration, 3 replicas, Prometheus (builds what is missing)
 	$(COMPOSE) up -d --no-recreate
 	@$(COMPOSE) ps
-	@echo
-	@echo "vote-aggregator is up (compose project $${COMPOSE_PROJECT_NAME:-vote-aggregator}):"
-	@echo "  metrics of every replica  http://127.0.0.1:$(PROMETHEUS_PORT)/targets  (Prometheus; query vote_aggregator_votes_counted_total)"
-	@echo "  RabbitMQ management UI    http://127.0.0.1:$(RABBITMQ_UI_PORT)  (user votes, password in deploy/secrets/rabbitmq_password)"
-	@echo "  publish test votes        make publish VOTES=10"
-	@echo "  read the results          make stats"
-	@echo "  logs / status / stop      make logs · make ps · make down"
+	@. deploy/env.sh && echo && \
+	  echo "vote-aggregator is up (compose project $$COMPOSE_PROJECT_NAME, 3 replicas):" && \
+	  echo "  every replica's metrics   http://$$PUBLISH_ADDRESS:$$PROMETHEUS_PORT/targets  (Prometheus; query vote_aggregator_votes_counted_total)" && \
+	  echo "  RabbitMQ management UI    http://$$PUBLISH_ADDRESS:$$RABBITMQ_UI_PORT  (user $$RABBITMQ_USER, password in $$SECRETS_DIR/rabbitmq_password)" && \
+	  echo "  publish test votes        make publish VOTES=10" && \
+	  echo "  read the results          make stats" && \
+	  echo "  logs / status / stop      make logs · make ps · make down"
 
 down: ## stop and remove the stack's containers (data volumes stay; ARGS=-v removes them too)
 	$(COMPOSE) down $(ARGS)
@@ -92,8 +90,7 @@ stats: ## print vote_statistics from the stack's database
 	$(COMPOSE) exec -T postgres sh -c 'psql -U "$$POSTGRES_USER" -d "$$POSTGRES_DB" -c "SELECT * FROM vote_statistics"'
 
 publish: build ## publish VOTES (default 10) test votes to the stack's RabbitMQ with confirms
-	@AMQP_URL="amqp://$${RABBITMQ_USER:-votes}:$$(cat $${SECRETS_DIR:-deploy/secrets}/rabbitmq_password)@127.0.0.1:$(RABBITMQ_PORT)/%2f" \
-	  $(CARGO_TARGET)/debug/vote-tools publish -n $(or $(VOTES),10)
+	deploy/publish.sh $(CARGO_TARGET)/debug/vote-tools -n $(or $(VOTES),10)
 
 release: ## optimised build: target/release/vote-aggregator
 	cargo build --release --locked -p vote-aggregator

@@ -8,13 +8,16 @@
 #   rabbitmq_credentials.conf   RabbitMQ default_user / default_pass (conf.d snippet)
 #   amqp_url                    the aggregator's AMQP_URL_FILE
 #
-# The folder is private (0700); the files are 0644 so that the non-root users inside the
-# containers (postgres 999, rabbitmq 999, vote 10001) can read their bind-mounted copy.
+# A folder this script creates is private (0700); the files are 0644 so that the non-root
+# users inside the containers (postgres 999, rabbitmq 999, vote 10001) can read their
+# bind-mounted copy. Anyone who can read the folder can read them: keep it private, and
+# do not copy the files elsewhere without their folder's protection.
 # Existing files are never overwritten: the databases keep the password they were
 # created with. In production, put your own secrets here (or use your secret manager).
 set -euo pipefail
 
 dir=${1:-${SECRETS_DIR:-deploy/secrets}}
+# The same defaults as docker-compose.yml and deploy/env.sh.
 postgres_user=${POSTGRES_USER:-votes}
 postgres_db=${POSTGRES_DB:-votes}
 rabbitmq_user=${RABBITMQ_USER:-votes}
@@ -27,8 +30,10 @@ random_password() {
     printf '%s' "${chars:0:32}"
 }
 
-mkdir -p "$dir"
-chmod 0700 "$dir"
+if [ ! -d "$dir" ]; then
+    mkdir -p "$dir"
+    chmod 0700 "$dir"
+fi
 umask 022
 if [ ! -s "$dir/postgres_password" ]; then
     random_password >"$dir/postgres_password"

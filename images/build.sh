@@ -60,7 +60,6 @@ die() {
 # ---------------------------------------------------------------------------
 # Preconditions and what to build
 # ---------------------------------------------------------------------------
-[ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot and mount need it)"
 command -v docker >/dev/null 2>&1 || die "docker CLI not found"
 docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable (is it running?)"
 
@@ -117,6 +116,8 @@ if [ "$BUILD_PG$BUILD_RMQ$BUILD_PROM$BUILD_BASE" = 0000 ]; then
     log "nothing to do"
     exit 0
 fi
+# Only building needs root: checking that the images are current does not.
+[ "$(id -u)" = 0 ] || die "must run as root to build (debootstrap, chroot and mount need it): run 'sudo make images' once, or point POSTGRES_IMAGE / RABBITMQ_IMAGE / PROMETHEUS_IMAGE (compose) and VOTES_*_IMAGE (tests) at images you have"
 
 # ---------------------------------------------------------------------------
 # Debian mirror: DEBIAN_MIRROR, else the first plain .../debian URI that apt

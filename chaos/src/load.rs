@@ -7,6 +7,24 @@ use std::collections::HashMap;
 
 use vote_testkit::workload::{Message, Workload, WorkloadSpec};
 
+/// The workload of a run under faults: enough votes for about `messages` messages, with
+/// 15 % duplicates (40 % of them late), 10 % of those conflicting copies and 1 % malformed
+/// bodies, over 2 elections × 5 candidates × 20 precincts.
+pub fn steady_workload(messages: f64, seed: u64) -> WorkloadSpec {
+    let (duplicates, malformed) = (0.15, 0.01);
+    WorkloadSpec {
+        votes: (messages / (1.0 + duplicates + malformed)).ceil() as usize,
+        elections: 2,
+        candidates: 5,
+        precincts: 20,
+        duplicates,
+        conflict_share: 0.1,
+        late_share: 0.4,
+        malformed,
+        seed,
+    }
+}
+
 /// The message stream of a scenario: `votes` originals and everything derived from them,
 /// in publish order. Late duplicates are woven in `late_lag` messages after their
 /// original (so they usually arrive after it committed, possibly on another replica).

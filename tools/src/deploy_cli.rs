@@ -41,15 +41,24 @@ pub async fn run(args: DeployTestArgs) -> anyhow::Result<ExitCode> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let repo = std::path::absolute(&args.repo)?;
     let out_dir = std::path::absolute(&args.out_dir)?;
-    let report = deploy::run(&DeployOptions {
+    let opts = DeployOptions {
         repo,
         out_dir,
         image: args.image,
         rate: args.rate,
         seed,
         keep: args.keep,
-    })
-    .await?;
+    };
+    let report = tokio::select! {
+        report = deploy::run(&opts) => report?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: removing compose project {}", deploy::project_name());
+            if let Err(e) = deploy::tear_down(&opts).await {
+                eprintln!("error: {e:#}");
+            }
+            return Ok(ExitCode::from(130));
+        }
+    };
     println!("{report}");
     Ok(if report.passed() {
         ExitCode::SUCCESS

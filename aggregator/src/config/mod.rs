@@ -163,7 +163,7 @@ impl Config {
             tally_shards: 16,
             metrics_addr: DEFAULT_METRICS_ADDR,
             log_format: LogFormat::Text,
-            shutdown_grace: Duration::from_secs(25),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             run_migrations: true,
             amqp_heartbeat: Some(10),
             replica_id: default_replica_id(),
@@ -337,8 +337,12 @@ impl Config {
     }
 }
 
+/// Time allowed on SIGTERM unless `SHUTDOWN_GRACE_SECONDS` says otherwise; whatever stops
+/// a replica (a container runtime's stop timeout) must wait longer.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
 /// Where the HTTP endpoint listens unless `METRICS_ADDR` says otherwise.
-const DEFAULT_METRICS_ADDR: SocketAddr =
+pub const DEFAULT_METRICS_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8001);
 
 /// `METRICS_ADDR` when set.

@@ -2,20 +2,24 @@
 //! stack (`docker-compose.yml`, through `deploy/compose.sh`) while a steady confirmed
 //! publisher sends votes with duplicates and malformed messages:
 //!
-//! 1. `up` with 3 replicas;
+//! 1. `up -d`: the compose file's 3 replicas;
 //! 2. `docker kill` one replica, compose starts it again; SIGKILL another's process,
 //!    its restart policy brings it back;
-//! 3. scale 3 → 5 → 2 → 3;
-//! 4. rolling upgrade to a second image, one replica at a time, then the rollback the
-//!    same way;
-//! 5. restart RabbitMQ, then PostgreSQL;
-//! 6. publish a while longer on the final 3 replicas, stop the publisher, let the queue
-//!    drain; then the exactly-once checker, the dead letters, `vote-aggregator verify`,
-//!    and Prometheus: `up == 1` for every running replica and each counted votes.
+//! 3. scale 3 → 5 → 2 → 3 (replicas scaled away exit 0);
+//! 4. rolling upgrade to a second image (its migration first), one replica at a time,
+//!    then the rollback the same way;
+//! 5. the checklist's plain `docker run --env-file … -p … --restart unless-stopped`;
+//! 6. restart RabbitMQ, then PostgreSQL;
+//! 7. publish a while longer on the final 3 replicas, stop the publisher, let the queue
+//!    drain; then the exactly-once checker, the dead letters, `SELECT * FROM
+//!    vote_statistics` (adds up to the counted votes), `vote-aggregator verify`, and
+//!    Prometheus: `up == 1` for every running replica and each counted votes.
 //!
 //! A failed step stops the sequence (the rest is skipped, the publisher is still
 //! stopped and checked); the stack's logs are saved under the output folder either way,
-//! and the report names the step. The stack is torn down unless kept.
+//! and the report names the step. The stack is torn down unless kept. The stack sees
+//! only the settings the test gives it (an empty settings file, the compose file alone),
+//! not a developer's `.env` or override file.
 
 mod prometheus;
 pub mod stack;
@@ -30,10 +34,9 @@ use tokio::time::Instant;
 use vote_aggregator::config::DEFAULT_QUEUE_NAME;
 use vote_testkit::checker::{self, CheckOptions};
 use vote_testkit::publish::{Published, SteadyLoad};
-use vote_testkit::workload::WorkloadSpec;
 
 use crate::drain::{DRAIN_SETTLE, Endpoints, read_dead_letters, wait_drained};
-use crate::load::message_stream;
+use crate::load::{message_stream, steady_workload};
 use crate::report::DeadLetters;
 use prometheus::Seen;
 use stack::Stack;
@@ -202,11 +205,8 @@ impl fmt::Display for DeployReport {
 ///
 /// # Errors
 /// When `docker build` fails.
-async fn next_image(image: &str) -> anyhow::Result<String> {
-    let next = format!("{}-deploy-test-next", image.replace(':', "_"))
-        .replace('/', "_")
-        .to_lowercase();
-    let next = format!("vote-aggregator-deploy-test:{next}");
+async fn next_image(image: &str, project: &str) -> anyhow::Result<String> {
+    let next = format!("vote-aggregator-deploy-test:{project}-next");
     let dockerfile = format!("FROM {image}\nLABEL vote-aggregator.deploy-test=next\n");
     let mut child = tokio::process::Command::new("docker")
         .args(["build", "-q", "-t", &next, "-"])
@@ -230,6 +230,22 @@ async fn next_image(image: &str) -> anyhow::Result<String> {
     Ok(next)
 }
 
+/// This process's compose project name: `vote-deploy-test-<pid>`.
+pub fn project_name() -> String {
+    format!("vote-deploy-test-{}", std::process::id())
+}
+
+/// Removes this process's stack (after an interrupted run), whatever state it is in.
+///
+/// # Errors
+/// When compose fails.
+pub async fn tear_down(opts: &DeployOptions) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.out_dir)?;
+    Stack::new(&opts.repo, &project_name(), &opts.out_dir, &opts.image)?
+        .down()
+        .await
+}
+
 /// Runs the deployment test (see the module docs).
 ///
 /// # Errors
@@ -237,10 +253,13 @@ async fn next_image(image: &str) -> anyhow::Result<String> {
 /// the stack is asked to start ends in the report.
 pub async fn run(opts: &DeployOptions) -> anyhow::Result<DeployReport> {
     let started = Instant::now();
-    let project = format!("vote-deploy-test-{}", std::process::id());
+    let project = project_name();
     let dir = opts.out_dir.clone();
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut stack = Stack::new(&opts.repo, &project, &dir.join("secrets"), &opts.image)?;
+    let mut stack = Stack::new(&opts.repo, &project, &dir, &opts.image)?;
     let mut run = Run {
         steps: Vec::new(),
         failed: false,
@@ -252,9 +271,12 @@ pub async fn run(opts: &DeployOptions) -> anyhow::Result<DeployReport> {
     );
 
     run.step("up", async {
-        stack.up(REPLICAS).await?;
+        stack.up_default().await?;
         let ready = stack.wait_ready(REPLICAS, steps::READY_TIMEOUT).await?;
-        Ok(format!("{} replicas ready", ready.len()))
+        Ok(format!(
+            "`up -d` started the compose file's {} replicas, all ready",
+            ready.len()
+        ))
     })
     .await;
     let endpoints = match (run.failed, stack.database_url(), stack.amqp_url()) {
@@ -276,13 +298,13 @@ pub async fn run(opts: &DeployOptions) -> anyhow::Result<DeployReport> {
     run.step("crash", steps::crash_and_self_restart(&stack, REPLICAS))
         .await;
     for to in [5, 2, REPLICAS] {
-        run.step(&format!("scale-{to}"), steps::scale(&stack, to))
+        run.step(&format!("scale-{to}"), steps::scale(&stack, to, &dir))
             .await;
     }
     let next = if run.failed {
         None
     } else {
-        match next_image(&opts.image).await {
+        match next_image(&opts.image, &project).await {
             Ok(next) => Some(next),
             Err(e) => {
                 run.fail("next-image", format!("{e:#}"));
@@ -291,11 +313,19 @@ pub async fn run(opts: &DeployOptions) -> anyhow::Result<DeployReport> {
         }
     };
     if let Some(next) = &next {
-        run.step("rolling-upgrade", steps::rolling_replace(&mut stack, next))
-            .await;
-        run.step("rollback", steps::rolling_replace(&mut stack, &opts.image))
-            .await;
+        run.step(
+            "rolling-upgrade",
+            steps::rolling_replace(&mut stack, next, &dir),
+        )
+        .await;
+        run.step(
+            "rollback",
+            steps::rolling_replace(&mut stack, &opts.image, &dir),
+        )
+        .await;
     }
+    run.step("docker-run", steps::plain_docker_run(&stack, &dir))
+        .await;
     run.step(
         "restart-rabbitmq",
         steps::restart_server(&stack, "rabbitmq", REPLICAS),
@@ -328,6 +358,9 @@ pub async fn run(opts: &DeployOptions) -> anyhow::Result<DeployReport> {
     };
     if let (Some(load), Some(at)) = (load, &endpoints) {
         finish_and_check(load, at, &mut report).await;
+    }
+    if let Some(counted) = report.check.as_ref().map(|c| c.counted) {
+        run.step("stats", steps::stats(&stack, counted)).await;
     }
     if !run.failed {
         run.step("verify", steps::verify(&stack)).await;
@@ -421,19 +454,7 @@ impl Run {
 /// The steady confirmed publisher: duplicates (some late), conflicting copies and ~1 %
 /// malformed messages, at `opts.rate`.
 fn start_load(at: &Endpoints, opts: &DeployOptions) -> SteadyLoad {
-    let (duplicates, malformed) = (0.15, 0.01);
-    let messages = opts.rate * MAX_PUBLISH.as_secs_f64();
-    let spec = WorkloadSpec {
-        votes: (messages / (1.0 + duplicates + malformed)).ceil() as usize,
-        elections: 2,
-        candidates: 5,
-        precincts: 20,
-        duplicates,
-        conflict_share: 0.1,
-        late_share: 0.4,
-        malformed,
-        seed: opts.seed,
-    };
+    let spec = steady_workload(opts.rate * MAX_PUBLISH.as_secs_f64(), opts.seed);
     let stream = message_stream(&spec, (opts.rate * 2.0) as usize);
     SteadyLoad::start(&at.amqp_url, &at.queue, opts.seed, stream, opts.rate)
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::time::Instant;
+use vote_aggregator::config::DEFAULT_METRICS_ADDR;
 use vote_aggregator::http_client;
 use vote_aggregator::metrics::names::VOTES_COUNTED_TOTAL;
 
@@ -16,8 +17,6 @@ use super::stack::Replica;
 /// The scrape jobs of `deploy/prometheus/prometheus.yml`.
 const AGGREGATOR_JOB: &str = "vote-aggregator";
 const RABBITMQ_JOB: &str = "rabbitmq";
-/// The replicas' metrics port (the image's `EXPOSE`, the discovery's `port`).
-const METRICS_PORT: u16 = 8001;
 
 /// The instant vector of `query`: each series' `instance` label and value.
 ///
@@ -103,7 +102,8 @@ async fn look(prometheus: SocketAddr, running: &[Replica]) -> anyhow::Result<(Se
     };
     let mut missing = Vec::new();
     for r in running {
-        let instance = format!("{}:{METRICS_PORT}", r.ip);
+        // The replicas listen on the default address: the port discovery scrapes.
+        let instance = format!("{}:{}", r.ip, DEFAULT_METRICS_ADDR.port());
         match up.get(&instance) {
             Some(v) if *v == 1.0 => seen.up += 1,
             Some(v) => missing.push(format!("{} ({instance}) has up {v}", r.name)),

@@ -20,15 +20,35 @@ use anyhow::{Context, bail};
 use tokio::process::Command;
 use tokio::time::Instant;
 
+/// `docker stop` timeout for one replica: above the service's shutdown grace, as the
+/// compose file's `stop_grace_period` (`AGGREGATOR_STOP_GRACE`) is; a test keeps them equal.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(35);
 /// The compose service that runs the replicas.
 pub const AGGREGATOR_SERVICE: &str = "aggregator";
 /// Docker Compose's labels on every container it creates (1.29 and v2 alike).
 const PROJECT_LABEL: &str = "com.docker.compose.project";
 const SERVICE_LABEL: &str = "com.docker.compose.service";
 const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
+/// The variables of the test's own environment its compose commands see: where Docker
+/// is and how to reach it, and the server images (the test never pulls).
+const PASSED_THROUGH: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "DOCKER_HOST",
+    "DOCKER_CONFIG",
+    "DOCKER_CONTEXT",
+    "DOCKER_CERT_PATH",
+    "DOCKER_TLS_VERIFY",
+    "POSTGRES_IMAGE",
+    "RABBITMQ_IMAGE",
+    "PROMETHEUS_IMAGE",
+];
+/// The compose file, alone (no `docker-compose.override.yml`).
+const COMPOSE_FILE: &str = "docker-compose.yml";
 /// The terminal code "clear line" (ESC [2K).
 const CLEAR_LINE: &str = "\u{1b}[2K";
-/// The database, role and RabbitMQ user of the compose file's defaults.
+/// The database, role and RabbitMQ user of the compose file's defaults (deploy/env.sh).
 const DB_NAME: &str = "votes";
 const DB_USER: &str = "votes";
 const RABBITMQ_USER: &str = "votes";
@@ -90,6 +110,7 @@ pub struct Stack {
     repo: PathBuf,
     project: String,
     secrets: PathBuf,
+    env_file: PathBuf,
     /// Host ports.
     pub ports: Ports,
     /// The aggregator image new replicas are created from.
@@ -97,16 +118,21 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// A stack named `project` of the compose file in `repo`, with its secrets in
-    /// `secrets` (written by the wrapper on first use). Starts nothing.
+    /// A stack named `project` of the compose file in `repo`, with its secrets and an
+    /// empty settings file in `dir` (the secrets are written by the wrapper on first use).
+    /// Starts nothing.
     ///
     /// # Errors
-    /// When no free ports are found.
-    pub fn new(repo: &Path, project: &str, secrets: &Path, image: &str) -> anyhow::Result<Stack> {
+    /// When the settings file cannot be written or no free ports are found.
+    pub fn new(repo: &Path, project: &str, dir: &Path, image: &str) -> anyhow::Result<Stack> {
+        let env_file = dir.join("deploy-test.env");
+        std::fs::write(&env_file, "# the deployment test sets everything itself\n")
+            .with_context(|| format!("cannot write {}", env_file.display()))?;
         Ok(Stack {
             repo: repo.to_path_buf(),
             project: project.to_owned(),
-            secrets: secrets.to_path_buf(),
+            secrets: dir.join("secrets"),
+            env_file,
             ports: Ports::free()?,
             image: image.to_owned(),
         })
@@ -123,9 +149,20 @@ impl Stack {
     /// When the command cannot run or exits non-zero (with its last output lines).
     pub async fn compose(&self, args: &[&str]) -> anyhow::Result<String> {
         let port = |p: u16| p.to_string();
-        let out = Command::new(self.repo.join("deploy/compose.sh"))
+        let mut command = Command::new(self.repo.join("deploy/compose.sh"));
+        // Only what the test sets: no `.env`, override file or variable of the developer's
+        // reaches its stack.
+        command.env_clear();
+        for name in PASSED_THROUGH {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        let out = command
             .args(args)
             .current_dir(&self.repo)
+            .env("ENV_FILE", &self.env_file)
+            .env("COMPOSE_FILE", COMPOSE_FILE)
             .env("COMPOSE_PROJECT_NAME", &self.project)
             .env("SECRETS_DIR", &self.secrets)
             .env("AGGREGATOR_IMAGE", &self.image)
@@ -138,6 +175,14 @@ impl Stack {
             .await
             .context("cannot run deploy/compose.sh")?;
         succeeded(&format!("compose {}", args.join(" ")), out)
+    }
+
+    /// `up -d` as an operator types it: the compose file's replica count.
+    ///
+    /// # Errors
+    /// When compose fails.
+    pub async fn up_default(&self) -> anyhow::Result<()> {
+        self.compose(&["up", "-d"]).await.map(drop)
     }
 
     /// `up -d` with `replicas` aggregators; containers that exist are left as they are
@@ -267,18 +312,85 @@ impl Stack {
         std::fs::write(path, plain).with_context(|| format!("cannot write {}", path.display()))
     }
 
+    /// Exit codes of the stack's aggregator containers that stopped since `since` (a
+    /// `docker events` time, e.g. from [`docker_now`]), by container id; they survive the
+    /// container's removal.
+    ///
+    /// # Errors
+    /// When Docker cannot be asked.
+    pub async fn exits_since(&self, since: &str) -> anyhow::Result<Vec<(String, i64)>> {
+        let until = docker_now().await?;
+        let project = format!("label={PROJECT_LABEL}={}", self.project);
+        let service = format!("label={SERVICE_LABEL}={AGGREGATOR_SERVICE}");
+        let events = docker(&[
+            "events",
+            "--since",
+            since,
+            "--until",
+            &until,
+            "--filter",
+            "type=container",
+            "--filter",
+            "event=die",
+            "--filter",
+            &project,
+            "--filter",
+            &service,
+            "--format",
+            "{{.Actor.ID}} {{index .Actor.Attributes \"exitCode\"}}",
+        ])
+        .await?;
+        events
+            .lines()
+            .map(|l| {
+                let (id, code) = l.split_once(' ').context("bad docker events line")?;
+                Ok((id.to_owned(), code.trim().parse()?))
+            })
+            .collect()
+    }
+
+    /// Saves the log of one replica as `<dir>/replicas/<name>.log` (for replicas about to
+    /// be removed, whose logs `compose logs` no longer shows).
+    ///
+    /// # Errors
+    /// When Docker cannot be asked or the file cannot be written.
+    pub async fn save_replica_log(&self, replica: &Replica, dir: &Path) -> anyhow::Result<()> {
+        let out = Command::new("docker")
+            .args(["logs", "--timestamps", &replica.id])
+            .output()
+            .await
+            .context("cannot run docker logs")?;
+        let dir = dir.join("replicas");
+        std::fs::create_dir_all(&dir)?;
+        let mut log = out.stdout;
+        log.extend_from_slice(&out.stderr);
+        std::fs::write(dir.join(format!("{}.log", replica.name)), log)
+            .with_context(|| format!("cannot save the log of {}", replica.name))
+    }
+
     /// Removes the stack: its containers, network and volumes, nothing else.
     ///
     /// # Errors
     /// When compose fails.
     pub async fn down(&self) -> anyhow::Result<()> {
-        self.compose(&["down", "-v", "--remove-orphans", "--timeout", "40"])
+        let timeout = STOP_TIMEOUT.as_secs().to_string();
+        self.compose(&["down", "-v", "--remove-orphans", "--timeout", &timeout])
             .await
             .map(drop)
     }
 
+    /// Where the secret file `name` is.
+    pub fn secret_path(&self, name: &str) -> PathBuf {
+        self.secrets.join(name)
+    }
+
+    /// The stack's network (Compose names it `<project>_default`, 1.29 and v2 alike).
+    pub fn network(&self) -> String {
+        format!("{}_default", self.project)
+    }
+
     fn secret(&self, name: &str) -> anyhow::Result<String> {
-        let path = self.secrets.join(name);
+        let path = self.secret_path(name);
         let value = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read the secret {}", path.display()))?;
         Ok(value.trim().to_owned())
@@ -330,6 +442,15 @@ pub async fn replica_ready(id: &str) -> anyhow::Result<()> {
     ])
     .await
     .map(drop)
+}
+
+/// The Docker daemon's clock, as `docker events --since` takes it.
+///
+/// # Errors
+/// When Docker cannot be asked.
+pub async fn docker_now() -> anyhow::Result<String> {
+    let out = docker(&["system", "info", "--format", "{{.SystemTime}}"]).await?;
+    Ok(out.trim().to_owned())
 }
 
 /// Runs `docker ARGS`.

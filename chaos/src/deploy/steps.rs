@@ -3,22 +3,25 @@
 //! an error saying what did not happen.
 
 use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::time::Instant;
+use vote_aggregator::config::DEFAULT_METRICS_ADDR;
+use vote_aggregator::http::paths;
+use vote_aggregator::http_client;
+use vote_aggregator::metrics::names::VOTES_COUNTED_TOTAL;
 
-use vote_testkit::signal::{self, Signal};
-
-use super::stack::{Replica, Stack, docker};
+use super::stack::{AGGREGATOR_SERVICE, Replica, STOP_TIMEOUT, Stack, docker, docker_now};
 
 /// How long a replica (or the whole set) has to become ready after a change: a start
 /// waits for the servers, and after a server restart the replicas reconnect with up to
 /// 5 s of backoff.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// `docker stop` timeout for one replica: above the service's shutdown grace (25 s by
-/// default), like the compose file's `stop_grace_period`.
-const STOP_TIMEOUT_SECS: &str = "35";
+/// The compose service that applies migrations.
+const MIGRATE_SERVICE: &str = "migrate";
 
 /// `docker kill` one replica: Docker does not restart a container killed by hand (its
 /// restart policy treats that as a deliberate stop), so compose brings it back, as an
@@ -49,15 +52,33 @@ pub async fn kill_and_bring_back(stack: &Stack, replicas: usize) -> anyhow::Resu
     ))
 }
 
-/// SIGKILL the main process of one replica from the host, as a crash (or the kernel's
-/// OOM killer) would: the restart policy brings the container back by itself.
+/// SIGKILL the main process of one replica (the newest: not the one the kill step chose),
+/// as a crash or the kernel's OOM killer would: its restart policy brings the container
+/// back by itself. The signal comes from a throw-away container in the host's PID
+/// namespace, so it reaches the process wherever the test itself runs.
 ///
 /// # Errors
 /// When the container is not restarted and ready again in time.
 pub async fn crash_and_self_restart(stack: &Stack, replicas: usize) -> anyhow::Result<String> {
-    let victim = first_running(stack).await?;
-    signal::send(victim.pid, Signal::KILL)
-        .with_context(|| format!("cannot SIGKILL pid {} of {}", victim.pid, victim.name))?;
+    let victim = stack
+        .running()
+        .await?
+        .pop()
+        .context("no replica is running")?;
+    let kill = format!("kill -KILL {}", victim.pid);
+    docker(&[
+        "run",
+        "--rm",
+        "--pid=host",
+        "--user",
+        "0",
+        "--entrypoint",
+        "bash",
+        &stack.image,
+        "-c",
+        &kill,
+    ])
+    .await?;
     let started = Instant::now();
     loop {
         let now = find(stack, &victim.id).await?;
@@ -77,47 +98,59 @@ pub async fn crash_and_self_restart(stack: &Stack, replicas: usize) -> anyhow::R
 }
 
 /// `up -d --scale aggregator=N`, then exactly N replicas are ready; a scale-down stops
-/// the extra replicas gracefully (each must exit 0: its batch committed and acked).
+/// the extra replicas gracefully: each must exit 0 (its batch committed and acked), which
+/// Docker's events still tell after compose removed the container. Their logs are saved
+/// under `dir/replicas/` first.
 ///
 /// # Errors
 /// When the count or readiness is not reached, or a stopped replica did not exit 0.
-pub async fn scale(stack: &Stack, to: usize) -> anyhow::Result<String> {
-    let before: HashSet<String> = stack.running().await?.into_iter().map(|r| r.id).collect();
-    let scale = format!("{}={to}", super::stack::AGGREGATOR_SERVICE);
-    stack
-        .compose(&["up", "-d", "--no-recreate", "--scale", &scale])
-        .await?;
-    let now = stack.wait_ready(to, READY_TIMEOUT).await?;
-    let still: HashSet<&String> = now.iter().map(|r| &r.id).collect();
-    let removed: Vec<&String> = before.iter().filter(|id| !still.contains(id)).collect();
-    let mut gone = Vec::new();
-    for r in stack.replicas().await? {
-        if removed.contains(&&r.id) && r.exit_code != 0 {
-            bail!("{} exited {} when scaled down", r.name, r.exit_code);
-        }
-        if removed.contains(&&r.id) {
-            gone.push(r.name);
+pub async fn scale(stack: &Stack, to: usize, dir: &Path) -> anyhow::Result<String> {
+    let before = stack.running().await?;
+    if to < before.len() {
+        for r in &before {
+            stack.save_replica_log(r, dir).await?;
         }
     }
+    let since = docker_now().await?;
+    stack.up(to).await?;
+    let now = stack.wait_ready(to, READY_TIMEOUT).await?;
+    let still: HashSet<&String> = now.iter().map(|r| &r.id).collect();
+    let removed: Vec<&Replica> = before.iter().filter(|r| !still.contains(&r.id)).collect();
+    let exits = stack.exits_since(&since).await?;
+    for r in &removed {
+        match exits.iter().find(|(id, _)| *id == r.id) {
+            Some((_, 0)) => {}
+            Some((_, code)) => bail!("{} exited {code} when scaled down", r.name),
+            None => bail!("{} was removed without a recorded exit", r.name),
+        }
+    }
+    let names: Vec<&str> = removed.iter().map(|r| r.name.as_str()).collect();
     Ok(format!(
         "{} → {to} replicas ready{}",
         before.len(),
-        if gone.is_empty() {
+        if names.is_empty() {
             String::new()
         } else {
-            format!("; stopped cleanly: {}", gone.join(", "))
+            format!("; stopped with exit 0: {}", names.join(", "))
         }
     ))
 }
 
-/// Replaces every replica, one at a time, by one from `image`: start the new one beside
-/// the old ones, wait until it is ready, then stop the oldest old one gracefully (exit 0
-/// required) and remove it. The number of ready replicas never drops below the start's.
+/// Replaces every replica, one at a time, by one from `image`, as the README's upgrade
+/// procedure does: first `image`'s migration (`run --rm --no-deps migrate`), then for each
+/// old replica: start a new one beside the others, wait until it is ready, stop the old
+/// one gracefully (exit 0 required; its log saved under `dir/replicas/`) and remove it.
+/// The number of ready replicas never drops below the start's.
 ///
 /// # Errors
-/// When a new replica does not get ready or an old one does not stop cleanly.
-pub async fn rolling_replace(stack: &mut Stack, image: &str) -> anyhow::Result<String> {
+/// When the migration fails, a new replica does not get ready or an old one does not
+/// stop cleanly.
+pub async fn rolling_replace(stack: &mut Stack, image: &str, dir: &Path) -> anyhow::Result<String> {
     stack.image = image.to_owned();
+    stack
+        .compose(&["run", "--rm", "--no-deps", "-T", MIGRATE_SERVICE])
+        .await
+        .with_context(|| format!("the migration of {image} failed"))?;
     let old: Vec<Replica> = stack
         .running()
         .await?
@@ -140,7 +173,13 @@ pub async fn rolling_replace(stack: &mut Stack, image: &str) -> anyhow::Result<S
                 fresh.image
             );
         }
-        docker(&["stop", "--time", STOP_TIMEOUT_SECS, &replaced.id]).await?;
+        docker(&[
+            "stop",
+            "--time",
+            &STOP_TIMEOUT.as_secs().to_string(),
+            &replaced.id,
+        ])
+        .await?;
         let stopped = find(stack, &replaced.id).await?;
         if stopped.exit_code != 0 {
             bail!(
@@ -149,6 +188,7 @@ pub async fn rolling_replace(stack: &mut Stack, image: &str) -> anyhow::Result<S
                 stopped.exit_code
             );
         }
+        stack.save_replica_log(&stopped, dir).await?;
         docker(&["rm", "-v", &replaced.id]).await?;
         stack.wait_ready(n, READY_TIMEOUT).await?;
     }
@@ -157,7 +197,7 @@ pub async fn rolling_replace(stack: &mut Stack, image: &str) -> anyhow::Result<S
         bail!("{} still runs {}", r.name, r.image);
     }
     Ok(format!(
-        "{} replica(s) replaced one at a time by {image}, each old one stopped with exit 0",
+        "migrated, then {} replica(s) replaced one at a time by {image}, each old one stopped with exit 0",
         old.len()
     ))
 }
@@ -193,7 +233,7 @@ pub async fn verify(stack: &Stack) -> anyhow::Result<String> {
             "--rm",
             "--no-deps",
             "-T",
-            super::stack::AGGREGATOR_SERVICE,
+            AGGREGATOR_SERVICE,
             "verify",
         ])
         .await?;
@@ -201,6 +241,145 @@ pub async fn verify(stack: &Stack) -> anyhow::Result<String> {
         "vote-aggregator verify exited 0: {}",
         out.lines().last().unwrap_or("").trim()
     ))
+}
+
+/// The checklist's plain `docker run --env-file .env.production -p 8001:8001 --restart
+/// unless-stopped`: one more replica outside compose, on the stack's network, with its
+/// secrets mounted as files and a host port. It must get ready, serve `/metrics` on the
+/// host port, count along with the others, and stop with exit 0. It is removed whatever
+/// happens; its log is saved under `dir/replicas/`.
+///
+/// # Errors
+/// When any of that does not happen.
+pub async fn plain_docker_run(stack: &Stack, dir: &Path) -> anyhow::Result<String> {
+    let env_file = dir.join(".env.production");
+    std::fs::write(
+        &env_file,
+        "DATABASE_URL_FILE=/run/secrets/database_url\nAMQP_URL_FILE=/run/secrets/amqp_url\n\
+         RUN_MIGRATIONS=false\nREPLICA_ID=docker-run\n",
+    )?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let name = format!("{}-docker-run", stack.project());
+    let mount = |secret: &str| {
+        format!(
+            "{}:/run/secrets/{secret}:ro",
+            stack.secret_path(secret).display()
+        )
+    };
+    let (database, amqp) = (mount("database_url"), mount("amqp_url"));
+    let publish = format!("127.0.0.1:{port}:{}", DEFAULT_METRICS_ADDR.port());
+    let stop = STOP_TIMEOUT.as_secs().to_string();
+    let env_arg = env_file.display().to_string();
+    let id = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        &stack.network(),
+        "--env-file",
+        &env_arg,
+        "-p",
+        &publish,
+        "--restart",
+        "unless-stopped",
+        "--stop-timeout",
+        &stop,
+        "-v",
+        &database,
+        "-v",
+        &amqp,
+        &stack.image,
+    ])
+    .await?;
+    let id = id.trim().to_owned();
+    let checked = check_plain_replica(port, &id).await;
+    let log = stack
+        .save_replica_log(&find_container(&id).await?, dir)
+        .await;
+    let _ = docker(&["rm", "-f", "-v", &id]).await;
+    let evidence = checked?;
+    log?;
+    Ok(format!("{name} on host port {port}: {evidence}"))
+}
+
+/// Ready on the host port, `/metrics` served, then a graceful stop with exit 0.
+async fn check_plain_replica(port: u16, id: &str) -> anyhow::Result<String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    while http_client::get(addr, paths::READYZ)
+        .await
+        .map(|r| r.0)
+        .ok()
+        != Some(200)
+    {
+        if started.elapsed() > READY_TIMEOUT {
+            bail!("not ready on 127.0.0.1:{port} after {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (status, metrics) = http_client::get(addr, paths::METRICS)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if status != 200 || !metrics.contains(VOTES_COUNTED_TOTAL) {
+        bail!("/metrics answered {status} without {VOTES_COUNTED_TOTAL}");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    docker(&["stop", "--time", &STOP_TIMEOUT.as_secs().to_string(), id]).await?;
+    let code = docker(&["inspect", "-f", "{{.State.ExitCode}}", id]).await?;
+    if code.trim() != "0" {
+        bail!("exited {} on docker stop", code.trim());
+    }
+    Ok("ready, /metrics served on the host, stopped with exit 0".to_owned())
+}
+
+/// `SELECT * FROM vote_statistics` in the stack's database, as `make stats` runs it: the
+/// votes it shows must add up to `counted`.
+///
+/// # Errors
+/// When the query fails or the sum differs.
+pub async fn stats(stack: &Stack, counted: usize) -> anyhow::Result<String> {
+    let table = stack
+        .compose(&[
+            "exec",
+            "-T",
+            "postgres",
+            "sh",
+            "-c",
+            "psql -U \"$POSTGRES_USER\" -d \"$POSTGRES_DB\" -tA -F '|' -c 'SELECT * FROM vote_statistics'",
+        ])
+        .await?;
+    let mut rows = 0;
+    let mut total = 0usize;
+    for line in table.lines().filter(|l| !l.trim().is_empty()) {
+        let votes = line
+            .split('|')
+            .nth(2)
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .with_context(|| format!("unexpected vote_statistics row {line:?}"))?;
+        rows += 1;
+        total += votes;
+    }
+    if total != counted {
+        bail!("vote_statistics shows {total} votes; the checker counted {counted}");
+    }
+    Ok(format!(
+        "SELECT * FROM vote_statistics: {rows} rows adding up to the {counted} counted votes"
+    ))
+}
+
+async fn find_container(id: &str) -> anyhow::Result<Replica> {
+    let name = docker(&["inspect", "-f", "{{.Name}}", id]).await?;
+    Ok(Replica {
+        id: id.to_owned(),
+        name: name.trim().trim_start_matches('/').to_owned(),
+        image: String::new(),
+        running: false,
+        ip: String::new(),
+        pid: 0,
+        restarts: 0,
+        exit_code: 0,
+    })
 }
 
 async fn first_running(stack: &Stack) -> anyhow::Result<Replica> {

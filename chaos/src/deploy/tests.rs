@@ -100,3 +100,25 @@ fn substitutions_read_all_three_forms() {
     assert_eq!(s["C"], None);
     assert_eq!(s["D"].as_deref(), Some("127.0.0.1"));
 }
+
+#[test]
+fn replicas_are_given_longer_to_stop_than_their_shutdown_grace() {
+    use vote_aggregator::config::DEFAULT_SHUTDOWN_GRACE;
+    let compose = substitutions(&repo_file("docker-compose.yml"));
+    let stated = compose["AGGREGATOR_STOP_GRACE"]
+        .as_deref()
+        .and_then(|v| v.strip_suffix('s'))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("AGGREGATOR_STOP_GRACE has a default in seconds");
+    assert_eq!(
+        std::time::Duration::from_secs(stated),
+        super::stack::STOP_TIMEOUT,
+        "the test stops replicas as compose does"
+    );
+    assert!(super::stack::STOP_TIMEOUT > DEFAULT_SHUTDOWN_GRACE);
+    assert_eq!(
+        documented()["AGGREGATOR_STOP_GRACE"],
+        format!("{stated}s"),
+        ".env.example"
+    );
+}

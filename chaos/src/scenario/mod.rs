@@ -274,19 +274,7 @@ pub fn default_out_dir() -> PathBuf {
 
 /// The workload of a run: enough votes for `rate` × (duration + margin) messages.
 pub(crate) fn workload_spec(opts: &ScenarioOptions) -> WorkloadSpec {
-    let (duplicates, malformed) = (0.15, 0.01);
-    let messages = opts.rate * (opts.duration.as_secs_f64() + 20.0);
-    WorkloadSpec {
-        votes: (messages / (1.0 + duplicates + malformed)).ceil() as usize,
-        elections: 2,
-        candidates: 5,
-        precincts: 20,
-        duplicates,
-        conflict_share: 0.1,
-        late_share: 0.4,
-        malformed,
-        seed: opts.seed,
-    }
+    crate::load::steady_workload(opts.rate * (opts.duration.as_secs_f64() + 20.0), opts.seed)
 }
 
 #[cfg(test)]
