@@ -59,6 +59,11 @@ pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
 pub const REJECTED_BY_HEADER: &str = "x-rejected-by";
 /// Suffix of the aggregator's own dead-letter queue: `<queue>.dlq`.
 pub const DEAD_LETTER_QUEUE_SUFFIX: &str = ".dlq";
+
+/// The aggregator's dead-letter queue for the votes queue `queue`: `<queue>.dlq`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}{DEAD_LETTER_QUEUE_SUFFIX}")
+}
 /// Suffix of the queue of what the broker dead-letters: `<queue>.dlq.unexplained`.
 pub const UNEXPLAINED_QUEUE_SUFFIX: &str = ".dlq.unexplained";
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use vote_aggregator::broker::DEAD_LETTER_QUEUE_SUFFIX;
+use vote_aggregator::broker::dead_letter_queue;
 use vote_testkit::inspect::{Broker, Db};
 use vote_testkit::publish::Published;
 use vote_testkit::testbed::TestBed;
@@ -36,7 +36,7 @@ impl Endpoints {
 
     /// The aggregator's dead-letter queue for [`Endpoints::queue`].
     pub fn dead_letter_queue(&self) -> String {
-        format!("{}{DEAD_LETTER_QUEUE_SUFFIX}", self.queue)
+        dead_letter_queue(&self.queue)
     }
 }
 

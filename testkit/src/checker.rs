@@ -268,11 +268,7 @@ pub async fn check(
     }
     let mut db = Db::connect(database_url).await?;
     let broker = Broker::connect(amqp_url).await?;
-    let dlq = format!(
-        "{}{}",
-        ledger.queue,
-        vote_aggregator::broker::DEAD_LETTER_QUEUE_SUFFIX
-    );
+    let dlq = vote_aggregator::broker::dead_letter_queue(&ledger.queue);
     // Confirmed conflicting copies, by id (distinct ids: the drain waits for as many
     // recorded conflicts at most).
     let confirmed_conflicts: HashMap<Uuid, HashSet<&str>> = by_id(ledger.conflicts.iter());

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use vote_aggregator::Config;
-use vote_aggregator::broker::DEAD_LETTER_QUEUE_SUFFIX;
+use vote_aggregator::broker::dead_letter_queue;
 use vote_aggregator::config::QueueType;
 use vote_aggregator::config::variables as var;
 
@@ -137,7 +137,7 @@ impl TestBed {
 
     /// The dead-letter queue's name.
     pub fn dead_letter_queue(&self) -> String {
-        format!("{}{DEAD_LETTER_QUEUE_SUFFIX}", self.queue)
+        dead_letter_queue(&self.queue)
     }
 
     /// Declares the topology (as a replica would at start), so votes can be published

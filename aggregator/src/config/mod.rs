@@ -174,11 +174,7 @@ impl Config {
 
     /// Name of the dead-letter queue that goes with [`Config::queue_name`].
     pub fn dead_letter_queue(&self) -> String {
-        format!(
-            "{}{}",
-            self.queue_name,
-            crate::broker::DEAD_LETTER_QUEUE_SUFFIX
-        )
+        crate::broker::dead_letter_queue(&self.queue_name)
     }
 
     /// Reads the configuration from the process environment (after loading `.env` when
