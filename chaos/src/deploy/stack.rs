@@ -48,10 +48,6 @@ const PASSED_THROUGH: &[&str] = &[
 const COMPOSE_FILE: &str = "docker-compose.yml";
 /// The terminal code "clear line" (ESC [2K).
 const CLEAR_LINE: &str = "\u{1b}[2K";
-/// The database, role and RabbitMQ user of the compose file's defaults (deploy/env.sh).
-const DB_NAME: &str = "votes";
-const DB_USER: &str = "votes";
-const RABBITMQ_USER: &str = "votes";
 
 /// Host ports of the stack (loopback only).
 #[derive(Debug, Clone, Copy)]
@@ -349,25 +345,6 @@ impl Stack {
             .collect()
     }
 
-    /// Saves the log of one replica as `<dir>/replicas/<name>.log` (for replicas about to
-    /// be removed, whose logs `compose logs` no longer shows).
-    ///
-    /// # Errors
-    /// When Docker cannot be asked or the file cannot be written.
-    pub async fn save_replica_log(&self, replica: &Replica, dir: &Path) -> anyhow::Result<()> {
-        let out = Command::new("docker")
-            .args(["logs", "--timestamps", &replica.id])
-            .output()
-            .await
-            .context("cannot run docker logs")?;
-        let dir = dir.join("replicas");
-        std::fs::create_dir_all(&dir)?;
-        let mut log = out.stdout;
-        log.extend_from_slice(&out.stderr);
-        std::fs::write(dir.join(format!("{}.log", replica.name)), log)
-            .with_context(|| format!("cannot save the log of {}", replica.name))
-    }
-
     /// Removes the stack: its containers, network and volumes, nothing else.
     ///
     /// # Errors
@@ -389,35 +366,34 @@ impl Stack {
         format!("{}_default", self.project)
     }
 
-    fn secret(&self, name: &str) -> anyhow::Result<String> {
+    /// The URL in the secret file `name` (the replicas' own), reached from the host: the
+    /// service name and port replaced by loopback and `port`.
+    fn host_url(&self, name: &str, port: u16) -> anyhow::Result<String> {
         let path = self.secret_path(name);
-        let value = std::fs::read_to_string(&path)
+        let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read the secret {}", path.display()))?;
-        Ok(value.trim().to_owned())
+        let mut url = url::Url::parse(text.trim())
+            .map_err(|e| anyhow::anyhow!("{} does not hold a URL: {e}", path.display()))?;
+        url.set_host(Some("127.0.0.1"))?;
+        url.set_port(Some(port))
+            .map_err(|()| anyhow::anyhow!("{} holds a URL without a port", path.display()))?;
+        Ok(url.to_string())
     }
 
     /// The database URL from the host.
     ///
     /// # Errors
-    /// When the password file cannot be read.
+    /// When the secret file cannot be read or holds no URL.
     pub fn database_url(&self) -> anyhow::Result<String> {
-        Ok(format!(
-            "postgres://{DB_USER}:{}@127.0.0.1:{}/{DB_NAME}",
-            self.secret("postgres_password")?,
-            self.ports.postgres
-        ))
+        self.host_url("database_url", self.ports.postgres)
     }
 
     /// The broker URL from the host.
     ///
     /// # Errors
-    /// When the password file cannot be read.
+    /// When the secret file cannot be read or holds no URL.
     pub fn amqp_url(&self) -> anyhow::Result<String> {
-        Ok(format!(
-            "amqp://{RABBITMQ_USER}:{}@127.0.0.1:{}/%2f",
-            self.secret("rabbitmq_password")?,
-            self.ports.amqp
-        ))
+        self.host_url("amqp_url", self.ports.amqp)
     }
 
     /// Prometheus from the host.
@@ -442,6 +418,25 @@ pub async fn replica_ready(id: &str) -> anyhow::Result<()> {
     ])
     .await
     .map(drop)
+}
+
+/// Saves the log of container `id` as `<dir>/replicas/<name>.log` (for replicas about to
+/// be removed, whose logs `compose logs` no longer shows).
+///
+/// # Errors
+/// When Docker cannot be asked or the file cannot be written.
+pub async fn save_replica_log(id: &str, name: &str, dir: &Path) -> anyhow::Result<()> {
+    let out = Command::new("docker")
+        .args(["logs", "--timestamps", id])
+        .output()
+        .await
+        .context("cannot run docker logs")?;
+    let dir = dir.join("replicas");
+    std::fs::create_dir_all(&dir)?;
+    let mut log = out.stdout;
+    log.extend_from_slice(&out.stderr);
+    std::fs::write(dir.join(format!("{name}.log")), log)
+        .with_context(|| format!("cannot save the log of {name}"))
 }
 
 /// The Docker daemon's clock, as `docker events --since` takes it.

@@ -14,7 +14,9 @@ use vote_aggregator::http::paths;
 use vote_aggregator::http_client;
 use vote_aggregator::metrics::names::VOTES_COUNTED_TOTAL;
 
-use super::stack::{AGGREGATOR_SERVICE, Replica, STOP_TIMEOUT, Stack, docker, docker_now};
+use super::stack::{
+    AGGREGATOR_SERVICE, Replica, STOP_TIMEOUT, Stack, docker, docker_now, save_replica_log,
+};
 
 /// How long a replica (or the whole set) has to become ready after a change: a start
 /// waits for the servers, and after a server restart the replicas reconnect with up to
@@ -108,7 +110,7 @@ pub async fn scale(stack: &Stack, to: usize, dir: &Path) -> anyhow::Result<Strin
     let before = stack.running().await?;
     if to < before.len() {
         for r in &before {
-            stack.save_replica_log(r, dir).await?;
+            save_replica_log(&r.id, &r.name, dir).await?;
         }
     }
     let since = docker_now().await?;
@@ -151,13 +153,9 @@ pub async fn rolling_replace(stack: &mut Stack, image: &str, dir: &Path) -> anyh
         .compose(&["run", "--rm", "--no-deps", "-T", MIGRATE_SERVICE])
         .await
         .with_context(|| format!("the migration of {image} failed"))?;
-    let old: Vec<Replica> = stack
-        .running()
-        .await?
-        .into_iter()
-        .filter(|r| r.image != image)
-        .collect();
-    let n = stack.running().await?.len();
+    let running = stack.running().await?;
+    let n = running.len();
+    let old: Vec<Replica> = running.into_iter().filter(|r| r.image != image).collect();
     for replaced in &old {
         let known: HashSet<String> = stack.replicas().await?.into_iter().map(|r| r.id).collect();
         stack.up(n + 1).await?;
@@ -188,7 +186,7 @@ pub async fn rolling_replace(stack: &mut Stack, image: &str, dir: &Path) -> anyh
                 stopped.exit_code
             );
         }
-        stack.save_replica_log(&stopped, dir).await?;
+        save_replica_log(&stopped.id, &stopped.name, dir).await?;
         docker(&["rm", "-v", &replaced.id]).await?;
         stack.wait_ready(n, READY_TIMEOUT).await?;
     }
@@ -294,9 +292,7 @@ pub async fn plain_docker_run(stack: &Stack, dir: &Path) -> anyhow::Result<Strin
     .await?;
     let id = id.trim().to_owned();
     let checked = check_plain_replica(port, &id).await;
-    let log = stack
-        .save_replica_log(&find_container(&id).await?, dir)
-        .await;
+    let log = save_replica_log(&id, &name, dir).await;
     let _ = docker(&["rm", "-f", "-v", &id]).await;
     let evidence = checked?;
     log?;
@@ -366,20 +362,6 @@ pub async fn stats(stack: &Stack, counted: usize) -> anyhow::Result<String> {
     Ok(format!(
         "SELECT * FROM vote_statistics: {rows} rows adding up to the {counted} counted votes"
     ))
-}
-
-async fn find_container(id: &str) -> anyhow::Result<Replica> {
-    let name = docker(&["inspect", "-f", "{{.Name}}", id]).await?;
-    Ok(Replica {
-        id: id.to_owned(),
-        name: name.trim().trim_start_matches('/').to_owned(),
-        image: String::new(),
-        running: false,
-        ip: String::new(),
-        pid: 0,
-        restarts: 0,
-        exit_code: 0,
-    })
 }
 
 async fn first_running(stack: &Stack) -> anyhow::Result<Replica> {
