@@ -21,6 +21,7 @@
 //!   and metric scrapes; [`prometheus`]: the one parser of `/metrics` pages;
 //!   [`procinfo`]: the one reader of `/proc`; [`signal`]: the one way to signal a process.
 //! - [`checker`]: the exactly-once checker (the four invariants of docs/DESIGN.md).
+//! - [`tls`]: a throwaway CA with server and client certificates for TLS tests.
 //! - [`inspect`]: reading back the outcome from PostgreSQL and RabbitMQ, polling helpers.
 
 pub mod checker;
@@ -35,5 +36,6 @@ pub mod proxy;
 pub mod publish;
 pub mod signal;
 pub mod testbed;
+pub mod tls;
 pub mod votes;
 pub mod workload;
