@@ -39,6 +39,13 @@ pub enum ConfigError {
     /// The `.env` file exists but cannot be parsed.
     #[error("cannot read .env: {0}")]
     DotEnv(String),
+    /// A variable that needs another one, or contradicts it (a TLS file for a plain URL).
+    #[error("{key} {problem}: {fix}")]
+    Conflict {
+        key: String,
+        problem: String,
+        fix: String,
+    },
 }
 
 impl ConfigError {
