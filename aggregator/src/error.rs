@@ -39,6 +39,13 @@ pub enum ConfigError {
     /// The `.env` file exists but cannot be parsed.
     #[error("cannot read .env: {0}")]
     DotEnv(String),
+    /// A variable that needs another one, or contradicts it (a TLS file for a plain URL).
+    #[error("{key} {problem}: {fix}")]
+    Conflict {
+        key: String,
+        problem: String,
+        fix: String,
+    },
 }
 
 impl ConfigError {
@@ -129,6 +136,14 @@ pub enum BrokerError {
     /// The broker refused the credentials.
     #[error("RabbitMQ at {url} refused the credentials: check the user and password in AMQP_URL")]
     AuthRefused { url: String },
+    /// The TLS handshake failed on something retrying cannot fix (the broker's certificate
+    /// or host name, a missing client certificate, a server without TLS).
+    #[error("RabbitMQ at {url}: TLS failed: {reason}; fix: {fix}")]
+    Tls {
+        url: String,
+        reason: String,
+        fix: String,
+    },
 }
 
 /// Why the service stopped with an error.

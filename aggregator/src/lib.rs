@@ -9,8 +9,9 @@
 //!   declares every environment variable once (the README table and `--help` come
 //!   from it); URL redaction;
 //! - [`vote`]: the message contract, decoding and validation;
-//! - [`broker`]: RabbitMQ connection, topology, dead-lettering, and the contract's
-//!   header, queue-argument and queue-suffix names;
+//! - [`broker`]: RabbitMQ connection (TLS of `amqps://` in its `tls` submodule),
+//!   topology, dead-lettering, and the contract's header, queue-argument and
+//!   queue-suffix names;
 //! - [`db`]: PostgreSQL pool, migrations, the batch write; in-doubt COMMIT resolution
 //!   and `verify` in its submodules;
 //! - `supervisor` (private): migrations with retry, the database watch, the

@@ -3,7 +3,8 @@
 //!
 //! It owns every retry-with-backoff decision of the service ([`retry_backoff`]) and the
 //! rule that only what retrying cannot fix (a queue declared with other arguments,
-//! refused credentials, a migration that fails on its own) stops the replica; an
+//! refused credentials, a TLS handshake refused on a certificate, a host name or a
+//! server without TLS, a migration that fails on its own) stops the replica; an
 //! unreachable server is retried, reported in the metrics and the logs, and never
 //! returned as an error. What happens inside one session is [`crate::consumer`]'s.
 
@@ -114,9 +115,11 @@ async fn session(
                 }
             }
         }
-        Err(e @ (BrokerError::QueueMismatch { .. } | BrokerError::AuthRefused { .. })) => {
-            Err(e.into())
-        }
+        Err(
+            e @ (BrokerError::QueueMismatch { .. }
+            | BrokerError::AuthRefused { .. }
+            | BrokerError::Tls { .. }),
+        ) => Err(e.into()),
         Err(e) => {
             ctx.metrics.broker_connection_failures.inc();
             let wait = backoff.next().unwrap_or(Duration::from_secs(5));

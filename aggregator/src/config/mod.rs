@@ -21,9 +21,11 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::ConfigError;
 
+mod amqp_tls;
 mod redact;
 pub mod variables;
 
+pub use self::amqp_tls::{AmqpTls, ClientIdentity};
 use self::redact::hides_credentials;
 pub use self::redact::redact_url;
 pub use self::variables::VARIABLES;
@@ -114,6 +116,8 @@ pub struct Config {
     pub run_migrations: bool,
     /// Heartbeat asked of the broker when the URL does not set one (`None` = off).
     pub amqp_heartbeat: Option<u16>,
+    /// Extra CAs and client certificate of `amqps://` connections.
+    pub amqp_tls: AmqpTls,
     /// Name of this replica (consumer tag, connection name, logs).
     pub replica_id: String,
     /// Server-side limits every service session sets (see [`SessionTimeouts`]).
@@ -166,6 +170,7 @@ impl Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             run_migrations: true,
             amqp_heartbeat: Some(10),
+            amqp_tls: AmqpTls::default(),
             replica_id: default_replica_id(),
             db_timeouts: SessionTimeouts::default(),
             db_attempt_timeout: Duration::from_secs(30),
@@ -288,6 +293,7 @@ impl Config {
         if let Some(s) = env.int(AMQP_HEARTBEAT_SECONDS, 0, 600)? {
             config.amqp_heartbeat = (s > 0).then_some(s as u16);
         }
+        config.amqp_tls = amqp_tls::from_env(&env, amqp_url.expose_secret())?;
         if let Some(id) = env.get(REPLICA_ID) {
             if id.is_empty() || id.len() > 100 || !id.chars().all(valid_id_char) {
                 return Err(ConfigError::invalid(

@@ -10,6 +10,8 @@
 //!   restart, pause or kill servers; the URLs it hands out stay valid across restarts.
 //! - With `VOTES_TEST_DATABASE_URL` and `VOTES_TEST_AMQP_URL` set, [`shared`] uses those
 //!   servers and starts no container.
+//! - [`start_tls_rabbitmq`] starts a RabbitMQ with a TLS listener serving a
+//!   [`crate::tls::TestPki`]'s certificates, for the tests of `amqps://`.
 //!
 //! Containers are started and driven with testcontainers (`GenericImage`, `ContainerAsync`);
 //! its runner works against this project's engines (Docker 20.10, API 1.41; see the
@@ -29,7 +31,7 @@
 //! Files: `images` (which image), `containers` (one container via testcontainers),
 //! `shared` (the process-wide pair, external servers), `private` ([`PrivateInfra`]),
 //! `probes` (readiness), `engine` (Docker runtime, bollard calls), `cleanup` (labels,
-//! stale and exit removal).
+//! stale and exit removal), `tls_broker` ([`TlsRabbitMq`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -48,11 +50,13 @@ mod images;
 mod private;
 mod probes;
 mod shared;
+mod tls_broker;
 
 pub use cleanup::{keep_at_exit, own_labels};
 pub use images::{postgres_image, rabbitmq_image};
 pub use private::{PrivateInfra, start_private};
 pub use shared::shared;
+pub use tls_broker::{RABBITMQ_TLS_PORT, TlsBrokerOptions, TlsRabbitMq, start_tls_rabbitmq};
 
 /// User name and password of both servers (RabbitMQ's `guest` may only log in from
 /// localhost, which a published container port is not).
