@@ -116,7 +116,7 @@ fn scenarios(pg: &str, amqp: &str, dir: &std::path::Path) -> anyhow::Result<Vec<
         Scenario {
             name: "amqps:// but RabbitMQ offers no TLS there",
             env: vec![(var::DATABASE_URL, pg.to_string()), (var::AMQP_URL, mq_tls)],
-            expect: &["amqps://votes:***@"],
+            expect: &["amqps://votes:***@", "TLS failed"],
         },
         Scenario {
             name: "malformed URLs",
