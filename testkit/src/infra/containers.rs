@@ -41,12 +41,17 @@ pub(super) struct ContainerSpec {
     pub scope: &'static str,
     pub image: String,
     env: Vec<(&'static str, String)>,
-    cmd: Vec<String>,
+    pub cmd: Vec<String>,
     pub port: u16,
     ready_line: &'static str,
     /// How often `ready_line` must appear (PostgreSQL's init runs a temporary server that
     /// prints it once before the real one does).
     ready_count: usize,
+    /// Files written into the container before it starts: (absolute path, contents).
+    /// They belong to root, mode 0644.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Replaces the image's entrypoint (then `cmd` is its arguments).
+    pub entrypoint: Option<&'static str>,
 }
 
 pub(super) fn postgres_spec(
@@ -84,6 +89,8 @@ pub(super) fn postgres_spec(
         port: POSTGRES_PORT,
         ready_line: POSTGRES_READY_LINE,
         ready_count: 2,
+        files: Vec::new(),
+        entrypoint: None,
     }
 }
 
@@ -100,6 +107,8 @@ pub(super) fn rabbitmq_spec(image: String, scope: &'static str) -> ContainerSpec
         port: RABBITMQ_PORT,
         ready_line: RABBITMQ_READY_LINE,
         ready_count: 1,
+        files: Vec::new(),
+        entrypoint: None,
     }
 }
 
@@ -151,7 +160,11 @@ pub(super) async fn start_container(spec: ContainerSpec) -> anyhow::Result<Start
     // port must be reachable from this host.
     let local = docker_is_local();
     let port_key = format!("{}/tcp", spec.port);
-    let mut request = GenericImage::new(name, tag)
+    let mut image = GenericImage::new(name, tag);
+    if let Some(entrypoint) = spec.entrypoint {
+        image = image.with_entrypoint(entrypoint);
+    }
+    let mut request = image
         .with_exposed_port(spec.port.tcp())
         .with_wait_for(ready)
         .with_container_name(&container_name)
@@ -179,6 +192,9 @@ pub(super) async fn start_container(spec: ContainerSpec) -> anyhow::Result<Start
     }
     if !spec.cmd.is_empty() {
         request = request.with_cmd(&spec.cmd);
+    }
+    for (path, contents) in &spec.files {
+        request = request.with_copy_to(path.as_str(), contents.clone());
     }
     // Before the request: if it fails half-way, the container exists and only its labels
     // can find it.

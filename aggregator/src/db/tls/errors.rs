@@ -15,6 +15,9 @@ const NO_TLS_ON_SERVER: &str = "server does not support TLS";
 /// Whether `e` is a failed TLS handshake (what `prefer` retries in plain text).
 pub(super) fn is_tls_handshake(e: &tokio_postgres::Error) -> bool {
     e.to_string().starts_with(TLS_HANDSHAKE)
+        && !e
+            .source()
+            .is_some_and(|c| c.to_string().contains(NO_TLS_ON_SERVER))
 }
 
 /// `text` on one line (server errors carry DETAIL and HINT lines).
@@ -52,15 +55,17 @@ pub(super) fn connect_error(connector: &PgConnector, e: &tokio_postgres::Error) 
         fix,
     };
     let text = e.to_string();
-    if text.starts_with(TLS_HANDSHAKE) {
-        let (reason, fix) = handshake_failure(connector, rustls_error(e));
-        return tls(reason, fix);
-    }
-    if text.contains(NO_TLS_ON_SERVER) {
+    // Both are tokio-postgres's TLS error kind; the cause tells them apart.
+    let cause = e.source().map(ToString::to_string).unwrap_or_default();
+    if cause.contains(NO_TLS_ON_SERVER) {
         return tls(
             "the server does not offer TLS (ssl=off)".into(),
             "turn ssl on in the server's postgresql.conf, or accept an unencrypted link with sslmode=prefer or disable".into(),
         );
+    }
+    if text.starts_with(TLS_HANDSHAKE) {
+        let (reason, fix) = handshake_failure(connector, rustls_error(e));
+        return tls(reason, fix);
     }
     if let Some(db) = e.as_db_error() {
         let message = one_line(db.message());
