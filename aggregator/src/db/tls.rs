@@ -200,9 +200,7 @@ impl PgConnector {
             (Some(_), None) | (None, Some(_)) => {
                 return Err(invalid(
                     format!("only one of {SSLCERT} and {SSLKEY} is set"),
-                    &format!(
-                        "set both (the client certificate and its private key, PEM) or neither"
-                    ),
+                    "set both (the client certificate and its private key, PEM) or neither",
                 ));
             }
         };
