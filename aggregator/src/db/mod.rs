@@ -39,6 +39,7 @@ use crate::error::DbError;
 use crate::vote::Vote;
 
 mod in_doubt;
+mod open_errors;
 pub mod tls;
 mod verify;
 
@@ -164,7 +165,8 @@ fn synchronous_commit() -> &'static str {
 /// even while PostgreSQL is down, and connects when it comes back. Every session sets
 /// `timeouts` (see [`session_url`]) and is opened by [`PgConnector`] (TLS as the URL's
 /// `sslmode` says). A URL whose TLS settings do not load (which `Config::from_lookup`
-/// refuses at start-up) makes every checkout fail with that one line.
+/// refuses at start-up) makes every checkout fail with that one line. Why a session
+/// could not be opened is logged (`open_errors`).
 pub fn pool(url: &SecretString, size: u32, timeouts: &SessionTimeouts) -> PgPool {
     let target = session_url(url.expose_secret(), Some(timeouts));
     let connector = PgConnector::from_url(&target)
@@ -190,6 +192,7 @@ pub fn pool(url: &SecretString, size: u32, timeouts: &SessionTimeouts) -> PgPool
         .max_size(size)
         .connection_timeout(CHECKOUT_TIMEOUT)
         .test_on_check_out(false)
+        .error_sink(Box::new(open_errors::LogOpenErrors::default()))
         .build_unchecked(manager)
 }
 

@@ -95,8 +95,10 @@ fn spawn_replica(
     database_url: &str,
     addr: SocketAddr,
     log: &std::path::Path,
+    extra: &[(&str, &str)],
 ) -> anyhow::Result<tokio::process::Child> {
     let mut env = bed.env("tls-replica");
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     env.retain(|(k, _)| k != var::METRICS_ADDR && k != var::DATABASE_URL);
     env.push((var::METRICS_ADDR.into(), addr.to_string()));
     env.push((var::DATABASE_URL.into(), database_url.into()));
@@ -132,7 +134,7 @@ async fn a_replica_counts_over_verify_full_with_a_client_certificate_and_the_ses
 
     let addr = free_addr()?;
     let log = pki.dir().join("replica.log");
-    let mut replica = spawn_replica(&bed, &tls_url, addr, &log)?;
+    let mut replica = spawn_replica(&bed, &tls_url, addr, &log, &[])?;
     eventually("replica ready", WAIT, async || {
         Ok(matches!(http_get(addr, paths::READYZ).await, Ok((200, _))))
     })
@@ -267,18 +269,29 @@ async fn a_wrong_ca_a_wrong_host_name_and_a_missing_client_certificate_are_refus
         "{line}"
     );
 
-    // A replica with the wrong CA never gets ready and logs the same line.
-    let addr = free_addr()?;
-    let log = pki.dir().join("refused.log");
-    let mut replica = spawn_replica(&bed, &verify_full(&pki.other_ca), addr, &log)?;
-    eventually("the refusal logged", WAIT, async || {
-        Ok(std::fs::read_to_string(&log)?.contains("not signed by a CA in sslrootcert"))
-    })
-    .await?;
-    let (status, body) = http_get(addr, paths::READYZ).await?;
-    assert_eq!(status, 503, "{body}");
-    signal::send(replica.id().unwrap_or_default(), Signal::TERM)?;
-    tokio::time::timeout(Duration::from_secs(20), replica.wait()).await??;
+    // A replica with the wrong CA never gets ready and logs the same line, whether its
+    // migrations or (RUN_MIGRATIONS=false, the production setting) its pool connect.
+    for run_migrations in ["true", "false"] {
+        let addr = free_addr()?;
+        let log = pki.dir().join(format!("refused-{run_migrations}.log"));
+        let mut replica = spawn_replica(
+            &bed,
+            &verify_full(&pki.other_ca),
+            addr,
+            &log,
+            &[(var::RUN_MIGRATIONS, run_migrations)],
+        )?;
+        eventually("the refusal logged", WAIT, async || {
+            Ok(std::fs::read_to_string(&log)?.contains(
+                "with sslmode=verify-full: the server's certificate is not signed by a CA in sslrootcert; set sslrootcert",
+            ))
+        })
+        .await?;
+        let (status, body) = http_get(addr, paths::READYZ).await?;
+        assert_eq!(status, 503, "{body}");
+        signal::send(replica.id().unwrap_or_default(), Signal::TERM)?;
+        tokio::time::timeout(Duration::from_secs(20), replica.wait()).await??;
+    }
     Ok(())
 }
 
