@@ -373,3 +373,61 @@ async fn bad_tls_settings_stop_start_up_with_one_line() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The cancel request of a batch attempt that ran out of time goes over the same TLS
+/// settings as the session (the server would otherwise keep the statement waiting on a
+/// lock until its own lock timeout, here five minutes).
+#[tokio::test]
+async fn a_timed_out_batch_is_cancelled_on_the_server_over_tls() -> anyhow::Result<()> {
+    use vote_aggregator::config::SessionTimeouts;
+    use vote_aggregator::db;
+    let (pki, server) = tls_server().await?;
+    let bed = TestBed::new(&server).await?;
+    let url = secrecy::SecretString::from(url_with(
+        &bed.database_url,
+        None,
+        &[
+            ("sslmode", "verify-full".into()),
+            ("sslrootcert", path(&pki.ca)),
+        ],
+    ));
+    db::run_migrations(&url).await?;
+    let long = Duration::from_secs(300);
+    let timeouts = SessionTimeouts {
+        statement: long,
+        lock: long,
+        idle_in_transaction: long,
+    };
+    let pool = db::pool(&url, 1, &timeouts);
+    let mut holder = bed.db().await?;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE tally_shards IN EXCLUSIVE MODE")
+        .await?;
+    let mut batch = db::BatchColumns::default();
+    for vote in votes::spread(5, &["e"], &["a"]) {
+        batch.push(&vote, true);
+    }
+    let attempt = db::write_batch_attempt(&pool, &url, &batch, 0, Duration::from_secs(1)).await;
+    let failure = attempt.expect_err("the lock is held");
+    assert!(
+        matches!(
+            failure.error,
+            vote_aggregator::error::DbError::Timeout { .. }
+        ),
+        "{}",
+        failure.error
+    );
+    let mut watcher = bed.db().await?;
+    let waiting = "SELECT count(*)::bigint AS n FROM pg_stat_activity \
+                   WHERE datname = $1 AND application_name = $2 AND wait_event_type = 'Lock'";
+    let name = bed.database_name();
+    eventually("the waiting statement cancelled", WAIT, async || {
+        Ok(watcher
+            .scalar_with(waiting, &[&name, db::APPLICATION_NAME])
+            .await?
+            == 0)
+    })
+    .await?;
+    holder.batch_execute("ROLLBACK").await?;
+    Ok(())
+}
