@@ -25,17 +25,9 @@
 //! - the crypto provider is chosen here (aws-lc-rs), never rustls's process default:
 //!   builds that compile in both aws-lc-rs and ring have none.
 
-use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use diesel_async::AsyncPgConnection;
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::redact_url;
@@ -43,6 +35,11 @@ use crate::config::variables::DATABASE_URL;
 use crate::error::{ConfigError, DbError};
 
 mod errors;
+mod files;
+mod verifier;
+
+use self::files::{read_certs, read_key, read_roots};
+use self::verifier::client_config;
 
 /// URL parameter: how much TLS to demand (libpq's name).
 pub const SSLMODE: &str = "sslmode";
@@ -332,186 +329,6 @@ fn split_tls_params(url: &str) -> Result<(String, TlsParams), ConfigError> {
     }
     parsed.set_query((!kept.is_empty()).then(|| kept.join("&")).as_deref());
     Ok((parsed.to_string(), params))
-}
-
-fn read_file(param: &str, path: &str) -> Result<Vec<u8>, ConfigError> {
-    if param == SSLROOTCERT && path == "system" {
-        return Err(invalid(
-            format!("{SSLROOTCERT}=system (the operating system's CAs) is not supported"),
-            &format!(
-                "set {SSLROOTCERT} to the PEM file of the CA that signed the server's certificate"
-            ),
-        ));
-    }
-    std::fs::read(Path::new(path)).map_err(|e| {
-        invalid(
-            format!("{param}=\"{path}\" cannot be read ({e})"),
-            "give the path of a PEM file this process may read",
-        )
-    })
-}
-
-fn read_certs(param: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let pem = read_file(param, path)?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            invalid(
-                format!("{param}=\"{path}\" is not valid PEM ({e})"),
-                "give a PEM file of certificates (-----BEGIN CERTIFICATE-----)",
-            )
-        })?;
-    if certs.is_empty() {
-        return Err(invalid(
-            format!("{param}=\"{path}\" holds no certificate"),
-            "give a PEM file of certificates (-----BEGIN CERTIFICATE-----)",
-        ));
-    }
-    Ok(certs)
-}
-
-fn read_roots(path: &str) -> Result<RootCertStore, ConfigError> {
-    let mut roots = RootCertStore::empty();
-    for cert in read_certs(SSLROOTCERT, path)? {
-        roots.add(cert).map_err(|e| {
-            invalid(
-                format!(
-                    "{SSLROOTCERT}=\"{path}\" holds a certificate rustls cannot use as a CA ({e})"
-                ),
-                "give the PEM file of the CA that signed the server's certificate",
-            )
-        })?;
-    }
-    Ok(roots)
-}
-
-fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, ConfigError> {
-    let pem = read_file(SSLKEY, path)?;
-    let hint = "give an unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1; decrypt an encrypted one with `openssl pkey -in KEY -out PLAIN`)";
-    if String::from_utf8_lossy(&pem).contains("ENCRYPTED") {
-        return Err(invalid(
-            format!("{SSLKEY}=\"{path}\" is encrypted, which is not supported"),
-            hint,
-        ));
-    }
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        invalid(
-            format!("{SSLKEY}=\"{path}\" holds no private key ({e})"),
-            hint,
-        )
-    })
-}
-
-/// The crypto provider of every PostgreSQL TLS session.
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-fn client_config(
-    check: Check,
-    roots: Option<RootCertStore>,
-    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-) -> Result<rustls::ClientConfig, ConfigError> {
-    let provider = provider();
-    let verifier = PgVerifier::new(check, roots, &provider)?;
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| {
-            invalid(
-                format!("rustls refused its own defaults ({e})"),
-                "report a bug",
-            )
-        })?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier));
-    match client {
-        None => Ok(builder.with_no_client_auth()),
-        Some((certs, key)) => builder.with_client_auth_cert(certs, key).map_err(|e| {
-            invalid(
-                format!("{SSLCERT} and {SSLKEY} do not make a usable pair ({e})"),
-                "give the client certificate and the private key it was issued for",
-            )
-        }),
-    }
-}
-
-/// The server certificate check of one [`Check`] level (see the module invariants).
-#[derive(Debug)]
-struct PgVerifier {
-    check: Check,
-    /// Chain (and name) verification against `sslrootcert`; `None` for [`Check::Nothing`].
-    webpki: Option<Arc<WebPkiServerVerifier>>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl PgVerifier {
-    fn new(
-        check: Check,
-        roots: Option<RootCertStore>,
-        provider: &Arc<CryptoProvider>,
-    ) -> Result<Self, ConfigError> {
-        let webpki = roots
-            .map(|roots| {
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .map_err(|e| {
-                        invalid(
-                            format!("{SSLROOTCERT} cannot be used ({e})"),
-                            "give the PEM file of the CA that signed the server's certificate",
-                        )
-                    })
-            })
-            .transpose()?;
-        Ok(PgVerifier {
-            check,
-            webpki,
-            algorithms: provider.signature_verification_algorithms,
-        })
-    }
-}
-
-impl ServerCertVerifier for PgVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(webpki) = &self.webpki else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
-            // webpki checks the chain before the name: a name error means the chain held.
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if self.check == Check::Chain => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
 }
 
 /// A bad TLS setting in `DATABASE_URL`.

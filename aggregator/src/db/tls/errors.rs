@@ -12,12 +12,11 @@ const TLS_HANDSHAKE: &str = "error performing TLS handshake";
 /// tokio-postgres's text when `require` meets a server that answered 'N' to SSLRequest.
 const NO_TLS_ON_SERVER: &str = "server does not support TLS";
 
-/// Whether `e` is a failed TLS handshake (what `prefer` retries in plain text).
+/// Whether `e` is a TLS handshake that rustls failed (what `prefer` retries in plain
+/// text). Not tokio-postgres's own refusals of the same kind (no TLS on the server,
+/// `prefer` with `sslnegotiation=direct`).
 pub(super) fn is_tls_handshake(e: &tokio_postgres::Error) -> bool {
-    e.to_string().starts_with(TLS_HANDSHAKE)
-        && !e
-            .source()
-            .is_some_and(|c| c.to_string().contains(NO_TLS_ON_SERVER))
+    e.to_string().starts_with(TLS_HANDSHAKE) && rustls_error(e).is_some()
 }
 
 /// `text` on one line (server errors carry DETAIL and HINT lines).
