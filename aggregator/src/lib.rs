@@ -123,7 +123,10 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
     tokio::spawn(
         http::serve(listener, metrics.clone(), http_stop.clone()).instrument(span.clone()),
     );
-    span.in_scope(|| info!(%metrics_addr, "vote-aggregator starting"));
+    span.in_scope(|| {
+        info!(%metrics_addr, "vote-aggregator starting");
+        db::tls::log_protection(&config.database_url);
+    });
 
     let ctx = Ctx {
         pool: db::pool(

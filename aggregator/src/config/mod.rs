@@ -211,7 +211,7 @@ impl Config {
     pub fn database_url_from_env() -> Result<SecretString, ConfigError> {
         load_dotenv()?;
         let lookup = |key: &str| std::env::var(key).ok();
-        Env(&lookup).secret_url(DATABASE_URL, DATABASE_URL_FILE, &["postgres", "postgresql"])
+        Env(&lookup).database_url()
     }
 
     /// Reads the configuration through `lookup` (the environment in production, a map
@@ -221,8 +221,7 @@ impl Config {
     /// [`ConfigError`] naming the first variable that is missing or invalid.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
-        let database_url =
-            env.secret_url(DATABASE_URL, DATABASE_URL_FILE, &["postgres", "postgresql"])?;
+        let database_url = env.database_url()?;
         let amqp_url = env.secret_url(AMQP_URL, AMQP_URL_FILE, &["amqp", "amqps"])?;
         let mut config = Config::new(
             database_url.expose_secret().to_string(),
@@ -399,6 +398,14 @@ impl Env<'_> {
                 &format!("a whole number from {min} to {max}"),
             )),
         }
+    }
+
+    /// `DATABASE_URL` or `DATABASE_URL_FILE`, with its TLS settings checked (and the
+    /// files they name read) now, so a bad one stops start-up.
+    fn database_url(&self) -> Result<SecretString, ConfigError> {
+        let url = self.secret_url(DATABASE_URL, DATABASE_URL_FILE, &["postgres", "postgresql"])?;
+        crate::db::PgConnector::from_url(url.expose_secret())?;
+        Ok(url)
     }
 
     /// `KEY` or `KEY_FILE` (exactly one), parsed as a URL with one of `schemes`.

@@ -58,7 +58,7 @@ use DefaultValue::{Derived, Required, Value};
 
 variables! {
     DATABASE_URL / DATABASE_URL_FILE = Required,
-        "PostgreSQL URL, or a file holding it (not both)";
+        "PostgreSQL URL, or a file holding it (not both); TLS from its `sslmode`, `sslrootcert`, `sslcert`, `sslkey` parameters (default `sslmode=prefer`: the server is not authenticated; see TLS to PostgreSQL)";
     AMQP_URL / AMQP_URL_FILE = Required,
         "RabbitMQ URL such as `amqp://user:pass@host:5672/%2f`, or a file holding it (not both)";
     QUEUE_NAME = Value(super::DEFAULT_QUEUE_NAME),

@@ -41,7 +41,7 @@ pub(super) struct ContainerSpec {
     pub scope: &'static str,
     pub image: String,
     env: Vec<(&'static str, String)>,
-    cmd: Vec<String>,
+    pub(super) cmd: Vec<String>,
     pub port: u16,
     ready_line: &'static str,
     /// How often `ready_line` must appear (PostgreSQL's init runs a temporary server that
@@ -52,6 +52,8 @@ pub(super) struct ContainerSpec {
     /// Files copied into the container before it starts: (absolute path, contents),
     /// written mode `0644` and owned by root, so the server's own user can read them.
     files: Vec<(String, Vec<u8>)>,
+    /// Replaces the image's entrypoint (then `cmd` is its arguments).
+    pub(super) entrypoint: Option<&'static str>,
 }
 
 impl ContainerSpec {
@@ -109,6 +111,7 @@ pub(super) fn postgres_spec(
         ready_count: 2,
         extra_ports: Vec::new(),
         files: Vec::new(),
+        entrypoint: None,
     }
 }
 
@@ -127,6 +130,7 @@ pub(super) fn rabbitmq_spec(image: String, scope: &'static str) -> ContainerSpec
         ready_count: 1,
         extra_ports: Vec::new(),
         files: Vec::new(),
+        entrypoint: None,
     }
 }
 
@@ -191,6 +195,9 @@ pub(super) async fn start_container(spec: ContainerSpec) -> anyhow::Result<Start
         })
         .collect();
     let mut image = GenericImage::new(name, tag);
+    if let Some(entrypoint) = spec.entrypoint {
+        image = image.with_entrypoint(entrypoint);
+    }
     for port in &ports {
         image = image.with_exposed_port(port.tcp());
     }

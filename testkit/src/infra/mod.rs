@@ -28,8 +28,12 @@
 //!   by killed test processes (`cleanup`);
 //! - the image choice (`images`).
 //!
+//! - [`start_tls_postgres`] starts a PostgreSQL with `ssl=on` from a
+//!   [`crate::tls::TestPki`], paired with another server's RabbitMQ, for the TLS tests.
+//!
 //! Files: `images` (which image), `containers` (one container via testcontainers),
 //! `shared` (the process-wide pair, external servers), `private` ([`PrivateInfra`]),
+//! `tls_postgres` ([`TlsPostgres`]),
 //! `probes` (readiness), `engine` (Docker runtime, bollard calls), `cleanup` (labels,
 //! stale and exit removal), `tls_broker` ([`TlsRabbitMq`]).
 
@@ -51,12 +55,14 @@ mod private;
 mod probes;
 mod shared;
 mod tls_broker;
+mod tls_postgres;
 
 pub use cleanup::{keep_at_exit, own_labels};
 pub use images::{postgres_image, rabbitmq_image};
 pub use private::{PrivateInfra, start_private};
 pub use shared::shared;
 pub use tls_broker::{RABBITMQ_TLS_PORT, TlsBrokerOptions, TlsRabbitMq, start_tls_rabbitmq};
+pub use tls_postgres::{CERT_USER, HBA, TlsPostgres, start_tls_postgres};
 
 /// User name and password of both servers (RabbitMQ's `guest` may only log in from
 /// localhost, which a published container port is not).
