@@ -1,5 +1,5 @@
 //! Secrets never leak: a replica is driven through its failure paths (servers down, wrong
-//! passwords, TLS refused, malformed URLs, URLs from `*_FILE` files, text and JSON logs)
+//! passwords, TLS refused, untrusted certificates, malformed URLs, URLs from `*_FILE` files, text and JSON logs)
 //! with distinctive passwords in each URL's user info and query string, and every byte it
 //! shows anyone — each log line, each error, `/metrics`, `/healthz`, `/readyz`, `--help`
 //! of every subcommand, `migrate` and `verify` — is searched for them: zero hits.
@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use vote_aggregator::config::variables as var;
 use vote_aggregator::http::paths;
-use vote_testkit::infra;
+use vote_testkit::infra::{self, CERT_USER, TlsBrokerOptions};
 use vote_testkit::inspect::http_get;
 use vote_testkit::signal::{self, Signal};
+use vote_testkit::tls::{LOCAL_SERVER_NAMES, TestPki};
 
 use super::{BIN, free_port, run_with, spawn_run};
 
@@ -50,7 +51,20 @@ fn with_password(url: &str, password: &str) -> anyhow::Result<String> {
     Ok(u.to_string())
 }
 
-fn scenarios(pg: &str, amqp: &str, dir: &std::path::Path) -> anyhow::Result<Vec<Scenario>> {
+/// Where the TLS servers of the "untrusted certificate" scenarios listen, and the CA that
+/// did NOT sign their certificates.
+struct TlsServers<'a> {
+    postgres_port: u16,
+    rabbitmq_port: u16,
+    wrong_ca: &'a std::path::Path,
+}
+
+fn scenarios(
+    pg: &str,
+    amqp: &str,
+    tls: &TlsServers<'_>,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<Scenario>> {
     let pg_wrong = with_password(pg, PG_USERINFO)?;
     let mut pg_query_wrong = url::Url::parse(pg)?;
     let _ = pg_query_wrong.set_password(None);
@@ -117,6 +131,36 @@ fn scenarios(pg: &str, amqp: &str, dir: &std::path::Path) -> anyhow::Result<Vec<
             name: "amqps:// but RabbitMQ offers no TLS there",
             env: vec![(var::DATABASE_URL, pg.to_string()), (var::AMQP_URL, mq_tls)],
             expect: &["amqps://votes:***@", "TLS failed"],
+        },
+        Scenario {
+            name: "PostgreSQL's certificate signed by a CA not trusted",
+            env: vec![
+                (
+                    var::DATABASE_URL,
+                    format!(
+                        "postgres://votes:{PG_USERINFO}@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+                        tls.postgres_port,
+                        tls.wrong_ca.display()
+                    ),
+                ),
+                (var::AMQP_URL, amqp.to_string()),
+            ],
+            expect: &["with sslmode=verify-full", "sslrootcert"],
+        },
+        Scenario {
+            name: "RabbitMQ's certificate signed by a CA not trusted",
+            env: vec![
+                (var::DATABASE_URL, pg.to_string()),
+                (
+                    var::AMQP_URL,
+                    format!(
+                        "amqps://votes:{MQ_USERINFO}@localhost:{}/%2f",
+                        tls.rabbitmq_port
+                    ),
+                ),
+                (var::AMQP_CA_FILE, tls.wrong_ca.display().to_string()),
+            ],
+            expect: &["TLS failed", "UnknownIssuer"],
         },
         Scenario {
             name: "malformed URLs",
@@ -205,7 +249,17 @@ async fn no_password_reaches_a_log_line_an_error_metrics_or_help() -> anyhow::Re
     let amqp = infra.amqp_url();
     let dir = std::env::temp_dir().join(format!("vote-secrets-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
-    let scenarios = scenarios(&pg, &amqp, &dir)?;
+    let pki = TestPki::generate(LOCAL_SERVER_NAMES, CERT_USER)?;
+    let (tls_pg, tls_mq) = tokio::try_join!(
+        infra::start_tls_postgres(&pki, infra),
+        infra::start_tls_rabbitmq(&pki, TlsBrokerOptions::default()),
+    )?;
+    let tls = TlsServers {
+        postgres_port: tls_pg.addr().port(),
+        rabbitmq_port: tls_mq.tls_port(),
+        wrong_ca: &pki.other_ca,
+    };
+    let scenarios = scenarios(&pg, &amqp, &tls, &dir)?;
     let shown = futures_util::future::try_join_all(scenarios.iter().map(drive)).await;
     let _ = std::fs::remove_dir_all(&dir);
     for (scenario, shown) in scenarios.iter().zip(shown?) {
