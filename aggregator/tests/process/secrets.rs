@@ -1,9 +1,9 @@
 //! Secrets never leak: a replica is driven through its failure paths (servers down, wrong
 //! passwords, TLS refused, untrusted certificates, malformed URLs, URLs from `*_FILE`
 //! files, text and JSON logs) with distinctive passwords in each URL's user info and
-//! query string, and every byte it
-//! shows anyone — each log line, each error, `/metrics`, `/healthz`, `/readyz`, `--help`
-//! of every subcommand, `migrate` and `verify` — is searched for them: zero hits.
+//! query string, and every byte it shows anyone — each log line, each error, `/metrics`,
+//! `/healthz`, `/readyz`, `--help` of every subcommand, `migrate` and `verify` — is
+//! searched for them: zero hits.
 //!
 //! Each scenario also asserts the failure it exists for really happened (the redacted URL
 //! or the server's refusal is in the output), so a path that silently stopped being taken
