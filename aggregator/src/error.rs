@@ -65,6 +65,12 @@ pub enum DbError {
     /// Applying migrations failed.
     #[error("migrations failed: {0}")]
     Migration(String),
+    /// The user may not change the schema (a runtime role): migrations belong to the
+    /// schema's owner.
+    #[error(
+        "PostgreSQL user {user} may not apply migrations ({reason}): run `vote-aggregator migrate` with the schema owner's DATABASE_URL, and start replicas that log in with a runtime role with RUN_MIGRATIONS=false"
+    )]
+    MigrationNotPermitted { user: String, reason: String },
     /// A batch attempt took longer than `DB_ATTEMPT_TIMEOUT_MS`; it was cancelled on the
     /// server and is retried.
     #[error(
@@ -103,7 +109,7 @@ impl DbError {
             }
             DbError::Query(E::BrokenTransactionManager) => true,
             DbError::Query(_) => false,
-            DbError::Migration(_) => false,
+            DbError::Migration(_) | DbError::MigrationNotPermitted { .. } => false,
         }
     }
 }

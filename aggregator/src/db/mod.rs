@@ -1,5 +1,6 @@
 //! PostgreSQL: the connection pool, migrations and the batch write; in-doubt COMMIT
-//! resolution (`in_doubt`) and the `verify` check ([`verify()`]) in submodules.
+//! resolution (`in_doubt`), the `verify` check ([`verify()`]) and the schema's state
+//! before consuming ([`schema`]: pending migrations, the runtime role) in submodules.
 //!
 //! The batch write is the heart of exactly-once counting. For one batch it runs ONE
 //! statement in ONE transaction (one round trip in the common case):
@@ -37,6 +38,7 @@ use crate::error::DbError;
 use crate::vote::Vote;
 
 mod in_doubt;
+pub mod schema;
 mod verify;
 
 pub use self::in_doubt::{InDoubt, Resolution, resolve_in_doubt};
@@ -184,8 +186,10 @@ async fn checkout<'a>(pool: &'a PgPool, url: &SecretString) -> Result<PooledConn
 /// applied (empty when the schema was current).
 ///
 /// # Errors
-/// [`DbError::Connect`] when PostgreSQL cannot be reached, [`DbError::Migration`] when
-/// a migration fails (the failed migration's transaction is rolled back).
+/// [`DbError::Connect`] when PostgreSQL cannot be reached,
+/// [`DbError::MigrationNotPermitted`] when the user may not change the schema (a runtime
+/// role), [`DbError::Migration`] when a migration fails (the failed migration's
+/// transaction is rolled back).
 pub async fn run_migrations(url: &SecretString) -> Result<Vec<String>, DbError> {
     let raw = session_url(url.expose_secret(), None);
     let shown = redact_url(&raw);
@@ -213,6 +217,7 @@ pub async fn run_migrations(url: &SecretString) -> Result<Vec<String>, DbError> 
     })
     .await
     .map_err(|e| DbError::Migration(format!("migration task failed: {e}")))?
+    .map_err(|e| schema::classify_migration_error(url.expose_secret(), e))
 }
 
 /// Cheap liveness query through the pool.
