@@ -27,6 +27,7 @@
 //! - the image choice (`images`).
 //!
 //! Files: `images` (which image), `containers` (one container via testcontainers),
+//! `exec` (commands inside the shared containers: `rabbitmqctl`, `psql`),
 //! `shared` (the process-wide pair, external servers), `private` ([`PrivateInfra`]),
 //! `probes` (readiness), `engine` (Docker runtime, bollard calls), `cleanup` (labels,
 //! stale and exit removal).
@@ -44,12 +45,14 @@ use crate::proxy::FaultProxy;
 mod cleanup;
 mod containers;
 mod engine;
+mod exec;
 mod images;
 mod private;
 mod probes;
 mod shared;
 
 pub use cleanup::{keep_at_exit, own_labels};
+pub use exec::{SharedServer, exec_in_shared};
 pub use images::{postgres_image, rabbitmq_image};
 pub use private::{PrivateInfra, start_private};
 pub use shared::shared;
