@@ -135,6 +135,11 @@ pub enum BrokerError {
     /// The broker refused the credentials.
     #[error("RabbitMQ at {url} refused the credentials: check the user and password in AMQP_URL")]
     AuthRefused { url: String },
+    /// The user logged in but lacks a permission the topology needs.
+    #[error(
+        "RabbitMQ at {url} refused {detail}: grant the AMQP_URL user the permissions listed under \"RabbitMQ permissions\" in the README"
+    )]
+    PermissionRefused { url: String, detail: String },
 }
 
 /// Why the service stopped with an error.

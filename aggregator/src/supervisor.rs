@@ -3,7 +3,7 @@
 //!
 //! It owns every retry-with-backoff decision of the service ([`retry_backoff`]) and the
 //! rule that only what retrying cannot fix (a queue declared with other arguments,
-//! refused credentials, a migration that fails on its own or that the user may not
+//! refused credentials or permissions, a migration that fails on its own or that the user may not
 //! apply) stops the replica; an
 //! unreachable server is retried, reported in the metrics and the logs, and never
 //! returned as an error. What happens inside one session is [`crate::consumer`]'s.
@@ -115,9 +115,11 @@ async fn session(
                 }
             }
         }
-        Err(e @ (BrokerError::QueueMismatch { .. } | BrokerError::AuthRefused { .. })) => {
-            Err(e.into())
-        }
+        Err(
+            e @ (BrokerError::QueueMismatch { .. }
+            | BrokerError::AuthRefused { .. }
+            | BrokerError::PermissionRefused { .. }),
+        ) => Err(e.into()),
         Err(e) => {
             ctx.metrics.broker_connection_failures.inc();
             let wait = backoff.next().unwrap_or(Duration::from_secs(5));

@@ -263,3 +263,33 @@ async fn the_aggregator_user_counts_and_a_publisher_user_can_only_publish() -> a
     publisher.delete().await?;
     bed.finish().await
 }
+
+#[tokio::test]
+async fn a_replica_whose_user_lacks_a_permission_stops_with_one_line() -> anyhow::Result<()> {
+    let bed = TestBed::new(infra::shared().await?).await?;
+    // A publisher's permissions: it may not declare the topology.
+    let user = AmqpUser::create(&bed, "tight", &amqp_permissions::publisher()).await?;
+    let mut config = bed.config("amqp-too-tight");
+    config.amqp_url = SecretString::from(user.url.clone());
+    let stopped =
+        tokio::time::timeout(WAIT, vote_aggregator::run(config, CancellationToken::new())).await?;
+    let line = match stopped {
+        Ok(()) => anyhow::bail!("the replica ran without the permissions it needs"),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("{line}");
+    assert!(!line.contains('\n'), "{line}");
+    assert!(
+        line.contains(&format!(
+            "refused user '{}' configure access to exchange 'votes.dlx' in vhost '/': grant",
+            user.name
+        )),
+        "{line}"
+    );
+    assert!(
+        line.contains("RabbitMQ permissions") && line.contains("***"),
+        "{line}"
+    );
+    user.delete().await?;
+    bed.finish().await
+}
