@@ -190,10 +190,7 @@ async fn migrate_with_retry(ctx: &Ctx, shutdown: &CancellationToken) -> Result<b
 /// schema) starts cleanly on a current schema, and fails with one line when it is not.
 async fn migrate_unless_current(ctx: &Ctx) -> Result<Vec<String>, DbError> {
     let url = &ctx.config.database_url;
-    if db::schema::pending_migrations(&ctx.pool, url)
-        .await?
-        .is_empty()
-    {
+    if db::schema::pending_migrations(url).await?.is_empty() {
         return Ok(Vec::new());
     }
     db::run_migrations(url).await
