@@ -17,7 +17,7 @@ OFFLINE_BASE_IMAGE := vote-aggregator/debian:trixie-offline
 # The runtime base: the official one unless `make images` built the offline stand-in.
 BASE_IMAGE ?= $(shell docker image inspect $(OFFLINE_BASE_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_BASE_IMAGE) || echo debian:trixie-slim)
 
-.PHONY: help images image image-test test deploy-test up down ps logs stats publish roles chaos load demo build release fault-build lint fmt init-db-sql clean-containers
+.PHONY: help images image image-test test deploy-test supply-chain dlq-retention up down ps logs stats publish roles chaos load demo build release fault-build lint fmt init-db-sql clean-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -86,6 +86,9 @@ ps: ## the stack's containers and their health
 logs: ## follow the stack's logs (SERVICE=aggregator for one service)
 	$(COMPOSE) logs -f --tail=100 $(SERVICE)
 
+dlq-retention: ## apply the dead-letter retention policy (deploy/rabbitmq/30-dead-letter-retention.conf) to the stack's existing broker
+	deploy/rabbitmq/apply-retention.sh
+
 stats: ## print vote_statistics from the stack's database
 	$(COMPOSE) exec -T postgres sh -c 'psql -U "$$POSTGRES_USER" -d "$$POSTGRES_DB" -c "SELECT * FROM vote_statistics"'
 
@@ -102,6 +105,9 @@ lint: ## what CI checks besides the tests
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
+supply-chain: ## cargo-deny: licences, banned/duplicate crates, crates.io-only sources (deny.toml); advisories when reachable
+	scripts/supply-chain.sh
 
 fmt: ## format the code
 	cargo fmt --all

@@ -47,6 +47,8 @@ use secrecy::ExposeSecret;
 use crate::config::{Config, QueueType, redact_url};
 use crate::error::BrokerError;
 
+mod tls;
+
 /// The dead-letter exchange of the contract.
 pub const DEAD_LETTER_EXCHANGE: &str = "votes.dlx";
 /// Header carrying why a message was dead-lettered.
@@ -161,12 +163,28 @@ fn amqp_err(config: &Config, source: lapin::Error) -> BrokerError {
     BrokerError::Amqp { url, source }
 }
 
-/// Connects, opens both channels and declares the topology.
+/// An error of opening the connection: a TLS handshake that retrying cannot fix becomes
+/// [`BrokerError::Tls`] (only here: later errors of a session are never handshakes).
+fn connect_err(config: &Config, source: lapin::Error) -> BrokerError {
+    match tls::failure(&source, &config.amqp_tls) {
+        Some(tls::Failure { reason, fix }) => BrokerError::Tls {
+            url: redact_url(config.amqp_url.expose_secret()),
+            reason,
+            fix,
+        },
+        None => amqp_err(config, source),
+    }
+}
+
+/// Connects (over TLS for `amqps://`, see `tls`), opens both channels and declares the
+/// topology.
 ///
 /// # Errors
 /// [`BrokerError::QueueMismatch`] when the queue exists with other arguments (fatal),
 /// [`BrokerError::AuthRefused`] on bad credentials and [`BrokerError::PermissionRefused`]
-/// when the user lacks a permission the topology needs (both fatal),
+/// when the user lacks a permission the topology needs (both fatal), [`BrokerError::Tls`]
+/// when the TLS handshake fails on a certificate, a host name or a server without TLS
+/// (fatal),
 /// [`BrokerError::Amqp`] for everything the caller should retry.
 pub async fn connect(config: &Config) -> Result<Session, BrokerError> {
     let mut uri =
@@ -182,9 +200,15 @@ pub async fn connect(config: &Config) -> Result<Session, BrokerError> {
     }
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{CLIENT_NAME}/{}", config.replica_id).into());
-    let connection = Connection::connect_uri(uri, props)
-        .await
-        .map_err(|e| amqp_err(config, e))?;
+    let runtime = lapin::runtime::default_runtime().map_err(|e| amqp_err(config, e))?;
+    let connection = Connection::connect_uri_with_config(
+        uri,
+        props,
+        tls::client_config(&config.amqp_tls),
+        runtime,
+    )
+    .await
+    .map_err(|e| connect_err(config, e))?;
     let consume = connection
         .create_channel()
         .await

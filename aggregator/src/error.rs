@@ -36,9 +36,25 @@ pub enum ConfigError {
         path: String,
         reason: String,
     },
+    /// A parameter inside a URL (e.g. `sslmode` in `DATABASE_URL`) is invalid or names a
+    /// file that cannot be used. `detail` names the parameter and its value (never a
+    /// secret).
+    #[error("invalid {key}: {detail}; {fix}")]
+    UrlParameter {
+        key: String,
+        detail: String,
+        fix: String,
+    },
     /// The `.env` file exists but cannot be parsed.
     #[error("cannot read .env: {0}")]
     DotEnv(String),
+    /// A variable that needs another one, or contradicts it (a TLS file for a plain URL).
+    #[error("{key} {problem}: {fix}")]
+    Conflict {
+        key: String,
+        problem: String,
+        fix: String,
+    },
 }
 
 impl ConfigError {
@@ -59,6 +75,15 @@ pub enum DbError {
         "cannot connect to PostgreSQL at {url}: {reason} (check DATABASE_URL and that the server is up)"
     )]
     Connect { url: String, reason: String },
+    /// The session failed for a reason the TLS settings decide (certificate not trusted
+    /// or not for this host, no TLS on the server, client certificate missing or refused).
+    #[error("cannot connect to PostgreSQL at {url} with sslmode={mode}: {reason}; {fix}")]
+    ConnectTls {
+        url: String,
+        mode: &'static str,
+        reason: String,
+        fix: String,
+    },
     /// A statement failed.
     #[error("PostgreSQL query failed: {0}")]
     Query(#[from] diesel::result::Error),
@@ -92,6 +117,7 @@ impl DbError {
         use diesel::result::{DatabaseErrorKind as K, Error as E};
         match self {
             DbError::Connect { .. }
+            | DbError::ConnectTls { .. }
             | DbError::Timeout { .. }
             | DbError::CommitInProgress { .. } => true,
             DbError::Query(E::DatabaseError(kind, info)) => {
@@ -140,6 +166,14 @@ pub enum BrokerError {
         "RabbitMQ at {url} refused {detail}: grant the AMQP_URL user the permissions listed under \"RabbitMQ permissions\" in the README"
     )]
     PermissionRefused { url: String, detail: String },
+    /// The TLS handshake failed on something retrying cannot fix (the broker's certificate
+    /// or host name, a missing client certificate, a server without TLS).
+    #[error("RabbitMQ at {url}: TLS failed: {reason}; fix: {fix}")]
+    Tls {
+        url: String,
+        reason: String,
+        fix: String,
+    },
 }
 
 /// Why the service stopped with an error.

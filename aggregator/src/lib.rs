@@ -9,9 +9,10 @@
 //!   declares every environment variable once (the README table and `--help` come
 //!   from it); URL redaction;
 //! - [`vote`]: the message contract, decoding and validation;
-//! - [`broker`]: RabbitMQ connection, topology, dead-lettering, and the contract's
-//!   header, queue-argument and queue-suffix names; [`amqp_permissions`]: the least
-//!   RabbitMQ permissions of the aggregator's and a publisher's user;
+//! - [`broker`]: RabbitMQ connection (TLS of `amqps://` in its `tls` submodule),
+//!   topology, dead-lettering, and the contract's header, queue-argument and
+//!   queue-suffix names; [`amqp_permissions`]: the least RabbitMQ permissions of the
+//!   aggregator's and a publisher's user;
 //! - [`db`]: PostgreSQL pool, migrations, the batch write; in-doubt COMMIT resolution,
 //!   `verify` and the schema's state (pending migrations, the runtime role) in its
 //!   submodules;
@@ -125,7 +126,10 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
     tokio::spawn(
         http::serve(listener, metrics.clone(), http_stop.clone()).instrument(span.clone()),
     );
-    span.in_scope(|| info!(%metrics_addr, "vote-aggregator starting"));
+    span.in_scope(|| {
+        info!(%metrics_addr, "vote-aggregator starting");
+        db::tls::log_protection(&config.database_url);
+    });
 
     let ctx = Ctx {
         pool: db::pool(

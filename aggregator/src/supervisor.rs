@@ -3,8 +3,9 @@
 //!
 //! It owns every retry-with-backoff decision of the service ([`retry_backoff`]) and the
 //! rule that only what retrying cannot fix (a queue declared with other arguments,
-//! refused credentials or permissions, a migration that fails on its own or that the user may not
-//! apply) stops the replica; an
+//! refused credentials or permissions, a TLS handshake refused on a certificate, a host
+//! name or a server without TLS, a migration that fails on its own or that the user may
+//! not apply) stops the replica; an
 //! unreachable server is retried, reported in the metrics and the logs, and never
 //! returned as an error. What happens inside one session is [`crate::consumer`]'s.
 
@@ -118,7 +119,8 @@ async fn session(
         Err(
             e @ (BrokerError::QueueMismatch { .. }
             | BrokerError::AuthRefused { .. }
-            | BrokerError::PermissionRefused { .. }),
+            | BrokerError::PermissionRefused { .. }
+            | BrokerError::Tls { .. }),
         ) => Err(e.into()),
         Err(e) => {
             ctx.metrics.broker_connection_failures.inc();

@@ -96,7 +96,7 @@ impl RejectKind {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             RejectKind::TooLarge => "too_large",
             RejectKind::NotUtf8 => "not_utf8",

@@ -21,9 +21,11 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::ConfigError;
 
+mod amqp_tls;
 mod redact;
 pub mod variables;
 
+pub use self::amqp_tls::{AmqpTls, ClientIdentity};
 use self::redact::hides_credentials;
 pub use self::redact::redact_url;
 pub use self::variables::VARIABLES;
@@ -114,6 +116,8 @@ pub struct Config {
     pub run_migrations: bool,
     /// Heartbeat asked of the broker when the URL does not set one (`None` = off).
     pub amqp_heartbeat: Option<u16>,
+    /// Extra CAs and client certificate of `amqps://` connections.
+    pub amqp_tls: AmqpTls,
     /// Name of this replica (consumer tag, connection name, logs).
     pub replica_id: String,
     /// Server-side limits every service session sets (see [`SessionTimeouts`]).
@@ -166,6 +170,7 @@ impl Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             run_migrations: true,
             amqp_heartbeat: Some(10),
+            amqp_tls: AmqpTls::default(),
             replica_id: default_replica_id(),
             db_timeouts: SessionTimeouts::default(),
             db_attempt_timeout: Duration::from_secs(30),
@@ -206,7 +211,7 @@ impl Config {
     pub fn database_url_from_env() -> Result<SecretString, ConfigError> {
         load_dotenv()?;
         let lookup = |key: &str| std::env::var(key).ok();
-        Env(&lookup).secret_url(DATABASE_URL, DATABASE_URL_FILE, &["postgres", "postgresql"])
+        Env(&lookup).database_url()
     }
 
     /// Reads the configuration through `lookup` (the environment in production, a map
@@ -216,8 +221,7 @@ impl Config {
     /// [`ConfigError`] naming the first variable that is missing or invalid.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
-        let database_url =
-            env.secret_url(DATABASE_URL, DATABASE_URL_FILE, &["postgres", "postgresql"])?;
+        let database_url = env.database_url()?;
         let amqp_url = env.secret_url(AMQP_URL, AMQP_URL_FILE, &["amqp", "amqps"])?;
         let mut config = Config::new(
             database_url.expose_secret().to_string(),
@@ -288,6 +292,7 @@ impl Config {
         if let Some(s) = env.int(AMQP_HEARTBEAT_SECONDS, 0, 600)? {
             config.amqp_heartbeat = (s > 0).then_some(s as u16);
         }
+        config.amqp_tls = amqp_tls::from_env(&env, amqp_url.expose_secret())?;
         if let Some(id) = env.get(REPLICA_ID) {
             if id.is_empty() || id.len() > 100 || !id.chars().all(valid_id_char) {
                 return Err(ConfigError::invalid(
@@ -393,6 +398,14 @@ impl Env<'_> {
                 &format!("a whole number from {min} to {max}"),
             )),
         }
+    }
+
+    /// `DATABASE_URL` or `DATABASE_URL_FILE`, with its TLS settings checked (and the
+    /// files they name read) now, so a bad one stops start-up.
+    fn database_url(&self) -> Result<SecretString, ConfigError> {
+        let url = self.secret_url(DATABASE_URL, DATABASE_URL_FILE, &["postgres", "postgresql"])?;
+        crate::db::PgConnector::from_url(url.expose_secret())?;
+        Ok(url)
     }
 
     /// `KEY` or `KEY_FILE` (exactly one), parsed as a URL with one of `schemes`.

@@ -58,7 +58,7 @@ use DefaultValue::{Derived, Required, Value};
 
 variables! {
     DATABASE_URL / DATABASE_URL_FILE = Required,
-        "PostgreSQL URL, or a file holding it (not both)";
+        "PostgreSQL URL, or a file holding it (not both); TLS from its `sslmode`, `sslrootcert`, `sslcert`, `sslkey` parameters (default `sslmode=prefer`: the server is not authenticated; see TLS to PostgreSQL)";
     AMQP_URL / AMQP_URL_FILE = Required,
         "RabbitMQ URL such as `amqp://user:pass@host:5672/%2f`, or a file holding it (not both)";
     QUEUE_NAME = Value(super::DEFAULT_QUEUE_NAME),
@@ -87,6 +87,12 @@ variables! {
         "`run` applies pending migrations first (`true` or `false`)";
     AMQP_HEARTBEAT_SECONDS = Value("10"),
         "heartbeat asked of the broker when the URL sets none (0–600; 0 = off)";
+    AMQP_CA_FILE = Derived("the system's CAs"),
+        "PEM file of the CA certificates an `amqps://` broker's certificate must chain to, trusted besides the system's (the service image has none); the host name in `AMQP_URL` must be in the certificate. Only with `amqps://`";
+    AMQP_CLIENT_CERT_FILE = Derived("none"),
+        "PEM client certificate (leaf first, then intermediates) presented to an `amqps://` broker; needs `AMQP_CLIENT_KEY_FILE`";
+    AMQP_CLIENT_KEY_FILE = Derived("none"),
+        "unencrypted PEM private key of `AMQP_CLIENT_CERT_FILE` (PKCS#8, PKCS#1 or SEC1); needs `AMQP_CLIENT_CERT_FILE`";
     REPLICA_ID = Derived("host name + pid"),
         "names the replica in consumer tags, connection names and logs (1–100 characters of `A-Z a-z 0-9 . _ : -`)";
     DB_STATEMENT_TIMEOUT_MS = Value("10000"),

@@ -1,6 +1,7 @@
 //! PostgreSQL: the connection pool, migrations and the batch write; in-doubt COMMIT
-//! resolution (`in_doubt`), the `verify` check ([`verify()`]) and the schema's state
-//! before consuming ([`schema`]: pending migrations, the runtime role) in submodules.
+//! resolution (`in_doubt`), the `verify` check ([`verify()`]), TLS ([`tls`]: every
+//! session is opened there) and the schema's state before consuming ([`schema`]: pending
+//! migrations, the runtime role) in submodules.
 //!
 //! The batch write is the heart of exactly-once counting. For one batch it runs ONE
 //! statement in ONE transaction (one round trip in the common case):
@@ -27,10 +28,11 @@ use std::time::Duration;
 use diesel::QueryableByName;
 use diesel::sql_types::{Array, BigInt, Bool, Int2, Int4, Nullable, Text, Timestamptz, Uuid};
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::bb8::Pool;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, TransactionManager as _};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::FutureExt as _;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{SessionTimeouts, redact_url};
@@ -38,10 +40,13 @@ use crate::error::DbError;
 use crate::vote::Vote;
 
 mod in_doubt;
+mod open_errors;
 pub mod schema;
+pub mod tls;
 mod verify;
 
 pub use self::in_doubt::{InDoubt, Resolution, resolve_in_doubt};
+pub use self::tls::{PgConnector, SslMode};
 pub use self::verify::{TallyDrift, VerifyReport, verify};
 
 /// The schema, compiled into the binary from `migrations/`.
@@ -160,17 +165,52 @@ fn synchronous_commit() -> &'static str {
 
 /// Builds the pool without connecting: the service starts (and reports `/readyz` 503)
 /// even while PostgreSQL is down, and connects when it comes back. Every session sets
-/// `timeouts` (see [`session_url`]).
+/// `timeouts` (see [`session_url`]) and is opened by [`PgConnector`] (TLS as the URL's
+/// `sslmode` says). A URL whose TLS settings do not load (which `Config::from_lookup`
+/// refuses at start-up) makes every checkout fail with that one line. Why a session
+/// could not be opened is logged (`open_errors`).
 pub fn pool(url: &SecretString, size: u32, timeouts: &SessionTimeouts) -> PgPool {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(session_url(
-        url.expose_secret(),
-        Some(timeouts),
-    ));
+    let target = session_url(url.expose_secret(), Some(timeouts));
+    let connector = PgConnector::from_url(&target)
+        .map(|c| c.shown_as(url.expose_secret()))
+        .map_err(|e| e.to_string());
+    let mut config = ManagerConfig::default();
+    config.custom_setup = Box::new(move |_url| {
+        let connector = connector.clone();
+        async move {
+            match connector {
+                Ok(c) => c
+                    .connect()
+                    .await
+                    .map_err(|e| diesel::result::ConnectionError::BadConnection(e.to_string())),
+                Err(line) => Err(diesel::result::ConnectionError::BadConnection(line)),
+            }
+        }
+        .boxed()
+    });
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(target, config);
     Pool::builder()
         .max_size(size)
         .connection_timeout(CHECKOUT_TIMEOUT)
         .test_on_check_out(false)
+        .error_sink(Box::new(open_errors::LogOpenErrors::default()))
         .build_unchecked(manager)
+}
+
+/// Opens one session outside the pool (migrations, `verify`) with the settings
+/// [`session_url`] pins (no timeouts).
+///
+/// # Errors
+/// TLS settings that do not load (which the configuration check refuses earlier) as
+/// [`DbError::Connect`]; connection failures as [`PgConnector::connect`] reports them.
+pub async fn connect_one(url: &SecretString) -> Result<AsyncPgConnection, DbError> {
+    let target = session_url(url.expose_secret(), None);
+    let connector = PgConnector::from_url(&target).map_err(|e| DbError::Connect {
+        url: redact_url(url.expose_secret()),
+        reason: e.to_string(),
+    })?;
+    connector.shown_as(url.expose_secret()).connect().await
 }
 
 type PooledConn<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
@@ -191,17 +231,11 @@ async fn checkout<'a>(pool: &'a PgPool, url: &SecretString) -> Result<PooledConn
 /// role), [`DbError::Migration`] when a migration fails (the failed migration's
 /// transaction is rolled back).
 pub async fn run_migrations(url: &SecretString) -> Result<Vec<String>, DbError> {
-    let raw = session_url(url.expose_secret(), None);
-    let shown = redact_url(&raw);
+    let conn = connect_one(url).await?;
     // diesel_migrations is synchronous; the wrapper drives the async connection from a
-    // blocking thread.
+    // blocking thread (on this runtime, which keeps driving the session's socket).
     tokio::task::spawn_blocking(move || {
-        let mut conn =
-            <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(&raw)
-                .map_err(|e| DbError::Connect {
-                    url: shown,
-                    reason: e.to_string(),
-                })?;
+        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
         let lock =
             diesel::sql_query("SELECT pg_advisory_lock($1)").bind::<BigInt, _>(MIGRATION_LOCK_KEY);
         diesel::RunQueryDsl::execute(lock, &mut conn)?;
@@ -458,11 +492,9 @@ pub async fn write_batch_attempt(
             // cancelled wait for a synchronous standby would still commit locally).
             if let (Some(token), None) = (progress.cancel, &progress.commit_sent) {
                 // Best effort, bounded: the server's own statement_timeout is the backstop.
-                let _ = tokio::time::timeout(
-                    CHECKOUT_TIMEOUT,
-                    token.cancel_query(tokio_postgres::NoTls),
-                )
-                .await;
+                let _ =
+                    tokio::time::timeout(CHECKOUT_TIMEOUT, tls::cancel(token, url.expose_secret()))
+                        .await;
             }
             Err(WriteFailure {
                 error: DbError::Timeout {

@@ -17,11 +17,10 @@ use diesel::QueryableByName;
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
 use diesel::sql_types::{Bool, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use secrecy::{ExposeSecret, SecretString};
+use diesel_async::RunQueryDsl;
+use secrecy::SecretString;
 
-use super::{MIGRATIONS, session_url};
-use crate::config::redact_url;
+use super::{MIGRATIONS, connect_one};
 use crate::error::DbError;
 
 /// The NOLOGIN group role the runtime grants go to (fixed: migrations take no
@@ -57,13 +56,13 @@ pub fn embedded_versions() -> Result<Vec<String>, DbError> {
 /// migrations table yet). Versions the database has and this binary does not know (a
 /// newer release migrated it: a rollback) are fine and not reported.
 ///
-/// Asked on a connection of its own (as migrations are), so an unreachable server fails
-/// at once and the caller's retry loop logs it, rather than waiting out a pool checkout.
+/// Asked on a session of its own ([`connect_one`], TLS as the URL says, like migrations),
+/// so an unreachable server fails at once and the caller's retry loop logs it, rather than waiting out a pool checkout.
 ///
 /// # Errors
 /// [`DbError`] when PostgreSQL cannot be asked.
 pub async fn pending_migrations(url: &SecretString) -> Result<Vec<String>, DbError> {
-    let mut conn = connect(url).await?;
+    let mut conn = connect_one(url).await?;
     let table: Exists =
         diesel::sql_query("SELECT to_regclass('__diesel_schema_migrations') IS NOT NULL AS exists")
             .get_result(&mut conn)
@@ -90,23 +89,13 @@ pub async fn pending_migrations(url: &SecretString) -> Result<Vec<String>, DbErr
 /// # Errors
 /// [`DbError`] when PostgreSQL cannot be asked.
 pub async fn runtime_group_exists(url: &SecretString) -> Result<bool, DbError> {
-    let mut conn = connect(url).await?;
+    let mut conn = connect_one(url).await?;
     let found: Exists =
         diesel::sql_query("SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1) AS exists")
             .bind::<Text, _>(RUNTIME_GROUP_ROLE)
             .get_result(&mut conn)
             .await?;
     Ok(found.exists)
-}
-
-/// A session of its own, with the pinned settings but no timeouts (see [`session_url`]).
-async fn connect(url: &SecretString) -> Result<AsyncPgConnection, DbError> {
-    AsyncPgConnection::establish(&session_url(url.expose_secret(), None))
-        .await
-        .map_err(|e| DbError::Connect {
-            url: redact_url(url.expose_secret()),
-            reason: e.to_string(),
-        })
 }
 
 /// A failed migration, as [`DbError::MigrationNotPermitted`] when the server refused it

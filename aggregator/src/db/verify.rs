@@ -3,11 +3,9 @@
 
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use secrecy::{ExposeSecret, SecretString};
+use diesel_async::RunQueryDsl;
+use secrecy::SecretString;
 
-use super::session_url;
-use crate::config::redact_url;
 use crate::error::DbError;
 
 /// One (election, candidate) whose tally disagrees with its counted votes.
@@ -57,12 +55,7 @@ struct Totals {
 /// # Errors
 /// [`DbError`] when the database cannot be read.
 pub async fn verify(url: &SecretString) -> Result<VerifyReport, DbError> {
-    let mut conn = AsyncPgConnection::establish(&session_url(url.expose_secret(), None))
-        .await
-        .map_err(|e| DbError::Connect {
-            url: redact_url(url.expose_secret()),
-            reason: e.to_string(),
-        })?;
+    let mut conn = super::connect_one(url).await?;
     conn.build_transaction()
         .repeatable_read()
         .read_only()

@@ -16,7 +16,7 @@ use testcontainers::core::logs::LogFrame;
 use testcontainers::core::wait::LogWaitStrategy;
 use testcontainers::core::{IntoContainerPort as _, WaitFor};
 use testcontainers::runners::AsyncRunner as _;
-use testcontainers::{ContainerAsync, GenericImage, ImageExt as _};
+use testcontainers::{ContainerAsync, CopyTargetOptions, GenericImage, ImageExt as _};
 
 use super::cleanup::{CREATED_ANY, own_labels};
 use super::engine::{docker_host_ip, docker_is_local};
@@ -41,12 +41,37 @@ pub(super) struct ContainerSpec {
     pub scope: &'static str,
     pub image: String,
     env: Vec<(&'static str, String)>,
-    cmd: Vec<String>,
+    pub(super) cmd: Vec<String>,
     pub port: u16,
     ready_line: &'static str,
     /// How often `ready_line` must appear (PostgreSQL's init runs a temporary server that
     /// prints it once before the real one does).
     ready_count: usize,
+    /// More container ports published on the host (see [`host_addr`]).
+    extra_ports: Vec<u16>,
+    /// Files copied into the container before it starts: (absolute path, contents),
+    /// written mode `0644` and owned by root, so the server's own user can read them.
+    files: Vec<(String, Vec<u8>)>,
+    /// Replaces the image's entrypoint (then `cmd` is its arguments).
+    pub(super) entrypoint: Option<&'static str>,
+}
+
+impl ContainerSpec {
+    /// Publishes container port `port` too.
+    pub(super) fn with_extra_port(mut self, port: u16) -> Self {
+        self.extra_ports.push(port);
+        self
+    }
+
+    /// Copies `contents` to `path` in the container before it starts.
+    pub(super) fn with_file(
+        mut self,
+        path: impl Into<String>,
+        contents: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.files.push((path.into(), contents.into()));
+        self
+    }
 }
 
 pub(super) fn postgres_spec(
@@ -84,6 +109,9 @@ pub(super) fn postgres_spec(
         port: POSTGRES_PORT,
         ready_line: POSTGRES_READY_LINE,
         ready_count: 2,
+        extra_ports: Vec::new(),
+        files: Vec::new(),
+        entrypoint: None,
     }
 }
 
@@ -100,6 +128,9 @@ pub(super) fn rabbitmq_spec(image: String, scope: &'static str) -> ContainerSpec
         port: RABBITMQ_PORT,
         ready_line: RABBITMQ_READY_LINE,
         ready_count: 1,
+        extra_ports: Vec::new(),
+        files: Vec::new(),
+        entrypoint: None,
     }
 }
 
@@ -150,9 +181,27 @@ pub(super) async fn start_container(spec: ContainerSpec) -> anyhow::Result<Start
     // password. (testcontainers publishes on every interface.) With a remote engine the
     // port must be reachable from this host.
     let local = docker_is_local();
-    let port_key = format!("{}/tcp", spec.port);
-    let mut request = GenericImage::new(name, tag)
-        .with_exposed_port(spec.port.tcp())
+    let ports: Vec<u16> = std::iter::once(spec.port)
+        .chain(spec.extra_ports.iter().copied())
+        .collect();
+    let bindings: HashMap<String, Option<Vec<PortBinding>>> = ports
+        .iter()
+        .map(|port| {
+            let binding = PortBinding {
+                host_ip: Some("127.0.0.1".to_owned()),
+                host_port: Some(String::new()),
+            };
+            (format!("{port}/tcp"), Some(vec![binding]))
+        })
+        .collect();
+    let mut image = GenericImage::new(name, tag);
+    if let Some(entrypoint) = spec.entrypoint {
+        image = image.with_entrypoint(entrypoint);
+    }
+    for port in &ports {
+        image = image.with_exposed_port(port.tcp());
+    }
+    let mut request = image
         .with_wait_for(ready)
         .with_container_name(&container_name)
         .with_labels(own_labels())
@@ -165,13 +214,7 @@ pub(super) async fn start_container(spec: ContainerSpec) -> anyhow::Result<Start
         .with_host_config_modifier(move |host_config| {
             if local {
                 host_config.publish_all_ports = Some(false);
-                host_config.port_bindings = Some(HashMap::from([(
-                    port_key.clone(),
-                    Some(vec![PortBinding {
-                        host_ip: Some("127.0.0.1".to_owned()),
-                        host_port: Some(String::new()),
-                    }]),
-                )]));
+                host_config.port_bindings = Some(bindings.clone());
             }
         });
     for (key, value) in &spec.env {
@@ -179,6 +222,12 @@ pub(super) async fn start_container(spec: ContainerSpec) -> anyhow::Result<Start
     }
     if !spec.cmd.is_empty() {
         request = request.with_cmd(&spec.cmd);
+    }
+    for (path, contents) in &spec.files {
+        request = request.with_copy_to(
+            CopyTargetOptions::new(path.as_str()).with_mode(0o644),
+            contents.clone(),
+        );
     }
     // Before the request: if it fails half-way, the container exists and only its labels
     // can find it.

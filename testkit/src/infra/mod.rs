@@ -10,6 +10,8 @@
 //!   restart, pause or kill servers; the URLs it hands out stay valid across restarts.
 //! - With `VOTES_TEST_DATABASE_URL` and `VOTES_TEST_AMQP_URL` set, [`shared`] uses those
 //!   servers and starts no container.
+//! - [`start_tls_rabbitmq`] starts a RabbitMQ with a TLS listener serving a
+//!   [`crate::tls::TestPki`]'s certificates, for the tests of `amqps://`.
 //!
 //! Containers are started and driven with testcontainers (`GenericImage`, `ContainerAsync`);
 //! its runner works against this project's engines (Docker 20.10, API 1.41; see the
@@ -26,11 +28,15 @@
 //!   by killed test processes (`cleanup`);
 //! - the image choice (`images`).
 //!
+//! - [`start_tls_postgres`] starts a PostgreSQL with `ssl=on` from a
+//!   [`crate::tls::TestPki`], paired with another server's RabbitMQ, for the TLS tests.
+//!
 //! Files: `images` (which image), `containers` (one container via testcontainers),
 //! `exec` (commands inside the shared containers: `rabbitmqctl`, `psql`),
 //! `shared` (the process-wide pair, external servers), `private` ([`PrivateInfra`]),
+//! `tls_postgres` ([`TlsPostgres`]),
 //! `probes` (readiness), `engine` (Docker runtime, bollard calls), `cleanup` (labels,
-//! stale and exit removal).
+//! stale and exit removal), `tls_broker` ([`TlsRabbitMq`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -50,12 +56,16 @@ mod images;
 mod private;
 mod probes;
 mod shared;
+mod tls_broker;
+mod tls_postgres;
 
 pub use cleanup::{keep_at_exit, own_labels};
 pub use exec::{SharedServer, exec_in_shared};
 pub use images::{postgres_image, rabbitmq_image};
 pub use private::{PrivateInfra, start_private};
 pub use shared::shared;
+pub use tls_broker::{RABBITMQ_TLS_PORT, TlsBrokerOptions, TlsRabbitMq, start_tls_rabbitmq};
+pub use tls_postgres::{CERT_USER, HBA, TlsPostgres, start_tls_postgres};
 
 /// User name and password of both servers (RabbitMQ's `guest` may only log in from
 /// localhost, which a published container port is not).
