@@ -90,8 +90,22 @@ pub(super) fn connect_error(connector: &PgConnector, e: &tokio_postgres::Error) 
     }
     DbError::Connect {
         url: connector.shown.clone(),
-        reason: one_line(&text),
+        reason: one_line(&with_causes(e)),
     }
+}
+
+/// `e` and every cause under it, joined by ": ". tokio-postgres's own message names only
+/// the kind ("db error", "error connecting to server"); the server's words ("password
+/// authentication failed for user …") or the I/O error are in the causes.
+fn with_causes(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// (reason, fix) for a TLS handshake that failed with `cause`.
