@@ -145,6 +145,19 @@ fn amqp_err(config: &Config, source: lapin::Error) -> BrokerError {
     if let lapin::ErrorKind::ProtocolError(e) = source.kind()
         && e.get_id() == 403
     {
+        // ACCESS_REFUSED after login: "<configure|write|read> access to <queue|exchange>
+        // '<name>' in vhost '<vhost>' refused for user '<user>'".
+        let message = e.get_message().as_str();
+        if let Some(at) = message.find(" access to ") {
+            let start = message[..at].rfind(' ').map_or(0, |i| i + 1);
+            let (what, user) = message[start..]
+                .split_once(" refused for user ")
+                .unwrap_or((&message[start..], "of AMQP_URL"));
+            return BrokerError::PermissionRefused {
+                url,
+                detail: format!("user {user} {what}"),
+            };
+        }
         return BrokerError::AuthRefused { url };
     }
     BrokerError::Amqp { url, source }
@@ -168,8 +181,10 @@ fn connect_err(config: &Config, source: lapin::Error) -> BrokerError {
 ///
 /// # Errors
 /// [`BrokerError::QueueMismatch`] when the queue exists with other arguments (fatal),
-/// [`BrokerError::AuthRefused`] on bad credentials (fatal), [`BrokerError::Tls`] when the
-/// TLS handshake fails on a certificate, a host name or a server without TLS (fatal),
+/// [`BrokerError::AuthRefused`] on bad credentials and [`BrokerError::PermissionRefused`]
+/// when the user lacks a permission the topology needs (both fatal), [`BrokerError::Tls`]
+/// when the TLS handshake fails on a certificate, a host name or a server without TLS
+/// (fatal),
 /// [`BrokerError::Amqp`] for everything the caller should retry.
 pub async fn connect(config: &Config) -> Result<Session, BrokerError> {
     let mut uri =

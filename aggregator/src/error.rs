@@ -90,6 +90,12 @@ pub enum DbError {
     /// Applying migrations failed.
     #[error("migrations failed: {0}")]
     Migration(String),
+    /// The user may not change the schema (a runtime role): migrations belong to the
+    /// schema's owner.
+    #[error(
+        "PostgreSQL user {user} may not apply migrations ({reason}): run `vote-aggregator migrate` with the schema owner's DATABASE_URL, and start replicas that log in with a runtime role with RUN_MIGRATIONS=false"
+    )]
+    MigrationNotPermitted { user: String, reason: String },
     /// A batch attempt took longer than `DB_ATTEMPT_TIMEOUT_MS`; it was cancelled on the
     /// server and is retried.
     #[error(
@@ -129,7 +135,7 @@ impl DbError {
             }
             DbError::Query(E::BrokenTransactionManager) => true,
             DbError::Query(_) => false,
-            DbError::Migration(_) => false,
+            DbError::Migration(_) | DbError::MigrationNotPermitted { .. } => false,
         }
     }
 }
@@ -155,6 +161,11 @@ pub enum BrokerError {
     /// The broker refused the credentials.
     #[error("RabbitMQ at {url} refused the credentials: check the user and password in AMQP_URL")]
     AuthRefused { url: String },
+    /// The user logged in but lacks a permission the topology needs.
+    #[error(
+        "RabbitMQ at {url} refused {detail}: grant the AMQP_URL user the permissions listed under \"RabbitMQ permissions\" in the README"
+    )]
+    PermissionRefused { url: String, detail: String },
     /// The TLS handshake failed on something retrying cannot fix (the broker's certificate
     /// or host name, a missing client certificate, a server without TLS).
     #[error("RabbitMQ at {url}: TLS failed: {reason}; fix: {fix}")]

@@ -11,9 +11,11 @@
 //! - [`vote`]: the message contract, decoding and validation;
 //! - [`broker`]: RabbitMQ connection (TLS of `amqps://` in its `tls` submodule),
 //!   topology, dead-lettering, and the contract's header, queue-argument and
-//!   queue-suffix names;
-//! - [`db`]: PostgreSQL pool, migrations, the batch write; in-doubt COMMIT resolution
-//!   and `verify` in its submodules;
+//!   queue-suffix names; [`amqp_permissions`]: the least RabbitMQ permissions of the
+//!   aggregator's and a publisher's user;
+//! - [`db`]: PostgreSQL pool, migrations, the batch write; in-doubt COMMIT resolution,
+//!   `verify` and the schema's state (pending migrations, the runtime role) in its
+//!   submodules;
 //! - `supervisor` (private): migrations with retry, the database watch, the
 //!   reconnect/backoff loop over broker sessions, the service-wide retry backoff;
 //! - `consumer` (private): one broker session: set-up, the consume loop, acks in
@@ -30,6 +32,7 @@
 //!   feature).
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod amqp_permissions;
 pub mod broker;
 pub mod config;
 mod consumer;

@@ -139,6 +139,12 @@ async fn migrate() -> anyhow::Result<ExitCode> {
             println!("applied migration {version}");
         }
     }
+    if !db::schema::runtime_group_exists(&url).await? {
+        eprintln!(
+            "warning: PostgreSQL role {} does not exist (the migrating user may not create roles), so no runtime grants are in place: have an administrator run scripts/roles.sql (make roles), which creates it and applies them",
+            db::schema::RUNTIME_GROUP_ROLE
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -3,8 +3,9 @@
 //!
 //! It owns every retry-with-backoff decision of the service ([`retry_backoff`]) and the
 //! rule that only what retrying cannot fix (a queue declared with other arguments,
-//! refused credentials, a TLS handshake refused on a certificate, a host name or a
-//! server without TLS, a migration that fails on its own) stops the replica; an
+//! refused credentials or permissions, a TLS handshake refused on a certificate, a host
+//! name or a server without TLS, a migration that fails on its own or that the user may
+//! not apply) stops the replica; an
 //! unreachable server is retried, reported in the metrics and the logs, and never
 //! returned as an error. What happens inside one session is [`crate::consumer`]'s.
 
@@ -17,7 +18,7 @@ use tracing::{Instrument, info, warn};
 
 use crate::config;
 use crate::consumer::{self, Ctx, SessionEnd};
-use crate::error::{BrokerError, Error};
+use crate::error::{BrokerError, DbError, Error};
 use crate::metrics::DEP_POSTGRES;
 use crate::{broker, db};
 
@@ -118,6 +119,7 @@ async fn session(
         Err(
             e @ (BrokerError::QueueMismatch { .. }
             | BrokerError::AuthRefused { .. }
+            | BrokerError::PermissionRefused { .. }
             | BrokerError::Tls { .. }),
         ) => Err(e.into()),
         Err(e) => {
@@ -154,14 +156,14 @@ async fn watch_database(ctx: Ctx, stop: CancellationToken) {
     }
 }
 
-/// Applies migrations, retrying with backoff while PostgreSQL is unreachable. Returns
-/// `false` if shutdown came first.
+/// Applies pending migrations, retrying with backoff while PostgreSQL is unreachable.
+/// Returns `false` if shutdown came first.
 async fn migrate_with_retry(ctx: &Ctx, shutdown: &CancellationToken) -> Result<bool, Error> {
     let mut backoff = retry_backoff();
     loop {
         let res = tokio::select! {
             _ = shutdown.cancelled() => return Ok(false),
-            r = db::run_migrations(&ctx.config.database_url) => r,
+            r = migrate_unless_current(ctx) => r,
         };
         match res {
             Ok(applied) => {
@@ -183,4 +185,15 @@ async fn migrate_with_retry(ctx: &Ctx, shutdown: &CancellationToken) -> Result<b
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Migrates only when an embedded migration is not applied yet: asking is a plain
+/// `SELECT`, so a replica logged in with the runtime role (which may not change the
+/// schema) starts cleanly on a current schema, and fails with one line when it is not.
+async fn migrate_unless_current(ctx: &Ctx) -> Result<Vec<String>, DbError> {
+    let url = &ctx.config.database_url;
+    if db::schema::pending_migrations(url).await?.is_empty() {
+        return Ok(Vec::new());
+    }
+    db::run_migrations(url).await
 }

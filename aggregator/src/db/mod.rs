@@ -1,6 +1,7 @@
 //! PostgreSQL: the connection pool, migrations and the batch write; in-doubt COMMIT
-//! resolution (`in_doubt`), the `verify` check ([`verify()`]) and TLS ([`tls`]: every
-//! session is opened there) in submodules.
+//! resolution (`in_doubt`), the `verify` check ([`verify()`]), TLS ([`tls`]: every
+//! session is opened there) and the schema's state before consuming ([`schema`]: pending
+//! migrations, the runtime role) in submodules.
 //!
 //! The batch write is the heart of exactly-once counting. For one batch it runs ONE
 //! statement in ONE transaction (one round trip in the common case):
@@ -40,6 +41,7 @@ use crate::vote::Vote;
 
 mod in_doubt;
 mod open_errors;
+pub mod schema;
 pub mod tls;
 mod verify;
 
@@ -224,8 +226,10 @@ async fn checkout<'a>(pool: &'a PgPool, url: &SecretString) -> Result<PooledConn
 /// applied (empty when the schema was current).
 ///
 /// # Errors
-/// [`DbError::Connect`] when PostgreSQL cannot be reached, [`DbError::Migration`] when
-/// a migration fails (the failed migration's transaction is rolled back).
+/// [`DbError::Connect`] when PostgreSQL cannot be reached,
+/// [`DbError::MigrationNotPermitted`] when the user may not change the schema (a runtime
+/// role), [`DbError::Migration`] when a migration fails (the failed migration's
+/// transaction is rolled back).
 pub async fn run_migrations(url: &SecretString) -> Result<Vec<String>, DbError> {
     let conn = connect_one(url).await?;
     // diesel_migrations is synchronous; the wrapper drives the async connection from a
@@ -247,6 +251,7 @@ pub async fn run_migrations(url: &SecretString) -> Result<Vec<String>, DbError> 
     })
     .await
     .map_err(|e| DbError::Migration(format!("migration task failed: {e}")))?
+    .map_err(|e| schema::classify_migration_error(url.expose_secret(), e))
 }
 
 /// Cheap liveness query through the pool.

@@ -291,7 +291,14 @@ pub async fn run(opts: &DeployOptions) -> anyhow::Result<DeployReport> {
             None
         }
     };
-    let load = endpoints.as_ref().map(|at| start_load(at, opts));
+    let load = match (&endpoints, stack.publisher_amqp_url()) {
+        (Some(at), Ok(url)) => Some(start_load(&url, &at.queue, opts)),
+        (Some(_), Err(e)) => {
+            run.fail("secrets", format!("{e:#}"));
+            None
+        }
+        (None, _) => None,
+    };
 
     run.step("kill", steps::kill_and_bring_back(&stack, REPLICAS))
         .await;
@@ -451,12 +458,13 @@ impl Run {
     }
 }
 
-/// The steady confirmed publisher: duplicates (some late), conflicting copies and ~1 %
-/// malformed messages, at `opts.rate`.
-fn start_load(at: &Endpoints, opts: &DeployOptions) -> SteadyLoad {
+/// The steady confirmed publisher, as the stack's publisher user (it may only publish):
+/// duplicates (some late), conflicting copies and ~1 % malformed messages, at
+/// `opts.rate`.
+fn start_load(amqp_url: &str, queue: &str, opts: &DeployOptions) -> SteadyLoad {
     let spec = steady_workload(opts.rate * MAX_PUBLISH.as_secs_f64(), opts.seed);
     let stream = message_stream(&spec, (opts.rate * 2.0) as usize);
-    SteadyLoad::start(&at.amqp_url, &at.queue, opts.seed, stream, opts.rate)
+    SteadyLoad::start(amqp_url, queue, opts.seed, stream, opts.rate)
 }
 
 /// Stops the publisher, waits for the drain, runs the checker and reads the dead letters.

@@ -380,7 +380,7 @@ impl Stack {
         Ok(url.to_string())
     }
 
-    /// The database URL from the host.
+    /// The schema owner's database URL from the host (the checks read every table).
     ///
     /// # Errors
     /// When the secret file cannot be read or holds no URL.
@@ -388,12 +388,20 @@ impl Stack {
         self.host_url("database_url", self.ports.postgres)
     }
 
-    /// The broker URL from the host.
+    /// The broker administrator's URL from the host (inspection, dead letters).
     ///
     /// # Errors
     /// When the secret file cannot be read or holds no URL.
     pub fn amqp_url(&self) -> anyhow::Result<String> {
         self.host_url("amqp_url", self.ports.amqp)
+    }
+
+    /// The publisher user's URL from the host (it may only publish).
+    ///
+    /// # Errors
+    /// When the secret file cannot be read or holds no URL.
+    pub fn publisher_amqp_url(&self) -> anyhow::Result<String> {
+        self.host_url("publisher_amqp_url", self.ports.amqp)
     }
 
     /// Prometheus from the host.

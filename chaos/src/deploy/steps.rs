@@ -258,13 +258,15 @@ pub async fn plain_docker_run(stack: &Stack, dir: &Path) -> anyhow::Result<Strin
     )?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let name = format!("{}-docker-run", stack.project());
-    let mount = |secret: &str| {
+    // The replicas' own least-privilege users, as compose mounts them.
+    let mount = |secret: &str, target: &str| {
         format!(
-            "{}:/run/secrets/{secret}:ro",
+            "{}:/run/secrets/{target}:ro",
             stack.secret_path(secret).display()
         )
     };
-    let (database, amqp) = (mount("database_url"), mount("amqp_url"));
+    let database = mount("aggregator_database_url", "database_url");
+    let amqp = mount("aggregator_amqp_url", "amqp_url");
     let publish = format!("127.0.0.1:{port}:{}", DEFAULT_METRICS_ADDR.port());
     let stop = STOP_TIMEOUT.as_secs().to_string();
     let env_arg = env_file.display().to_string();

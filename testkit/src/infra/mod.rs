@@ -32,6 +32,7 @@
 //!   [`crate::tls::TestPki`], paired with another server's RabbitMQ, for the TLS tests.
 //!
 //! Files: `images` (which image), `containers` (one container via testcontainers),
+//! `exec` (commands inside the shared containers: `rabbitmqctl`, `psql`),
 //! `shared` (the process-wide pair, external servers), `private` ([`PrivateInfra`]),
 //! `tls_postgres` ([`TlsPostgres`]),
 //! `probes` (readiness), `engine` (Docker runtime, bollard calls), `cleanup` (labels,
@@ -50,6 +51,7 @@ use crate::proxy::FaultProxy;
 mod cleanup;
 mod containers;
 mod engine;
+mod exec;
 mod images;
 mod private;
 mod probes;
@@ -58,6 +60,7 @@ mod tls_broker;
 mod tls_postgres;
 
 pub use cleanup::{keep_at_exit, own_labels};
+pub use exec::{SharedServer, exec_in_shared};
 pub use images::{postgres_image, rabbitmq_image};
 pub use private::{PrivateInfra, start_private};
 pub use shared::shared;
