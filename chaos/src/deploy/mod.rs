@@ -371,6 +371,11 @@ pub async fn run(opts: &DeployOptions) -> anyhow::Result<DeployReport> {
     }
     if !run.failed {
         run.step("verify", steps::verify(&stack)).await;
+        run.step(
+            "dlq-retention",
+            steps::dead_letter_retention(&stack, DEFAULT_QUEUE_NAME),
+        )
+        .await;
         let mut seen = None;
         run.step("prometheus", async {
             let running = stack.running().await?;

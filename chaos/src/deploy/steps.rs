@@ -366,6 +366,50 @@ pub async fn stats(stack: &Stack, counted: usize) -> anyhow::Result<String> {
     ))
 }
 
+/// The dead-letter retention operator policy of `deploy/rabbitmq` applies to the stack's
+/// `<queue>.dlq` and to nothing else: not the votes queue, not `<queue>.dlq.unexplained`.
+///
+/// # Errors
+/// When `rabbitmqctl` fails or a queue carries the wrong policy.
+pub async fn dead_letter_retention(stack: &Stack, queue: &str) -> anyhow::Result<String> {
+    const POLICY: &str = "dead-letter-retention";
+    let listed = stack
+        .compose(&[
+            "exec",
+            "-T",
+            "rabbitmq",
+            "rabbitmqctl",
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "operator_policy",
+        ])
+        .await?;
+    let policy_of = |name: &str| {
+        listed
+            .lines()
+            .find_map(|l| l.split_once('\t').filter(|(n, _)| n.trim() == name))
+            .map(|(_, policy)| policy.trim().to_string())
+    };
+    let dead_letters = vote_aggregator::broker::dead_letter_queue(queue);
+    if policy_of(&dead_letters).as_deref() != Some(POLICY) {
+        bail!("{dead_letters} does not carry the {POLICY} operator policy:\n{listed}");
+    }
+    let unexplained = format!(
+        "{queue}{}",
+        vote_aggregator::broker::UNEXPLAINED_QUEUE_SUFFIX
+    );
+    for name in [queue, unexplained.as_str()] {
+        if policy_of(name).as_deref() != Some("") {
+            bail!("{name} must carry no operator policy:\n{listed}");
+        }
+    }
+    Ok(format!(
+        "{dead_letters} carries {POLICY}; {queue} and {unexplained} none"
+    ))
+}
+
 async fn first_running(stack: &Stack) -> anyhow::Result<Replica> {
     stack
         .running()
