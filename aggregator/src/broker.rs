@@ -66,6 +66,11 @@ pub const DEAD_LETTER_QUEUE_SUFFIX: &str = ".dlq";
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}{DEAD_LETTER_QUEUE_SUFFIX}")
 }
+/// Name of the RabbitMQ operator policy that bounds `<queue>.dlq` (age and length),
+/// shipped in `deploy/rabbitmq/30-dead-letter-retention.conf`; the replicas never set
+/// it, the deployment and its tests check it.
+pub const DEAD_LETTER_RETENTION_POLICY: &str = "dead-letter-retention";
+
 /// Suffix of the queue of what the broker dead-letters: `<queue>.dlq.unexplained`.
 pub const UNEXPLAINED_QUEUE_SUFFIX: &str = ".dlq.unexplained";
 

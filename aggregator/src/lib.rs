@@ -50,7 +50,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info};
+use tracing::{Instrument, error, info, warn};
 
 /// The service's name: its binary, its PostgreSQL `application_name`, the prefix of its
 /// AMQP connection names and consumer tags.
@@ -129,6 +129,12 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
     span.in_scope(|| {
         info!(%metrics_addr, "vote-aggregator starting");
         db::tls::log_protection(&config.database_url);
+        let amqp_key = config.amqp_tls.client.as_ref().map(|c| c.key_file.as_str());
+        if let Some(w) = amqp_key
+            .and_then(|k| config::exposure_warning(config::variables::AMQP_CLIENT_KEY_FILE, k))
+        {
+            warn!("{w}");
+        }
     });
 
     let ctx = Ctx {

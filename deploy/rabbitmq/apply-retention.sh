@@ -13,7 +13,7 @@ value() { sed -n "s/^default_policies\.operator\.dead-letter-retention\.$1 = //p
 
 # cuttlefish duration (e.g. 30d, 12h, 90m, 45s) -> milliseconds
 to_ms() {
-    local n=${1%[a-z]*} unit=${1##*[0-9]}
+    local n=${1%%[a-z]*} unit=${1##*[0-9]}
     case "$unit" in
         d) echo $((n * 86400000)) ;; h) echo $((n * 3600000)) ;;
         m) echo $((n * 60000)) ;; s) echo $((n * 1000)) ;; ms | "") echo "$n" ;;

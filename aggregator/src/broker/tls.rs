@@ -122,10 +122,17 @@ fn explain(e: &rustls::Error, tls: &AmqpTls) -> Option<Failure> {
                 "set {AMQP_CLIENT_CERT_FILE} to a valid certificate signed by a CA the broker trusts (its ssl_options.cacertfile)"
             ),
         ),
-        rustls::Error::AlertReceived(alert) => failure(
+        rustls::Error::AlertReceived(
+            alert @ (AlertDescription::HandshakeFailure
+            | AlertDescription::ProtocolVersion
+            | AlertDescription::InsufficientSecurity
+            | AlertDescription::NoApplicationProtocol),
+        ) => failure(
             format!("the broker ended the TLS handshake (TLS alert {alert:?})"),
             "check that the broker's ssl_options (versions, ciphers, verify) accept this client",
         ),
+        // Any other alert (an internal error, a close during a broker restart) may pass:
+        // retried like any connection failure.
         rustls::Error::InconsistentKeys(_) => failure(
             format!("{AMQP_CLIENT_KEY_FILE} is not the private key of {AMQP_CLIENT_CERT_FILE}"),
             "give the certificate's own key",

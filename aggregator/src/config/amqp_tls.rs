@@ -40,6 +40,8 @@ pub struct ClientIdentity {
     pub cert_pem: String,
     /// Its unencrypted private key (`AMQP_CLIENT_KEY_FILE`).
     pub key_pem: SecretString,
+    /// The file the key was read from (for the start-up check of its permissions).
+    pub key_file: String,
 }
 
 /// Reads and checks the three TLS variables for the broker URL `amqp_url` (already
@@ -81,6 +83,7 @@ pub(super) fn from_env(env: &Env<'_>, amqp_url: &str) -> Result<AmqpTls, ConfigE
         (Some(cert), Some(key)) => Some(ClientIdentity {
             cert_pem: read_certificates(AMQP_CLIENT_CERT_FILE, &cert)?,
             key_pem: read_private_key(AMQP_CLIENT_KEY_FILE, &key)?,
+            key_file: key,
         }),
     };
     Ok(AmqpTls { ca_pem, client })

@@ -22,10 +22,12 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::error::ConfigError;
 
 mod amqp_tls;
+mod key_file;
 mod redact;
 pub mod variables;
 
 pub use self::amqp_tls::{AmqpTls, ClientIdentity};
+pub use self::key_file::exposure_warning;
 use self::redact::hides_credentials;
 pub use self::redact::redact_url;
 pub use self::variables::VARIABLES;

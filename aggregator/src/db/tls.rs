@@ -135,6 +135,8 @@ pub struct PgConnector {
     mode: SslMode,
     check: Check,
     client_cert: bool,
+    /// The `sslkey` file, when given (its permissions are checked at start-up).
+    key_file: Option<String>,
     /// The URL as logs show it.
     shown: String,
 }
@@ -217,6 +219,7 @@ impl PgConnector {
             mode,
             check,
             client_cert,
+            key_file: params.key.clone(),
             shown: redact_url(url),
         })
     }
@@ -280,6 +283,13 @@ impl PgConnector {
         let (client, connection) = match first {
             // libpq's `prefer`: a failed TLS handshake is retried in plain text.
             Err(e) if self.mode == SslMode::Prefer && errors::is_tls_handshake(&e) => {
+                // Never silent: with sslrootcert, this is a certificate that failed its
+                // check, and the session goes on unencrypted.
+                tracing::warn!(
+                    server = %self.shown,
+                    "PostgreSQL TLS handshake failed under sslmode=prefer ({}); connecting in plain text, as libpq does (sslmode=verify-full refuses instead)",
+                    errors::one_line(&errors::with_causes(&e))
+                );
                 let mut plain = self.config.clone();
                 plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
                 plain.connect(self.tls.clone()).await
@@ -341,24 +351,42 @@ fn invalid(detail: String, fix: &str) -> ConfigError {
 }
 
 /// Logs, once at start-up, what the `sslmode` of `url` protects against and what it
-/// does not: a warning unless it authenticates the server (`verify-full`).
+/// does not (a warning unless it authenticates the server, `verify-full`), and a warning
+/// when the `sslkey` file can be read by others than its owner.
 pub fn log_protection(url: &secrecy::SecretString) {
     use secrecy::ExposeSecret as _;
     match PgConnector::from_url(url.expose_secret()) {
-        Ok(c) if c.mode == SslMode::VerifyFull => tracing::info!("{}", c.protection()),
-        Ok(c) => tracing::warn!("{}", c.protection()),
+        Ok(c) => {
+            if c.mode == SslMode::VerifyFull {
+                tracing::info!("{}", c.protection());
+            } else {
+                tracing::warn!("{}", c.protection());
+            }
+            let exposed = c.key_file.as_deref();
+            if let Some(w) = exposed.and_then(|k| crate::config::exposure_warning(SSLKEY, k)) {
+                tracing::warn!("{w}");
+            }
+        }
         // Refused by the configuration check already; each checkout reports it too.
         Err(e) => tracing::warn!("{e}"),
     }
 }
 
 /// Best-effort cancel of the statement running on the session `token` came from, over
-/// the same TLS settings as the session (a cancel request opens its own connection).
-/// Gives up silently when the URL's TLS settings no longer load.
+/// the same TLS settings as the session (a cancel request opens its own connection). The
+/// certificate files are read off the runtime's thread; a cancel that cannot be sent is
+/// logged (the server's `statement_timeout` ends the statement anyway).
 pub(crate) async fn cancel(token: tokio_postgres::CancelToken, url: &str) {
     // The session's options do not matter to a cancel request: the operator's URL will do.
-    if let Ok(connector) = PgConnector::from_url(url) {
-        let _ = token.cancel_query(connector.tls()).await;
+    let url = url.to_string();
+    let connector = tokio::task::spawn_blocking(move || PgConnector::from_url(&url)).await;
+    let sent = match connector {
+        Ok(Ok(c)) => token.cancel_query(c.tls()).await.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(reason) = sent {
+        tracing::debug!(%reason, "cannot send a cancel request to PostgreSQL");
     }
 }
 

@@ -20,8 +20,7 @@ use super::{WAIT, start_ready};
 
 const MALFORMED: &str = vote_aggregator::vote::RejectKind::MalformedJson.as_str();
 
-/// The operator policy's name in the shipped file.
-const POLICY: &str = "dead-letter-retention";
+const POLICY: &str = vote_aggregator::broker::DEAD_LETTER_RETENTION_POLICY;
 
 fn shipped_setting(conf: &str, key: &str) -> anyhow::Result<String> {
     let prefix = format!("default_policies.operator.{POLICY}.{key} = ");

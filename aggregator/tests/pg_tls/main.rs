@@ -251,7 +251,14 @@ async fn a_wrong_ca_a_wrong_host_name_and_a_missing_client_certificate_are_refus
             ("sslrootcert", path(&pki.other_ca)),
         ],
     );
-    succeeded(&run_sub("verify", &prefer).await?);
+    let fell_back = run_sub("verify", &prefer).await?;
+    succeeded(&fell_back);
+    let logged = String::from_utf8_lossy(&fell_back.stdout).to_string()
+        + &String::from_utf8_lossy(&fell_back.stderr);
+    assert!(
+        logged.contains("connecting in plain text"),
+        "the fall-back to plain text is never silent: {logged}"
+    );
 
     // pg_hba.conf demands a certificate from CERT_USER: refused without one.
     let no_cert = url_with(

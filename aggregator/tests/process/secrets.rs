@@ -58,6 +58,8 @@ struct TlsServers<'a> {
     postgres_port: u16,
     rabbitmq_port: u16,
     wrong_ca: &'a std::path::Path,
+    /// A client certificate and its key: the key's body must never be shown either.
+    client: &'a vote_testkit::tls::CertFiles,
 }
 
 fn scenarios(
@@ -73,7 +75,9 @@ fn scenarios(
     let mq_wrong = with_password(amqp, MQ_USERINFO)?;
     let mq_tls = mq_wrong.replacen("amqp://", "amqps://", 1);
     let pg_tls = format!("{pg_wrong}?sslmode=require");
-    let down_pg = format!("postgres://votes:{PG_USERINFO}@127.0.0.1:1/votes?password={PG_QUERY}");
+    let down_pg = format!(
+        "postgres://votes:{PG_USERINFO}@127.0.0.1:1/votes?password={PG_QUERY}&sslpassword={PG_SSLPASSWORD}"
+    );
     let down_mq = format!("amqp://votes:{MQ_USERINFO}@127.0.0.1:1/%2f?token={MQ_QUERY}");
     let pg_file = dir.join("database_url");
     let mq_file = dir.join("amqp_url");
@@ -86,7 +90,7 @@ fn scenarios(
                 (var::DATABASE_URL, down_pg),
                 (var::AMQP_URL, amqp.to_string()),
             ],
-            expect: &["postgres://votes:***@127.0.0.1:1/votes?password=***"],
+            expect: &["postgres://votes:***@127.0.0.1:1/votes?password=***&sslpassword=***"],
         },
         Scenario {
             name: "RabbitMQ down",
@@ -126,7 +130,7 @@ fn scenarios(
                 (var::DATABASE_URL, pg_tls),
                 (var::AMQP_URL, amqp.to_string()),
             ],
-            expect: &["sslmode=require"],
+            expect: &["with sslmode=require: the server does not offer TLS"],
         },
         Scenario {
             name: "amqps:// but RabbitMQ offers no TLS there",
@@ -139,9 +143,11 @@ fn scenarios(
                 (
                     var::DATABASE_URL,
                     format!(
-                        "postgres://votes:{PG_USERINFO}@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+                        "postgres://votes:{PG_USERINFO}@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}&sslpassword={PG_SSLPASSWORD}",
                         tls.postgres_port,
-                        tls.wrong_ca.display()
+                        tls.wrong_ca.display(),
+                        tls.client.cert.display(),
+                        tls.client.key.display(),
                     ),
                 ),
                 (var::AMQP_URL, amqp.to_string()),
@@ -160,6 +166,14 @@ fn scenarios(
                     ),
                 ),
                 (var::AMQP_CA_FILE, tls.wrong_ca.display().to_string()),
+                (
+                    var::AMQP_CLIENT_CERT_FILE,
+                    tls.client.cert.display().to_string(),
+                ),
+                (
+                    var::AMQP_CLIENT_KEY_FILE,
+                    tls.client.key.display().to_string(),
+                ),
             ],
             expect: &["TLS failed", "UnknownIssuer"],
         },
@@ -177,7 +191,7 @@ fn scenarios(
                     format!("amqp://votes:{MQ_USERINFO}@mq:99999999/%2f"),
                 ),
             ],
-            expect: &["DATABASE_URL"],
+            expect: &["invalid DATABASE_URL"],
         },
         Scenario {
             name: "URLs from *_FILE files, JSON logs",
@@ -259,12 +273,28 @@ async fn no_password_reaches_a_log_line_an_error_metrics_or_help() -> anyhow::Re
         postgres_port: tls_pg.addr().port(),
         rabbitmq_port: tls_mq.tls_port(),
         wrong_ca: &pki.other_ca,
+        client: &pki.client,
     };
+    // The base64 lines of the client key (not its BEGIN/END lines).
+    let key_body: Vec<&str> = pki
+        .client
+        .key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 16)
+        .collect();
+    assert!(!key_body.is_empty());
     let scenarios = scenarios(&pg, &amqp, &tls, &dir)?;
     let shown = futures_util::future::try_join_all(scenarios.iter().map(drive)).await;
     let _ = std::fs::remove_dir_all(&dir);
     for (scenario, shown) in scenarios.iter().zip(shown?) {
         let text = &shown.text;
+        for line in &key_body {
+            assert!(
+                !text.contains(line),
+                "{}: the client key leaked:\n{text}",
+                shown.name
+            );
+        }
         for secret in SECRETS {
             assert!(
                 !text.contains(secret),

@@ -372,7 +372,7 @@ pub async fn stats(stack: &Stack, counted: usize) -> anyhow::Result<String> {
 /// # Errors
 /// When `rabbitmqctl` fails or a queue carries the wrong policy.
 pub async fn dead_letter_retention(stack: &Stack, queue: &str) -> anyhow::Result<String> {
-    const POLICY: &str = "dead-letter-retention";
+    use vote_aggregator::broker::DEAD_LETTER_RETENTION_POLICY as POLICY;
     let listed = stack
         .compose(&[
             "exec",

@@ -4,7 +4,8 @@
 
 use std::error::Error as _;
 
-use super::{PgConnector, SSLCERT, SSLKEY, SSLROOTCERT, SslMode};
+use super::{PgConnector, SSLCERT, SSLKEY, SSLROOTCERT};
+use crate::config::variables::DATABASE_URL;
 use crate::error::DbError;
 
 /// tokio-postgres's text for a failed TLS handshake (its error kinds are private).
@@ -76,7 +77,7 @@ pub(super) fn connect_error(connector: &PgConnector, e: &tokio_postgres::Error) 
                 )
             } else {
                 format!(
-                    "the server demands a client certificate: set {SSLCERT} and {SSLKEY} (PEM) in DATABASE_URL"
+                    "the server demands a client certificate: set {SSLCERT} and {SSLKEY} (PEM) in {DATABASE_URL}"
                 )
             };
             return tls(format!("the server refused the session: {message}"), fix);
@@ -97,7 +98,7 @@ pub(super) fn connect_error(connector: &PgConnector, e: &tokio_postgres::Error) 
 /// `e` and every cause under it, joined by ": ". tokio-postgres's own message names only
 /// the kind ("db error", "error connecting to server"); the server's words ("password
 /// authentication failed for user …") or the I/O error are in the causes.
-fn with_causes(e: &tokio_postgres::Error) -> String {
+pub(super) fn with_causes(e: &tokio_postgres::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -126,6 +127,14 @@ fn handshake_failure(connector: &PgConnector, cause: Option<&rustls::Error>) -> 
             format!("the server's certificate is not signed by a CA in {SSLROOTCERT}"),
             format!("set {SSLROOTCERT} to the PEM file of the CA that signed the server's certificate"),
         ),
+        Some(E::InvalidCertificate(C::NotValidForNameContext { presented, .. })) if presented.is_empty() => (
+            "the server's certificate has no subjectAltName (libpq would fall back to its common name; this client does not)".into(),
+            format!("reissue the server's certificate with subjectAltName DNS:{host} (or IP:{host})"),
+        ),
+        Some(E::InvalidCertificate(other)) if format!("{other:?}").contains("CaUsedAsEndEntity") => (
+            "the server presents a CA certificate (basicConstraints CA:TRUE) as its own, e.g. a self-signed one made with `openssl req -x509`; libpq accepts that, this client does not".into(),
+            format!("give the server a certificate signed by a CA (in {SSLROOTCERT}) with CA:FALSE"),
+        ),
         Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => (
             format!("the server's certificate is not valid for the host name '{host}'"),
             "connect with a host name the certificate lists (subjectAltName), or use sslmode=verify-ca to check only the CA".into(),
@@ -142,7 +151,7 @@ fn handshake_failure(connector: &PgConnector, cause: Option<&rustls::Error>) -> 
             let fix = if connector.client_cert {
                 format!("the server rejected the client certificate: give a {SSLCERT}/{SSLKEY} pair signed by a CA in the server's ssl_ca_file")
             } else {
-                format!("the server demands a client certificate: set {SSLCERT} and {SSLKEY} in DATABASE_URL")
+                format!("the server demands a client certificate: set {SSLCERT} and {SSLKEY} in {DATABASE_URL}")
             };
             (format!("the server aborted the handshake ({alert:?})"), fix)
         }
@@ -152,11 +161,7 @@ fn handshake_failure(connector: &PgConnector, cause: Option<&rustls::Error>) -> 
         ),
         None => (
             "TLS handshake failed (the connection broke during it)".into(),
-            if connector.mode == SslMode::Disable {
-                "check the server".into()
-            } else {
-                "check that the address is a PostgreSQL server with ssl on".into()
-            },
+            "check that the address is a PostgreSQL server with ssl on".into(),
         ),
     }
 }

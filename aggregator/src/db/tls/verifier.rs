@@ -35,16 +35,23 @@ pub(super) fn client_config(
         })?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
-    match client {
-        None => Ok(builder.with_no_client_auth()),
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
         Some((certs, key)) => builder.with_client_auth_cert(certs, key).map_err(|e| {
             invalid(
                 format!("{SSLCERT} and {SSLKEY} do not make a usable pair ({e})"),
                 "give the client certificate and the private key it was issued for",
             )
-        }),
-    }
+        })?,
+    };
+    // libpq 17 always offers ALPN "postgresql"; PostgreSQL 17 requires it of a direct TLS
+    // connection (`sslnegotiation=direct`) and ignores it otherwise.
+    config.alpn_protocols = vec![POSTGRES_ALPN.to_vec()];
+    Ok(config)
 }
+
+/// The ALPN protocol name PostgreSQL registered.
+const POSTGRES_ALPN: &[u8] = b"postgresql";
 
 /// The server certificate check of one [`Check`] level (see the module invariants).
 #[derive(Debug)]
