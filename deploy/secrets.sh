@@ -72,10 +72,10 @@ url() {
     fi
 }
 
-if [ ! -d "$dir" ]; then
-    mkdir -p "$dir"
-    chmod 0700 "$dir"
-fi
+# The folder is what keeps the (0644, for the containers' users) files private: 0700
+# every time, also for a folder made by hand.
+mkdir -p "$dir"
+chmod 0700 "$dir"
 umask 022
 password postgres_password database_url
 password aggregator_db_password aggregator_database_url

@@ -1,15 +1,14 @@
--- vote-aggregator's PostgreSQL roles, for an administrator (a superuser, or a CREATEROLE
--- user with ADMIN on the roles it grants). Run it connected to the service's database;
+-- vote-aggregator's PostgreSQL roles, for an administrator (a superuser: step 4 calls the
+-- schema owner's grant function, and step 3 grants on schema public). Run it connected to the service's database;
 -- it is idempotent (run it again to change a password or after an upgrade):
 --
+--   RUNTIME_PASSWORD="$(cat runtime.pw)" [MIGRATOR_PASSWORD="$(cat migrator.pw)"] \
 --   psql "postgres://ADMIN@HOST/DATABASE" -v ON_ERROR_STOP=1 \
---     -v runtime_user=vote_aggregator -v runtime_password="$RUNTIME_PASSWORD" \
---     [-v migrator_user=vote_migrator -v migrator_password="$MIGRATOR_PASSWORD"] \
---     -f scripts/roles.sql
+--     -v runtime_user=vote_aggregator [-v migrator_user=vote_migrator] -f scripts/roles.sql
 --
--- (`make roles` does this for the compose stack.) Passwords come from psql variables,
--- never from this file; keep them out of shell history (e.g. read them from a file into
--- the variable). Server logs show the statement if log_statement = 'all' or 'ddl':
+-- (`make roles` does this for the compose stack.) Passwords come from the environment
+-- (psql 15+ `\getenv`) or psql variables, never from this file; not `-v
+-- runtime_password=...` on a shared host: every local user can read a process's argv. Server logs show the statement if log_statement = 'all' or 'ddl':
 -- turn that off for this session's role or rotate afterwards.
 --
 -- What it does:
@@ -30,14 +29,24 @@
 \else
 DO $$ BEGIN RAISE EXCEPTION 'scripts/roles.sql: set -v runtime_user=NAME -v runtime_password=SECRET (and optionally migrator_user, migrator_password)'; END $$;
 \endif
+-- Passwords from the environment (RUNTIME_PASSWORD, MIGRATOR_PASSWORD) unless given as
+-- variables: the environment of a process is private to its user, its argv is not.
 \if :{?runtime_password}
 \else
-DO $$ BEGIN RAISE EXCEPTION 'scripts/roles.sql: set -v runtime_password=SECRET for the runtime user'; END $$;
+\getenv runtime_password RUNTIME_PASSWORD
+\endif
+\if :{?runtime_password}
+\else
+DO $$ BEGIN RAISE EXCEPTION 'scripts/roles.sql: set RUNTIME_PASSWORD in the environment (or -v runtime_password=SECRET) for the runtime user'; END $$;
 \endif
 \if :{?migrator_user}
   \if :{?migrator_password}
   \else
-DO $$ BEGIN RAISE EXCEPTION 'scripts/roles.sql: set -v migrator_password=SECRET with migrator_user'; END $$;
+\getenv migrator_password MIGRATOR_PASSWORD
+  \endif
+  \if :{?migrator_password}
+  \else
+DO $$ BEGIN RAISE EXCEPTION 'scripts/roles.sql: set MIGRATOR_PASSWORD in the environment (or -v migrator_password=SECRET) with migrator_user'; END $$;
   \endif
 \endif
 
@@ -53,14 +62,18 @@ SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = :'runtime_user') AS runtime_
        EXISTS (SELECT FROM pg_roles WHERE rolname = :'runtime_user' AND rolsuper)
          OR :'runtime_user' = current_user
          OR EXISTS (SELECT FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner
-                    WHERE c.oid = to_regclass('votes') AND r.rolname = :'runtime_user')
+                    WHERE c.oid = to_regclass('public.votes')
+                      AND CASE WHEN EXISTS (SELECT FROM pg_roles WHERE rolname = :'runtime_user')
+                               THEN pg_has_role(:'runtime_user', r.oid, 'MEMBER') END)
+         OR EXISTS (SELECT FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba
+                    WHERE d.datname = current_database() AND r.rolname = :'runtime_user')
          AS runtime_too_strong
 \gset
 \if :runtime_too_strong
-DO $$ BEGIN RAISE EXCEPTION 'scripts/roles.sql: the runtime user is a superuser, this session''s user or the owner of the votes table: choose a separate user for the replicas'; END $$;
+DO $$ BEGIN RAISE EXCEPTION 'scripts/roles.sql: the runtime user is a superuser, this session''s user, the owner of the votes table (or a member of it) or the owner of this database: choose a separate user for the replicas'; END $$;
 \endif
 \if :runtime_exists
-ALTER ROLE :"runtime_user" WITH LOGIN NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+ALTER ROLE :"runtime_user" WITH LOGIN INHERIT NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
     PASSWORD :'runtime_password';
 \else
 CREATE ROLE :"runtime_user" WITH LOGIN PASSWORD :'runtime_password';
@@ -83,5 +96,5 @@ GRANT USAGE, CREATE ON SCHEMA public TO :"migrator_user";
 SELECT to_regprocedure('vote_aggregator_grant_runtime()') IS NOT NULL AS schema_exists
 \gset
 \if :schema_exists
-SELECT vote_aggregator_grant_runtime() AS runtime_grants_applied;
+SELECT public.vote_aggregator_grant_runtime() AS runtime_grants_applied;
 \endif

@@ -139,9 +139,9 @@ async fn migrate() -> anyhow::Result<ExitCode> {
             println!("applied migration {version}");
         }
     }
-    if !db::schema::runtime_group_exists(&url).await? {
+    if !db::schema::runtime_grants_in_place(&url).await? {
         eprintln!(
-            "warning: PostgreSQL role {} does not exist (the migrating user may not create roles), so no runtime grants are in place: have an administrator run scripts/roles.sql (make roles), which creates it and applies them",
+            "warning: PostgreSQL role {} is missing or has no grants in this database (the migrating user may not create roles), so the replicas' runtime users cannot count: have an administrator run scripts/roles.sql (make roles), which creates it and applies them",
             db::schema::RUNTIME_GROUP_ROLE
         );
     }

@@ -15,8 +15,12 @@
 -- vote_aggregator_grant_runtime() below. A later migration that adds a table or a
 -- statement replaces that function with the extended list and calls it again.
 
+-- SECURITY DEFINER with a pinned search_path: whoever calls it (an administrator
+-- running scripts/roles.sql, typically a superuser), it runs with its OWNER's rights
+-- only. Otherwise the owner (the migrator) could rewrite the body and have a superuser
+-- run it for them.
 CREATE FUNCTION vote_aggregator_grant_runtime() RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'vote_aggregator_runtime') THEN
         RAISE WARNING 'role vote_aggregator_runtime does not exist and % may not create roles: the runtime grants are not applied', current_user
@@ -56,6 +60,6 @@ BEGIN
             WHEN duplicate_object OR unique_violation THEN NULL;
         END;
     END IF;
-    PERFORM vote_aggregator_grant_runtime();
+    PERFORM public.vote_aggregator_grant_runtime();
 END
 $$;

@@ -9,9 +9,9 @@
 //!   skips migrating when none are: a runtime role then starts cleanly on a current
 //!   schema. Only when some are pending does it migrate, and a refusal for lack of
 //!   privileges stops it with one line saying what to do ([`DbError::MigrationNotPermitted`]);
-//! - `migrate` reports when the runtime grants could not be applied because the group
-//!   role does not exist and the migrating user may not create it
-//!   ([`runtime_group_exists`]).
+//! - `migrate` reports when the runtime grants are not in place in this database (the
+//!   group role is missing and the migrating user may not create it, or it was created
+//!   after the migration ran) ([`runtime_grants_in_place`]).
 
 use diesel::QueryableByName;
 use diesel::migration::MigrationSource;
@@ -83,18 +83,21 @@ pub async fn pending_migrations(url: &SecretString) -> Result<Vec<String>, DbErr
         .collect())
 }
 
-/// Whether the cluster has the runtime group role [`RUNTIME_GROUP_ROLE`] (the migration
-/// applies its grants only then).
+/// Whether the runtime group role [`RUNTIME_GROUP_ROLE`] exists AND holds its grants in
+/// this database (a role created after a plain owner migrated has none here).
 ///
 /// # Errors
 /// [`DbError`] when PostgreSQL cannot be asked.
-pub async fn runtime_group_exists(url: &SecretString) -> Result<bool, DbError> {
+pub async fn runtime_grants_in_place(url: &SecretString) -> Result<bool, DbError> {
     let mut conn = connect_one(url).await?;
-    let found: Exists =
-        diesel::sql_query("SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1) AS exists")
-            .bind::<Text, _>(RUNTIME_GROUP_ROLE)
-            .get_result(&mut conn)
-            .await?;
+    // CASE: has_table_privilege fails on a role that does not exist.
+    let found: Exists = diesel::sql_query(
+        "SELECT CASE WHEN EXISTS (SELECT FROM pg_roles WHERE rolname = $1) \
+         THEN has_table_privilege($1, 'public.votes', 'INSERT') ELSE false END AS exists",
+    )
+    .bind::<Text, _>(RUNTIME_GROUP_ROLE)
+    .get_result(&mut conn)
+    .await?;
     Ok(found.exists)
 }
 

@@ -371,6 +371,8 @@ pub async fn run(opts: &DeployOptions) -> anyhow::Result<DeployReport> {
     }
     if !run.failed {
         run.step("verify", steps::verify(&stack)).await;
+        run.step("least-privilege", steps::least_privilege_logins(&stack))
+            .await;
         run.step(
             "dlq-retention",
             steps::dead_letter_retention(&stack, DEFAULT_QUEUE_NAME),

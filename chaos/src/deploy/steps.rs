@@ -410,6 +410,76 @@ pub async fn dead_letter_retention(stack: &Stack, queue: &str) -> anyhow::Result
     ))
 }
 
+/// The replicas log in with least-privilege users: every PostgreSQL session named
+/// `vote-aggregator` belongs to a non-superuser member of the runtime group role, and no
+/// RabbitMQ connection of a replica uses an administrator.
+///
+/// # Errors
+/// When a query fails or a replica logs in with more rights.
+pub async fn least_privilege_logins(stack: &Stack) -> anyhow::Result<String> {
+    let group = vote_aggregator::db::schema::RUNTIME_GROUP_ROLE;
+    let sql = format!(
+        "SELECT DISTINCT a.usename, r.rolsuper, pg_has_role(a.usename, '{group}', 'MEMBER') \
+         FROM pg_stat_activity a JOIN pg_roles r ON r.rolname = a.usename \
+         WHERE a.application_name = '{}'",
+        vote_aggregator::db::APPLICATION_NAME
+    );
+    let script = format!("psql -U \"$POSTGRES_USER\" -d \"$POSTGRES_DB\" -tA -F '|' -c \"{sql}\"");
+    let sessions = stack
+        .compose(&["exec", "-T", "postgres", "sh", "-c", &script])
+        .await?;
+    let mut db_users = Vec::new();
+    for line in sessions.lines().filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split('|').map(str::trim).collect();
+        match fields.as_slice() {
+            [user, "f", "t"] => db_users.push(user.to_string()),
+            _ => bail!("a replica's PostgreSQL session is not a runtime-role login: {line}"),
+        }
+    }
+    if db_users.is_empty() {
+        bail!("no replica session found in pg_stat_activity");
+    }
+    let rabbitmqctl = |args: &'static [&'static str]| {
+        let mut all = vec!["exec", "-T", "rabbitmq", "rabbitmqctl", "-q"];
+        all.extend_from_slice(args);
+        async move { stack.compose(&all).await }
+    };
+    let admins: Vec<String> = rabbitmqctl(&["list_users", "--no-table-headers"])
+        .await?
+        .lines()
+        .filter(|l| l.contains("administrator"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    let connections = rabbitmqctl(&[
+        "list_connections",
+        "--no-table-headers",
+        "user",
+        "client_properties",
+    ])
+    .await?;
+    let replica_users: Vec<&str> = connections
+        .lines()
+        // A replica names its connection `vote-aggregator/<replica id>`.
+        .filter(|l| l.contains(&format!("{}/", vote_aggregator::broker::CLIENT_NAME)))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    if replica_users.is_empty() {
+        bail!("no replica connection found on RabbitMQ:\n{connections}");
+    }
+    if let Some(admin) = replica_users
+        .iter()
+        .find(|u| admins.iter().any(|a| a == *u))
+    {
+        bail!("a replica connects to RabbitMQ as the administrator {admin}");
+    }
+    db_users.dedup();
+    Ok(format!(
+        "replicas log in as {} (PostgreSQL, member of {group}, not superuser) and {} (RabbitMQ, not administrator)",
+        db_users.join(", "),
+        replica_users.first().copied().unwrap_or_default()
+    ))
+}
+
 async fn first_running(stack: &Stack) -> anyhow::Result<Replica> {
     stack
         .running()
