@@ -17,7 +17,7 @@ OFFLINE_BASE_IMAGE := vote-aggregator/debian:trixie-offline
 # The runtime base: the official one unless `make images` built the offline stand-in.
 BASE_IMAGE ?= $(shell docker image inspect $(OFFLINE_BASE_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_BASE_IMAGE) || echo debian:trixie-slim)
 
-.PHONY: help images image image-test test deploy-test supply-chain dlq-retention up down ps logs stats publish roles chaos load demo build release fault-build lint fmt init-db-sql clean-containers
+.PHONY: help images image image-test test deploy-test supply-chain k8s-validate dlq-retention up down ps logs stats publish roles chaos load demo build release fault-build lint fmt init-db-sql clean-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -108,6 +108,9 @@ lint: ## what CI checks besides the tests
 
 supply-chain: ## cargo-deny: licences, banned/duplicate crates, crates.io-only sources (deny.toml); advisories when reachable
 	scripts/supply-chain.sh
+
+k8s-validate: ## deploy/k8s/ offline: Kubernetes 1.33 and 1.37 schemas (pinned kubernetes-validate, installed once into target/k8s/venv), custom resources' structure, cross-references
+	scripts/k8s-validate.sh
 
 fmt: ## format the code
 	cargo fmt --all

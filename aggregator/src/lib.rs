@@ -41,6 +41,8 @@ pub mod error;
 pub mod fault;
 pub mod http;
 pub mod http_client;
+#[cfg(test)]
+mod k8s_manifests;
 pub mod metrics;
 mod supervisor;
 pub mod telemetry;
