@@ -15,7 +15,7 @@ pub fn exposure_warning(setting: &str, path: &str) -> Option<String> {
     (!private).then(|| {
         format!(
             "{setting} {path} can be read by others than its owner (mode {mode:04o}); \
-             make it 0600 (or 0640 owned by root; in Kubernetes, defaultMode 0400)"
+             make it 0600 (or 0640 owned by root; in Kubernetes, defaultMode 0400 with fsGroup 10001, as deploy/k8s does)"
         )
     })
 }
