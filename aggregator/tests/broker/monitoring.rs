@@ -87,8 +87,8 @@ async fn monitoring_files_use_only_exported_metrics() -> anyhow::Result<()> {
     let bed = bed().await?;
     let replica = Replica::start(bed.config("r1")).await?;
     let addr = replica.running.metrics_addr();
-    // Work that makes every labelled series appear: counted votes, a duplicate publish
-    // (votes_duplicate_total{redelivered}) and a malformed delivery (votes_rejected_total).
+    // Some of every kind of work (counted, a duplicate publish, a malformed delivery), so
+    // the scrape is that of a replica in service, histograms included.
     let publisher = eventually_publisher(&bed).await?;
     let sent = votes::spread(5, &["e"], &["a", "b"]);
     publisher.publish_votes(&sent).await?;
