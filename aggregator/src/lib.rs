@@ -137,6 +137,7 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
         }
     });
 
+    span.in_scope(|| db::drift_check::spawn(&config, &metrics, http_stop.clone()));
     let ctx = Ctx {
         pool: db::pool(
             &config.database_url,

@@ -119,3 +119,40 @@ async fn monitoring_files_use_only_exported_metrics() -> anyhow::Result<()> {
     );
     replica.stop().await
 }
+
+/// The periodic tally check exports drift: 0 once a check ran on a consistent database, the number of
+/// drifting (election, candidate) pairs once a tally is corrupted behind its back.
+#[tokio::test]
+async fn tally_check_exports_drift() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    let mut config = bed.config("r1");
+    config.tally_check_interval = Some(Duration::from_secs(1));
+    let replica = Replica::start(config).await?;
+    let addr = replica.running.metrics_addr();
+    let publisher = eventually_publisher(&bed).await?;
+    publisher
+        .publish_votes(&votes::spread(20, &["e"], &["a", "b"]))
+        .await?;
+    wait_stored(&bed, 20).await?;
+    let drift = async || -> anyhow::Result<Option<f64>> {
+        let (_, page) = http_get(addr, paths::METRICS).await?;
+        Ok(metric_value(&page, names::TALLY_DRIFT))
+    };
+    // -1 until the first check: 0 proves a check ran and found the database consistent.
+    eventually("a check finds no drift", WAIT, async || {
+        Ok(drift().await? == Some(0.0))
+    })
+    .await?;
+
+    let mut db = bed.db().await?;
+    db.execute(
+        "UPDATE tally_shards SET votes = votes + 1 \
+         WHERE ctid = (SELECT ctid FROM tally_shards WHERE candidate_id = 'a' LIMIT 1)",
+    )
+    .await?;
+    eventually("drift of one candidate exported", WAIT, async || {
+        Ok(drift().await? == Some(1.0))
+    })
+    .await?;
+    replica.stop().await
+}
