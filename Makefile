@@ -17,13 +17,16 @@ OFFLINE_BASE_IMAGE := vote-aggregator/debian:trixie-offline
 # The runtime base: the official one unless `make images` built the offline stand-in.
 BASE_IMAGE ?= $(shell docker image inspect $(OFFLINE_BASE_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_BASE_IMAGE) || echo debian:trixie-slim)
 
-.PHONY: help images image image-test test deploy-test supply-chain k8s-validate dlq-retention up down ps logs stats publish roles chaos load demo build release fault-build lint fmt init-db-sql clean-containers
+.PHONY: help images image image-test test deploy-test supply-chain k8s-validate monitoring-test dlq-retention up down ps logs stats publish roles chaos load demo build release fault-build lint fmt init-db-sql clean-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 images: ## (root) build offline PostgreSQL 17, RabbitMQ 4.0, Prometheus 2.53 + Debian trixie base images from Debian packages (only without registry access)
 	images/build.sh
+
+monitoring-test: images ## promtool: check prometheus.yml + alerts.yml, unit-test the alerts; the Grafana dashboard checked statically (offline Prometheus image)
+	scripts/monitoring-test.sh
 
 test: images fault-build ## run every test against real PostgreSQL and RabbitMQ containers (builds missing images first)
 	cargo build --workspace --locked   # the suites run the real binaries

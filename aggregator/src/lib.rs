@@ -14,8 +14,8 @@
 //!   queue-suffix names; [`amqp_permissions`]: the least RabbitMQ permissions of the
 //!   aggregator's and a publisher's user;
 //! - [`db`]: PostgreSQL pool, migrations, the batch write; in-doubt COMMIT resolution,
-//!   `verify` and the schema's state (pending migrations, the runtime role) in its
-//!   submodules;
+//!   `verify` (and `drift_check`, its periodic run into a gauge) and the schema's state
+//!   (pending migrations, the runtime role) in its submodules;
 //! - `supervisor` (private): migrations with retry, the database watch, the
 //!   reconnect/backoff loop over broker sessions, the service-wide retry backoff;
 //! - `consumer` (private): one broker session: set-up, the consume loop, acks in
@@ -139,6 +139,7 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
         }
     });
 
+    span.in_scope(|| db::drift_check::spawn(&config, &metrics, http_stop.clone()));
     let ctx = Ctx {
         pool: db::pool(
             &config.database_url,

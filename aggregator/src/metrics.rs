@@ -276,6 +276,12 @@ metrics! {
     commits_failing: IntGauge = COMMITS_FAILING "vote_aggregator_commits_failing";
     /// Deliveries the broker had already delivered at least 10 times (`x-delivery-count`).
     high_delivery_count: IntCounter = HIGH_DELIVERY_COUNT_TOTAL "vote_aggregator_high_delivery_count_total";
+    /// (election, candidate) pairs whose tally differed from their counted votes at this
+    /// replica's latest tally check (`TALLY_CHECK_INTERVAL_SECONDS`; -1 until the first,
+    /// and while checks are off); alert on > 0.
+    tally_drift: IntGauge = TALLY_DRIFT "vote_aggregator_tally_drift";
+    /// Tally checks that could not read the database (the gauge keeps its last value).
+    tally_check_failures: IntCounter = TALLY_CHECK_FAILURES_TOTAL "vote_aggregator_tally_check_failures_total";
 }
 
 impl Metrics {

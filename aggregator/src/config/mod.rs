@@ -128,6 +128,8 @@ pub struct Config {
     /// than the server-side statement timeout, so the server normally ends a stuck attempt
     /// first. When it fires, the attempt is cancelled on the server too.
     pub db_attempt_timeout: Duration,
+    /// Time between the replica's tally checks (see `db::drift_check`); `None` = off.
+    pub tally_check_interval: Option<Duration>,
 }
 
 /// Timeouts set on every PostgreSQL session of the service, so an abandoned or stuck
@@ -176,6 +178,7 @@ impl Config {
             replica_id: default_replica_id(),
             db_timeouts: SessionTimeouts::default(),
             db_attempt_timeout: Duration::from_secs(30),
+            tally_check_interval: Some(Duration::from_secs(900)),
         }
     }
 
@@ -290,6 +293,9 @@ impl Config {
         if let Some(v) = env.get(RUN_MIGRATIONS) {
             config.run_migrations = parse_bool(&v)
                 .ok_or_else(|| ConfigError::invalid(RUN_MIGRATIONS, &v, "true or false"))?;
+        }
+        if let Some(s) = env.int(TALLY_CHECK_INTERVAL_SECONDS, 0, 86_400)? {
+            config.tally_check_interval = (s > 0).then(|| Duration::from_secs(s));
         }
         if let Some(s) = env.int(AMQP_HEARTBEAT_SECONDS, 0, 600)? {
             config.amqp_heartbeat = (s > 0).then_some(s as u16);

@@ -206,3 +206,16 @@ fn every_documented_default_is_the_parsers_default() {
     }
     assert!(checked >= 10, "only {checked} literal defaults checked");
 }
+
+#[test]
+fn tally_check_interval_zero_turns_the_check_off() {
+    let on = parse(&[("TALLY_CHECK_INTERVAL_SECONDS", "60")]).expect("valid");
+    assert_eq!(on.tally_check_interval, Some(Duration::from_secs(60)));
+    let off = parse(&[("TALLY_CHECK_INTERVAL_SECONDS", "0")]).expect("valid");
+    assert_eq!(off.tally_check_interval, None);
+    let e = err(&[("TALLY_CHECK_INTERVAL_SECONDS", "86401")]);
+    assert!(
+        e.starts_with("invalid TALLY_CHECK_INTERVAL_SECONDS=\"86401\""),
+        "{e}"
+    );
+}

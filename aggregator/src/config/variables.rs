@@ -85,6 +85,8 @@ variables! {
         "time allowed on SIGTERM to finish the batch in hand (1–3600; a dead-letter publish stalled by a broker alarm can use it up: the process then exits 1 and the batch is redelivered)";
     RUN_MIGRATIONS = Value("true"),
         "`run` applies pending migrations first (`true` or `false`)";
+    TALLY_CHECK_INTERVAL_SECONDS = Value("900"),
+        "seconds between this replica's tally checks (the `verify` check, a scan of `votes`) whose result is the `vote_aggregator_tally_drift` gauge (0–86400; 0 = off)";
     AMQP_HEARTBEAT_SECONDS = Value("10"),
         "heartbeat asked of the broker when the URL sets none (0–600; 0 = off)";
     AMQP_CA_FILE = Derived("the system's CAs"),

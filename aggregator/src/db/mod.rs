@@ -39,6 +39,7 @@ use crate::config::{SessionTimeouts, redact_url};
 use crate::error::DbError;
 use crate::vote::Vote;
 
+pub mod drift_check;
 mod in_doubt;
 mod open_errors;
 pub mod schema;

@@ -24,6 +24,7 @@ use vote_testkit::testbed::TestBed;
 use vote_testkit::votes;
 
 mod hardening;
+mod monitoring;
 
 const WAIT: Duration = Duration::from_secs(60);
 
