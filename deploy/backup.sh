@@ -23,6 +23,9 @@ dir=${BACKUP_DIR:-backups}
 keep=${BACKUP_KEEP:-14}
 [[ $keep =~ ^[1-9][0-9]{0,3}$ ]] || fail "BACKUP_KEEP=$keep is not a number of backups to keep (1-9999): set BACKUP_KEEP=N"
 
+deploy/compose.sh exec -T postgres pg_isready -q >/dev/null 2>&1 ||
+    fail "its postgres container is not running or not ready: start the stack (make up) and see make ps"
+
 umask 077
 mkdir -p "$dir" || fail "cannot create BACKUP_DIR $dir: set BACKUP_DIR to a writable folder"
 prefix="$COMPOSE_PROJECT_NAME-$POSTGRES_DB-"

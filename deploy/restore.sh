@@ -22,7 +22,7 @@ if [ -z "$file" ]; then
     echo "error: restore: no backup named: make restore FILE=backups/<name>.dump" >&2
     exit 1
 fi
-file=$(realpath -- "$file")
+file=$(realpath -m -- "$file")
 # shellcheck source=deploy/env.sh
 . "$(dirname "$0")/env.sh"
 
@@ -43,6 +43,8 @@ admin() {
 }
 
 [ -r "$file" ] || fail "cannot read the file: name a backup written by make backup"
+deploy/compose.sh exec -T postgres pg_isready -q >/dev/null 2>&1 ||
+    fail "its postgres container is not running or not ready: start the stack (make up) and see make ps"
 deploy/compose.sh exec -T postgres pg_restore --list <"$file" >/dev/null 2>"$errors" ||
     fail "pg_restore --list cannot read it ($(last_error)): is it a make backup file, and is the stack up (make ps)?"
 
