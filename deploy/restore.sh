@@ -36,7 +36,13 @@ fail() {
 }
 errors=$(mktemp)
 trap 'rm -f "$errors"' EXIT
-last_error() { tail -n 1 "$errors"; }
+# The line that says why: the last one naming an error, else the last one.
+last_error() {
+    local line
+    line=$(grep -i 'error' "$errors" | tail -n 1)
+    [ -n "$line" ] || line=$(grep -v '^[[:space:]]*$' "$errors" | tail -n 1)
+    printf '%s' "$line"
+}
 # psql as the superuser in the postgres container, on the maintenance database.
 admin() {
     deploy/compose.sh exec -T postgres psql -X -q -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres "$@"
