@@ -17,7 +17,7 @@ OFFLINE_BASE_IMAGE := vote-aggregator/debian:trixie-offline
 # The runtime base: the official one unless `make images` built the offline stand-in.
 BASE_IMAGE ?= $(shell docker image inspect $(OFFLINE_BASE_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_BASE_IMAGE) || echo debian:trixie-slim)
 
-.PHONY: help images image image-test test deploy-test supply-chain k8s-validate monitoring-test dlq-retention up down ps logs stats publish roles chaos load demo build release fault-build lint fmt init-db-sql clean-containers
+.PHONY: help images image image-test test deploy-test supply-chain k8s-validate monitoring-test dlq-retention up down ps logs stats publish roles backup restore chaos load demo build release fault-build lint fmt init-db-sql clean-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -94,6 +94,12 @@ dlq-retention: ## apply the dead-letter retention policy (deploy/rabbitmq/30-dea
 
 stats: ## print vote_statistics from the stack's database
 	$(COMPOSE) exec -T postgres sh -c 'psql -U "$$POSTGRES_USER" -d "$$POSTGRES_DB" -c "SELECT * FROM vote_statistics"'
+
+backup: ## pg_dump (custom format) of the stack's database -> BACKUP_DIR (backups/)/<project>-<db>-<UTC time>.dump, mode 0600, checked; keeps the BACKUP_KEEP (14) newest
+	deploy/backup.sh
+
+restore: ## replace the stack's database by FILE=backups/....dump: replicas stopped, restored, migrated, verified, replicas started
+	deploy/restore.sh "$(FILE)"
 
 roles: ## (re)create the stack's PostgreSQL runtime user with scripts/roles.sql (other servers: see README "Database roles")
 	$(COMPOSE) run --rm --no-deps roles

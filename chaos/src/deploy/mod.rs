@@ -13,7 +13,9 @@
 //! 7. publish a while longer on the final 3 replicas, stop the publisher, let the queue
 //!    drain; then the exactly-once checker, the dead letters, `SELECT * FROM
 //!    vote_statistics` (adds up to the counted votes), `vote-aggregator verify`, and
-//!    Prometheus: `up == 1` for every running replica and each counted votes.
+//!    Prometheus: `up == 1` for every running replica and each counted votes;
+//! 8. `make backup`, drop the database, `make restore`: `verify` exits 0,
+//!    `vote_statistics` is identical byte for byte, and the replicas count again.
 //!
 //! A failed step stops the sequence (the rest is skipped, the publisher is still
 //! stopped and checked); the stack's logs are saved under the output folder either way,
@@ -22,6 +24,7 @@
 //! not a developer's `.env` or override file.
 
 mod prometheus;
+mod restore;
 pub mod stack;
 mod steps;
 
@@ -393,6 +396,12 @@ pub async fn run(opts: &DeployOptions) -> anyhow::Result<DeployReport> {
         })
         .await;
         report.seen = seen;
+        // Last: the restart of every replica resets the counters Prometheus checked.
+        run.step(
+            "backup-restore",
+            restore::backup_and_restore(&stack, &dir, REPLICAS, DEFAULT_QUEUE_NAME),
+        )
+        .await;
     }
 
     if let Err(e) = stack.save_logs(&dir.join("compose.log")).await {

@@ -144,8 +144,22 @@ impl Stack {
     /// # Errors
     /// When the command cannot run or exits non-zero (with its last output lines).
     pub async fn compose(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.script("compose.sh", args, &[]).await
+    }
+
+    /// Runs `deploy/SCRIPT ARGS` (e.g. `backup.sh`) for this stack, as `make` does, with
+    /// `env` set besides the stack's settings.
+    ///
+    /// # Errors
+    /// When the script cannot run or exits non-zero (with its last output lines).
+    pub async fn script(
+        &self,
+        script: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
         let port = |p: u16| p.to_string();
-        let mut command = Command::new(self.repo.join("deploy/compose.sh"));
+        let mut command = Command::new(self.repo.join("deploy").join(script));
         // Only what the test sets: no `.env`, override file or variable of the developer's
         // reaches its stack.
         command.env_clear();
@@ -167,10 +181,15 @@ impl Stack {
             .env("RABBITMQ_PORT", port(self.ports.amqp))
             .env("RABBITMQ_UI_PORT", port(self.ports.rabbitmq_ui))
             .env("PROMETHEUS_PORT", port(self.ports.prometheus))
+            .envs(env.iter().copied())
             .output()
             .await
-            .context("cannot run deploy/compose.sh")?;
-        succeeded(&format!("compose {}", args.join(" ")), out)
+            .with_context(|| format!("cannot run deploy/{script}"))?;
+        let what = match script {
+            "compose.sh" => format!("compose {}", args.join(" ")),
+            _ => format!("deploy/{script} {}", args.join(" ")),
+        };
+        succeeded(&what, out)
     }
 
     /// `up -d` as an operator types it: the compose file's replica count.

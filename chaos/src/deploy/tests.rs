@@ -1,6 +1,6 @@
 //! The deployment files agree with the service: every variable the compose file reads is
 //! documented in `.env.example`, every service variable is too, and the defaults the
-//! compose file and `.env.example` state are the service's own.
+//! compose file, `deploy/backup.sh` and `.env.example` state are the service's own.
 
 use std::collections::BTreeMap;
 
@@ -51,6 +51,24 @@ fn every_compose_variable_is_documented_in_env_example() {
         assert!(
             documented.contains_key(name),
             "{name} is not in .env.example"
+        );
+    }
+}
+
+#[test]
+fn backup_settings_are_documented_with_their_defaults() {
+    let documented = documented();
+    let script = substitutions(&repo_file("deploy/backup.sh"));
+    for name in ["BACKUP_DIR", "BACKUP_KEEP"] {
+        let default = script.get(name).cloned().flatten();
+        assert!(
+            default.is_some(),
+            "deploy/backup.sh has no default for {name}"
+        );
+        assert_eq!(
+            documented.get(name),
+            default.as_ref(),
+            "{name}: .env.example and deploy/backup.sh disagree"
         );
     }
 }
