@@ -26,4 +26,13 @@ promtool() {
 promtool check config prometheus.yml
 promtool check rules alerts.yml dashboard-rules.yml
 promtool test rules alerts.test.yml
-echo "monitoring-test: passed"
+# Every alert's runbook anchor is a section of docs/RUNBOOK.md ("### <AlertName>").
+missing=0
+for anchor in $(grep -o 'RUNBOOK.md#[a-z0-9-]*' deploy/prometheus/alerts.yml | cut -d'#' -f2); do
+    if ! grep -qix "### $anchor" docs/RUNBOOK.md; then
+        echo "monitoring-test: docs/RUNBOOK.md has no section for the runbook anchor #$anchor" >&2
+        missing=1
+    fi
+done
+[ "$missing" = 0 ]
+echo "monitoring-test: passed (runbook sections: $(grep -c 'runbook:' deploy/prometheus/alerts.yml) alerts)"
