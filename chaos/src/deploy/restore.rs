@@ -36,7 +36,7 @@ pub async fn backup_and_restore(
     replicas: usize,
     queue: &str,
 ) -> anyhow::Result<String> {
-    let before = psql(stack, STATISTICS).await?;
+    let before = stack.psql(STATISTICS).await?;
     let file = backup(stack, &dir.join("backups")).await?;
     refuses_garbage(stack, dir, &before).await?;
     stack
@@ -49,14 +49,14 @@ pub async fn backup_and_restore(
             "dropdb -U \"$POSTGRES_USER\" --force \"$POSTGRES_DB\"",
         ])
         .await?;
-    match psql(stack, STATISTICS).await {
+    match stack.psql(STATISTICS).await {
         Err(e) if format!("{e:#}").contains("does not exist") => {}
         other => bail!("the database still answers after dropdb: {other:?}"),
     }
     let file_arg = file.display().to_string();
     let restored = stack.script("restore.sh", &[&file_arg], &[]).await?;
     verify(stack).await?;
-    let after = psql(stack, STATISTICS).await?;
+    let after = stack.psql(STATISTICS).await?;
     if after != before {
         bail!("vote_statistics differs after the restore:\nbefore:\n{before}\nafter:\n{after}");
     }
@@ -118,7 +118,7 @@ async fn refuses_garbage(stack: &Stack, dir: &Path, before: &str) -> anyhow::Res
             "restore.sh refused a file that is no backup without saying the database is unchanged: {e:#}"
         ),
     }
-    if psql(stack, STATISTICS).await? != before {
+    if stack.psql(STATISTICS).await? != before {
         bail!("vote_statistics changed after restore.sh refused a file that is no backup");
     }
     Ok(())
@@ -127,7 +127,7 @@ async fn refuses_garbage(stack: &Stack, dir: &Path, before: &str) -> anyhow::Res
 /// Publishes `AFTER_RESTORE` new votes and waits until `votes` holds that many more rows.
 async fn count_more(stack: &Stack, queue: &str) -> anyhow::Result<()> {
     let count = async || -> anyhow::Result<usize> {
-        let out = psql(stack, "SELECT count(*) FROM votes").await?;
+        let out = stack.psql("SELECT count(*) FROM votes").await?;
         out.trim()
             .parse()
             .with_context(|| format!("unexpected count {out:?}"))
@@ -151,14 +151,4 @@ async fn count_more(stack: &Stack, queue: &str) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// One query as the superuser in the stack's database, unaligned with no header.
-async fn psql(stack: &Stack, query: &str) -> anyhow::Result<String> {
-    let command = format!(
-        "psql -X -U \"$POSTGRES_USER\" -d \"$POSTGRES_DB\" -v ON_ERROR_STOP=1 -tA -c '{query}'"
-    );
-    stack
-        .compose(&["exec", "-T", "postgres", "sh", "-c", &command])
-        .await
 }

@@ -147,6 +147,19 @@ impl Stack {
         self.script("compose.sh", args, &[]).await
     }
 
+    /// Runs `query` with psql in the stack's `postgres` container, as its superuser on its
+    /// database: tuples only, unaligned (`|` between fields), stopping at the first error.
+    /// The query is passed as an argument, never spliced into the shell command.
+    ///
+    /// # Errors
+    /// When the container cannot be reached or the query fails.
+    pub async fn psql(&self, query: &str) -> anyhow::Result<String> {
+        const PSQL: &str =
+            "psql -X -U \"$POSTGRES_USER\" -d \"$POSTGRES_DB\" -v ON_ERROR_STOP=1 -tA -c \"$1\"";
+        self.compose(&["exec", "-T", "postgres", "sh", "-c", PSQL, "sh", query])
+            .await
+    }
+
     /// Runs `deploy/SCRIPT ARGS` (e.g. `backup.sh`) for this stack, as `make` does, with
     /// `env` set besides the stack's settings.
     ///

@@ -337,16 +337,7 @@ async fn check_plain_replica(port: u16, id: &str) -> anyhow::Result<String> {
 /// # Errors
 /// When the query fails or the sum differs.
 pub async fn stats(stack: &Stack, counted: usize) -> anyhow::Result<String> {
-    let table = stack
-        .compose(&[
-            "exec",
-            "-T",
-            "postgres",
-            "sh",
-            "-c",
-            "psql -U \"$POSTGRES_USER\" -d \"$POSTGRES_DB\" -tA -F '|' -c 'SELECT * FROM vote_statistics'",
-        ])
-        .await?;
+    let table = stack.psql("SELECT * FROM vote_statistics").await?;
     let mut rows = 0;
     let mut total = 0usize;
     for line in table.lines().filter(|l| !l.trim().is_empty()) {
@@ -424,10 +415,7 @@ pub async fn least_privilege_logins(stack: &Stack) -> anyhow::Result<String> {
          WHERE a.application_name = '{}'",
         vote_aggregator::db::APPLICATION_NAME
     );
-    let script = format!("psql -U \"$POSTGRES_USER\" -d \"$POSTGRES_DB\" -tA -F '|' -c \"{sql}\"");
-    let sessions = stack
-        .compose(&["exec", "-T", "postgres", "sh", "-c", &script])
-        .await?;
+    let sessions = stack.psql(&sql).await?;
     let mut db_users = Vec::new();
     for line in sessions.lines().filter(|l| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split('|').map(str::trim).collect();
