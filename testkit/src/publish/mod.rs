@@ -371,6 +371,24 @@ impl pump::Sink for ShareSink {
 }
 
 fn is_auth_error(e: &anyhow::Error) -> bool {
-    let text = format!("{e:#}");
-    text.contains("ACCESS_REFUSED") || text.contains("403")
+    // `connect` turns the broker's 403 into a message naming ACCESS_REFUSED. Never look
+    // for "403" in the text: a URL's port (127.0.0.1:40327) contains it, and a transient
+    // error on such a port must be retried, not taken for refused credentials.
+    format!("{e:#}").contains("ACCESS_REFUSED")
+}
+
+#[cfg(test)]
+mod auth_error_tests {
+    use super::is_auth_error;
+
+    #[test]
+    fn only_access_refused_is_an_auth_error_not_a_port_containing_403() {
+        let aborted = anyhow::anyhow!("IO error: connection aborted")
+            .context("cannot connect to RabbitMQ at amqp://p:***@127.0.0.1:40327/%2f");
+        assert!(!is_auth_error(&aborted));
+        let refused = anyhow::anyhow!(
+            "RabbitMQ at amqp://p:***@127.0.0.1:5672/%2f refused the publisher's credentials (ACCESS_REFUSED)"
+        );
+        assert!(is_auth_error(&refused));
+    }
 }
