@@ -40,8 +40,9 @@ fn exactly(names: &[&str]) -> String {
     }
 }
 
-/// `name` with the regular-expression metacharacters escaped.
-fn escape(name: &str) -> String {
+/// `name` as a regular expression matching exactly that text (RabbitMQ patterns, queue
+/// names in policies).
+pub fn escape(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for c in name.chars() {
         if "\\.+*?()|[]{}^$".contains(c) {

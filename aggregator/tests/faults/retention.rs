@@ -32,14 +32,10 @@ fn shipped_setting(conf: &str, key: &str) -> anyhow::Result<String> {
 
 /// `^<queue escaped>\.dlq$`, the shape of the shipped pattern for any queue name.
 fn dead_letter_queue_pattern(queue: &str) -> String {
-    let escaped: String = queue
-        .chars()
-        .flat_map(|c| {
-            let special = ".^$*+?()[]{}|\\-".contains(c);
-            special.then_some('\\').into_iter().chain([c])
-        })
-        .collect();
-    format!("^{escaped}\\.dlq$")
+    format!(
+        "^{}\\.dlq$",
+        vote_aggregator::amqp_permissions::escape(queue)
+    )
 }
 
 fn rabbitmqctl(container: &str, args: &[&str]) -> anyhow::Result<String> {
