@@ -44,10 +44,13 @@ use lapin::{
 };
 use secrecy::ExposeSecret;
 
-use crate::config::{Config, QueueType, redact_url};
+use crate::config::{Config, QueueType};
 use crate::error::BrokerError;
 
+mod nodes;
 mod tls;
+
+pub use self::nodes::{Node, Rotation};
 
 /// The dead-letter exchange of the contract.
 pub const DEAD_LETTER_EXCHANGE: &str = "votes.dlx";
@@ -108,6 +111,8 @@ pub struct Session {
     pub consume: Channel,
     /// Confirm-mode channel for dead-letter publishes.
     pub publish: Channel,
+    /// The node this session is connected to.
+    pub node: Node,
 }
 
 /// Name of the queue that receives what the broker dead-letters from `queue_name`
@@ -145,8 +150,9 @@ pub fn queue_arguments(queue_name: &str, queue_type: QueueType) -> FieldTable {
     args
 }
 
-fn amqp_err(config: &Config, source: lapin::Error) -> BrokerError {
-    let url = redact_url(config.amqp_url.expose_secret());
+/// `source` as a [`BrokerError`] of the node shown (redacted) as `url`.
+fn amqp_err(url: &str, source: lapin::Error) -> BrokerError {
+    let url = url.to_string();
     if let lapin::ErrorKind::ProtocolError(e) = source.kind()
         && e.get_id() == 403
     {
@@ -170,19 +176,19 @@ fn amqp_err(config: &Config, source: lapin::Error) -> BrokerError {
 
 /// An error of opening the connection: a TLS handshake that retrying cannot fix becomes
 /// [`BrokerError::Tls`] (only here: later errors of a session are never handshakes).
-fn connect_err(config: &Config, source: lapin::Error) -> BrokerError {
+fn connect_err(config: &Config, node: &Node, source: lapin::Error) -> BrokerError {
     match tls::failure(&source, &config.amqp_tls) {
         Some(tls::Failure { reason, fix }) => BrokerError::Tls {
-            url: redact_url(config.amqp_url.expose_secret()),
+            url: node.shown.clone(),
             reason,
             fix,
         },
-        None => amqp_err(config, source),
+        None => amqp_err(&node.shown, source),
     }
 }
 
-/// Connects (over TLS for `amqps://`, see `tls`), opens both channels and declares the
-/// topology.
+/// Connects to `node` (over TLS for `amqps://`, see `tls`), opens both channels and
+/// declares the topology.
 ///
 /// # Errors
 /// [`BrokerError::QueueMismatch`] when the queue exists with other arguments (fatal),
@@ -191,12 +197,11 @@ fn connect_err(config: &Config, source: lapin::Error) -> BrokerError {
 /// when the TLS handshake fails on a certificate, a host name or a server without TLS
 /// (fatal),
 /// [`BrokerError::Amqp`] for everything the caller should retry.
-pub async fn connect(config: &Config) -> Result<Session, BrokerError> {
-    let mut uri =
-        AMQPUri::from_str(config.amqp_url.expose_secret()).map_err(|e| BrokerError::Amqp {
-            url: redact_url(config.amqp_url.expose_secret()),
-            source: lapin::Error::from(std::io::Error::other(e)),
-        })?;
+pub async fn connect(config: &Config, node: &Node) -> Result<Session, BrokerError> {
+    let mut uri = AMQPUri::from_str(node.url.expose_secret()).map_err(|e| BrokerError::Amqp {
+        url: node.shown.clone(),
+        source: lapin::Error::from(std::io::Error::other(e)),
+    })?;
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = config.amqp_heartbeat;
     }
@@ -205,7 +210,7 @@ pub async fn connect(config: &Config) -> Result<Session, BrokerError> {
     }
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{CLIENT_NAME}/{}", config.replica_id).into());
-    let runtime = lapin::runtime::default_runtime().map_err(|e| amqp_err(config, e))?;
+    let runtime = lapin::runtime::default_runtime().map_err(|e| amqp_err(&node.shown, e))?;
     let connection = Connection::connect_uri_with_config(
         uri,
         props,
@@ -213,21 +218,37 @@ pub async fn connect(config: &Config) -> Result<Session, BrokerError> {
         runtime,
     )
     .await
-    .map_err(|e| connect_err(config, e))?;
+    .map_err(|e| connect_err(config, node, e))?;
     let consume = connection
         .create_channel()
         .await
-        .map_err(|e| amqp_err(config, e))?;
-    declare_topology(&consume, config).await?;
-    let publish = open_publish_channel(&connection, config).await?;
+        .map_err(|e| amqp_err(&node.shown, e))?;
+    declare_topology(&consume, config, &node.shown).await?;
+    let publish = open_publish_channel(&connection, &node.shown).await?;
     Ok(Session {
         connection,
         consume,
         publish,
+        node: node.clone(),
     })
 }
 
-async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), BrokerError> {
+/// [`connect`] to the first node `config.amqp_url` lists (for tools and tests that
+/// declare the topology once; replicas walk the nodes, see [`Rotation`]).
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_first(config: &Config) -> Result<Session, BrokerError> {
+    connect(config, Rotation::in_order(config).current()).await
+}
+
+/// Declares the topology of the contract (see the module docs) on `channel`, connected
+/// to the node shown as `url`.
+async fn declare_topology(
+    channel: &Channel,
+    config: &Config,
+    url: &str,
+) -> Result<(), BrokerError> {
     let durable = QueueDeclareOptions::durable();
     channel
         .exchange_declare(
@@ -240,7 +261,7 @@ async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), Brok
             FieldTable::default(),
         )
         .await
-        .map_err(|e| amqp_err(config, e))?;
+        .map_err(|e| amqp_err(url, e))?;
     // The votes queue first, so a type mismatch names the queue operators know.
     channel
         .queue_declare(
@@ -249,7 +270,7 @@ async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), Brok
             queue_arguments(&config.queue_name, config.queue_type),
         )
         .await
-        .map_err(|e| mismatch_or(config, &config.queue_name, e))?;
+        .map_err(|e| mismatch_or(url, &config.queue_name, e))?;
     let unexplained = unexplained_queue(&config.queue_name);
     for (queue, routing_key) in [
         (config.dead_letter_queue(), config.queue_name.clone()),
@@ -263,7 +284,7 @@ async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), Brok
         channel
             .queue_declare(queue.as_str().into(), durable, args)
             .await
-            .map_err(|e| mismatch_or(config, &queue, e))?;
+            .map_err(|e| mismatch_or(url, &queue, e))?;
         channel
             .queue_bind(
                 queue.as_str().into(),
@@ -273,13 +294,13 @@ async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), Brok
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| amqp_err(config, e))?;
+            .map_err(|e| amqp_err(url, e))?;
     }
     Ok(())
 }
 
 /// A PRECONDITION_FAILED on declare means "exists with other arguments".
-fn mismatch_or(config: &Config, queue: &str, e: lapin::Error) -> BrokerError {
+fn mismatch_or(url: &str, queue: &str, e: lapin::Error) -> BrokerError {
     if let lapin::ErrorKind::ProtocolError(p) = e.kind()
         && p.get_id() == 406
     {
@@ -297,7 +318,7 @@ fn mismatch_or(config: &Config, queue: &str, e: lapin::Error) -> BrokerError {
             fix: fix.to_string(),
         };
     }
-    amqp_err(config, e)
+    amqp_err(url, e)
 }
 
 /// What a passive declare tells about a queue.
@@ -332,19 +353,20 @@ pub async fn queue_counts(channel: &Channel, queue: &str) -> Result<QueueCounts,
     })
 }
 
-/// Messages ready in `queue` (passive declare: never creates or changes it).
+/// Messages ready in `queue` (passive declare: never creates or changes it), on a
+/// channel of the node `node`.
 ///
 /// # Errors
 /// [`BrokerError`] when the channel fails.
 pub async fn message_count(
     channel: &Channel,
-    config: &Config,
+    node: &Node,
     queue: &str,
 ) -> Result<u32, BrokerError> {
     queue_counts(channel, queue)
         .await
         .map(|c| c.messages)
-        .map_err(|e| amqp_err(config, e))
+        .map_err(|e| amqp_err(&node.shown, e))
 }
 
 /// Publishes a malformed delivery to the dead-letter queue with its body intact, its
@@ -389,14 +411,14 @@ pub async fn dead_letter(
             props,
         )
         .await
-        .map_err(|e| amqp_err(config, e))?
+        .map_err(|e| amqp_err(&session.node.shown, e))?
         .await
-        .map_err(|e| amqp_err(config, e))?;
+        .map_err(|e| amqp_err(&session.node.shown, e))?;
     match confirm {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(_)) | Confirmation::Nack(_) | Confirmation::NotRequested => {
             Err(BrokerError::Amqp {
-                url: redact_url(config.amqp_url.expose_secret()),
+                url: session.node.shown.clone(),
                 source: lapin::Error::from(std::io::Error::other(
                     "dead-letter publish was not confirmed (unroutable or nacked)",
                 )),
@@ -462,22 +484,22 @@ pub fn delivery_count(props: &BasicProperties) -> Option<i64> {
 }
 
 /// Opens the confirm-mode channel for dead-letter publishes (again, after the broker
-/// closed it).
+/// closed it) on `connection`, to the node shown (redacted) as `url`.
 ///
 /// # Errors
 /// [`BrokerError`] when the connection cannot open it.
 pub async fn open_publish_channel(
     connection: &Connection,
-    config: &Config,
+    url: &str,
 ) -> Result<Channel, BrokerError> {
     let publish = connection
         .create_channel()
         .await
-        .map_err(|e| amqp_err(config, e))?;
+        .map_err(|e| amqp_err(url, e))?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
         .await
-        .map_err(|e| amqp_err(config, e))?;
+        .map_err(|e| amqp_err(url, e))?;
     Ok(publish)
 }
 

@@ -28,6 +28,9 @@ pub mod labels {
     pub const REDELIVERED: &str = "redelivered";
     /// Label of `vote_aggregator_votes_rejected_total`: why the delivery was rejected.
     pub const REASON: &str = "reason";
+    /// Label of `vote_aggregator_broker_node`: a RabbitMQ node's `host:port` as
+    /// `AMQP_URL` names it.
+    pub const NODE: &str = "node";
 }
 
 /// The `dependency` label values of [`Metrics::up`].
@@ -265,6 +268,10 @@ metrics! {
     /// 1 while the replica is connected to the dependency (label `dependency`: `postgres`
     /// or `rabbitmq`), else 0.
     up: IntGaugeVec = UP "vote_aggregator_up", Shape::label(&[labels::DEPENDENCY]);
+    /// 1 for the RabbitMQ node (label `node`: its `host:port` in `AMQP_URL`) this
+    /// replica's session is connected to; 0 for every other listed node, and for all of
+    /// them while the replica is not connected.
+    broker_node: IntGaugeVec = BROKER_NODE "vote_aggregator_broker_node", Shape::label(&[labels::NODE]);
     /// Messages ready in the queue, as last seen by this replica.
     queue_depth: IntGauge = QUEUE_DEPTH "vote_aggregator_queue_depth";
     /// Messages in the unexplained dead-letter queue (dead-lettered by the broker, not by
@@ -308,6 +315,20 @@ impl Metrics {
     /// Marks a dependency up or down.
     pub fn set_up(&self, dependency: &str, up: bool) {
         self.up.with_label_values(&[dependency]).set(i64::from(up));
+    }
+
+    /// Marks `connected` (a `host:port` label) as the broker node of this replica's
+    /// session, or none when `None`; every other node of `nodes` reads 0.
+    pub fn set_broker_node<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = &'a str>,
+        connected: Option<&str>,
+    ) {
+        for node in nodes {
+            self.broker_node
+                .with_label_values(&[node])
+                .set(i64::from(Some(node) == connected));
+        }
     }
 
     /// Whether a dependency is currently up.
@@ -359,7 +380,10 @@ mod tests {
     /// metric in a scrape is declared.
     #[test]
     fn every_declared_name_is_scraped_with_its_help_and_type() {
-        let text = Metrics::new().render();
+        let m = Metrics::new();
+        // A replica labels its broker nodes as it starts (the supervisor does).
+        m.set_broker_node(["mq:5672"], None);
+        let text = m.render();
         for d in DECLARED {
             let help = format!("# HELP {} {}\n", d.name, d.help());
             assert!(text.contains(&help), "missing {help:?} in\n{text}");

@@ -7,16 +7,16 @@
 //! name or a server without TLS, a migration that fails on its own or that the user may
 //! not apply) stops the replica; an
 //! unreachable server is retried, reported in the metrics and the logs, and never
-//! returned as an error. What happens inside one session is [`crate::consumer`]'s.
+//! returned as an error. When `AMQP_URL` lists several nodes, each retry goes to the
+//! next node of this replica's shuffled order ([`broker::Rotation`]). What happens
+//! inside one session is [`crate::consumer`]'s.
 
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
-use crate::config;
 use crate::consumer::{self, Ctx, SessionEnd};
 use crate::error::{BrokerError, DbError, Error};
 use crate::metrics::DEP_POSTGRES;
@@ -45,6 +45,8 @@ pub(crate) async fn serve(ctx: Ctx, shutdown: CancellationToken) -> Result<(), E
     tokio::spawn(watch_database(ctx.clone(), shutdown.child_token()).in_current_span());
 
     let mut backoff = retry_backoff();
+    let mut nodes = broker::Rotation::shuffled(&ctx.config);
+    ctx.metrics.set_broker_node(labels(&nodes), None);
     // Numbers the broker sessions of this replica (the `session` field of their logs).
     let mut sessions: u64 = 0;
     loop {
@@ -61,7 +63,7 @@ pub(crate) async fn serve(ctx: Ctx, shutdown: CancellationToken) -> Result<(), E
         }
         sessions += 1;
         let span = tracing::info_span!("session", session = sessions);
-        let wait = match session(&ctx, &shutdown, &mut backoff)
+        let wait = match session(&ctx, &shutdown, &mut backoff, &mut nodes)
             .instrument(span)
             .await?
         {
@@ -83,24 +85,37 @@ enum Next {
     RetryIn(Duration),
 }
 
-/// One broker session: connect, consume until it ends, and decide how long to wait
-/// before the next one.
+/// The `node` labels of every node of `nodes`.
+fn labels(nodes: &broker::Rotation) -> impl Iterator<Item = &str> {
+    nodes.nodes().iter().map(|n| n.label.as_str())
+}
+
+/// One broker session: connect to the current node of `nodes`, consume until the
+/// session ends, and decide how long to wait before the next one (which goes to the next
+/// node when this one failed).
 async fn session(
     ctx: &Ctx,
     shutdown: &CancellationToken,
     backoff: &mut ExponentialBackoff,
+    nodes: &mut broker::Rotation,
 ) -> Result<Next, Error> {
+    let node = nodes.current().clone();
     let session = tokio::select! {
         _ = shutdown.cancelled() => return Ok(Next::Stop),
-        s = broker::connect(&ctx.config) => s,
+        s = broker::connect(&ctx.config, &node) => s,
     };
     match session {
         Ok(session) => {
-            info!(amqp = %config::redact_url(ctx.config.amqp_url.expose_secret()), "connected to RabbitMQ");
+            info!(amqp = %node.shown, "connected to RabbitMQ");
+            ctx.metrics
+                .set_broker_node(labels(nodes), Some(&node.label));
             let started = tokio::time::Instant::now();
-            match consumer::run_session(ctx, session, shutdown).await? {
+            let end = consumer::run_session(ctx, session, shutdown).await;
+            ctx.metrics.set_broker_node(labels(nodes), None);
+            match end? {
                 SessionEnd::Stopped => Ok(Next::Stop),
                 SessionEnd::Lost(reason) => {
+                    nodes.advance();
                     ctx.metrics.broker_connection_failures.inc();
                     let lasted = started.elapsed();
                     // Only a session that lived resets the backoff: one that dies right
@@ -110,7 +125,7 @@ async fn session(
                         *backoff = retry_backoff();
                     }
                     let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    warn!(%reason, lasted_ms = lasted.as_millis() as u64, retry_in_ms = wait.as_millis() as u64,
+                    warn!(%reason, amqp = %node.shown, next = %nodes.current().shown, lasted_ms = lasted.as_millis() as u64, retry_in_ms = wait.as_millis() as u64,
                           "RabbitMQ session lost; unacked deliveries will be redelivered; reconnecting");
                     Ok(Next::RetryIn(wait))
                 }
@@ -123,9 +138,10 @@ async fn session(
             | BrokerError::Tls { .. }),
         ) => Err(e.into()),
         Err(e) => {
+            nodes.advance();
             ctx.metrics.broker_connection_failures.inc();
             let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-            warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot reach RabbitMQ; retrying");
+            warn!(error = %e, next = %nodes.current().shown, retry_in_ms = wait.as_millis() as u64, "cannot reach RabbitMQ; retrying");
             Ok(Next::RetryIn(wait))
         }
     }

@@ -146,7 +146,7 @@ impl TestBed {
     /// # Errors
     /// When the broker fails or the queue exists with other arguments.
     pub async fn declare(&self) -> anyhow::Result<()> {
-        let session = vote_aggregator::broker::connect(&self.config("declarer")).await?;
+        let session = vote_aggregator::broker::connect_first(&self.config("declarer")).await?;
         let _ = session.connection.close(200, "declared".into()).await;
         Ok(())
     }

@@ -45,7 +45,7 @@ pub struct ClientIdentity {
 }
 
 /// Reads and checks the three TLS variables for the broker URL `amqp_url` (already
-/// validated as `amqp://` or `amqps://`).
+/// validated as `amqp://` or `amqps://`; the first node's when `AMQP_URL` lists several).
 ///
 /// # Errors
 /// [`ConfigError`] naming the variable when a file cannot be read, is not what it should
@@ -89,8 +89,8 @@ pub(super) fn from_env(env: &Env<'_>, amqp_url: &str) -> Result<AmqpTls, ConfigE
     Ok(AmqpTls { ca_pem, client })
 }
 
-/// Whether the broker URL asks for TLS. (Were `AMQP_URL` ever a list of node URLs, the
-/// TLS files would apply to every `amqps://` one, and this check to each.)
+/// Whether the broker URL asks for TLS. For a list of nodes the caller passes the first
+/// one: every node has its scheme, and the TLS files apply to each of them.
 fn is_tls_url(amqp_url: &str) -> bool {
     url::Url::parse(amqp_url).is_ok_and(|u| u.scheme() == "amqps")
 }

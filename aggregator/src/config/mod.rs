@@ -21,11 +21,13 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::ConfigError;
 
+mod amqp_nodes;
 mod amqp_tls;
 mod key_file;
 mod redact;
 pub mod variables;
 
+pub use self::amqp_nodes::{NODE_SEPARATOR, node_urls};
 pub use self::amqp_tls::{AmqpTls, ClientIdentity};
 pub use self::key_file::exposure_warning;
 use self::redact::hides_credentials;
@@ -92,7 +94,8 @@ impl FromStr for LogFormat {
 pub struct Config {
     /// PostgreSQL connection URL (secret: carries the password).
     pub database_url: SecretString,
-    /// RabbitMQ connection URL (secret: carries the password).
+    /// RabbitMQ connection URL, or the URLs of several nodes of one cluster separated by
+    /// [`NODE_SEPARATOR`] (secret: carries the password); [`node_urls`] splits it.
     pub amqp_url: SecretString,
     /// Queue consumed; the dead-letter queue is `<queue_name>.dlq`.
     pub queue_name: String,
@@ -227,7 +230,7 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
         let database_url = env.database_url()?;
-        let amqp_url = env.secret_url(AMQP_URL, AMQP_URL_FILE, &["amqp", "amqps"])?;
+        let amqp_url = amqp_nodes::from_env(&env)?;
         let mut config = Config::new(
             database_url.expose_secret().to_string(),
             amqp_url.expose_secret().to_string(),
@@ -300,7 +303,12 @@ impl Config {
         if let Some(s) = env.int(AMQP_HEARTBEAT_SECONDS, 0, 600)? {
             config.amqp_heartbeat = (s > 0).then_some(s as u16);
         }
-        config.amqp_tls = amqp_tls::from_env(&env, amqp_url.expose_secret())?;
+        // Every node shares the first one's scheme (checked by `amqp_nodes`).
+        let first_node = node_urls(&amqp_url)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| amqp_url.clone());
+        config.amqp_tls = amqp_tls::from_env(&env, first_node.expose_secret())?;
         if let Some(id) = env.get(REPLICA_ID) {
             if id.is_empty() || id.len() > 100 || !id.chars().all(valid_id_char) {
                 return Err(ConfigError::invalid(
@@ -423,10 +431,18 @@ impl Env<'_> {
         file_key: &str,
         schemes: &[&str],
     ) -> Result<SecretString, ConfigError> {
-        let raw = match (self.get(key), self.get(file_key)) {
-            (Some(_), Some(_)) => return Err(ConfigError::BothSet { key: key.into() }),
-            (None, None) => return Err(ConfigError::Missing { key: key.into() }),
-            (Some(v), None) => v,
+        let raw = self.secret_raw(key, file_key)?;
+        check_url(key, raw.expose_secret(), schemes)?;
+        Ok(raw)
+    }
+
+    /// The value of `KEY`, or the trimmed content of the file `KEY_FILE` names (exactly
+    /// one of them set).
+    fn secret_raw(&self, key: &str, file_key: &str) -> Result<SecretString, ConfigError> {
+        match (self.get(key), self.get(file_key)) {
+            (Some(_), Some(_)) => Err(ConfigError::BothSet { key: key.into() }),
+            (None, None) => Err(ConfigError::Missing { key: key.into() }),
+            (Some(v), None) => Ok(SecretString::from(v)),
             (None, Some(path)) => {
                 let path = PathBuf::from(path);
                 let content = std::fs::read_to_string(&path).map_err(|e| ConfigError::File {
@@ -434,24 +450,30 @@ impl Env<'_> {
                     path: path.display().to_string(),
                     reason: e.to_string(),
                 })?;
-                content.trim().to_string()
+                Ok(SecretString::from(content.trim().to_string()))
             }
-        };
-        match url::Url::parse(&raw) {
-            Ok(u) if hides_credentials(&raw, &u) => Err(ConfigError::invalid(
-                key,
-                "<hidden>",
-                "user name and password percent-encoded: '/', '?', '#' and '@' in them must be written %2F, %3F, %23, %40",
-            )),
-            Ok(u) if schemes.contains(&u.scheme()) && u.host_str().is_some() => {
-                Ok(SecretString::from(raw))
-            }
-            _ => Err(ConfigError::invalid(
-                key,
-                &redact_url(&raw),
-                &format!("a URL of scheme {} with a host", schemes.join(" or ")),
-            )),
         }
+    }
+}
+
+/// Checks that `raw` (the value of `key`) is a URL with one of `schemes` and a host, whose
+/// user info a WHATWG parser reads as such.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `key` and showing the URL redacted.
+fn check_url(key: &str, raw: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    match url::Url::parse(raw) {
+        Ok(u) if hides_credentials(raw, &u) => Err(ConfigError::invalid(
+            key,
+            "<hidden>",
+            "user name and password percent-encoded: '/', '?', '#' and '@' in them must be written %2F, %3F, %23, %40",
+        )),
+        Ok(u) if schemes.contains(&u.scheme()) && u.host_str().is_some() => Ok(()),
+        _ => Err(ConfigError::invalid(
+            key,
+            &redact_url(raw),
+            &format!("a URL of scheme {} with a host", schemes.join(" or ")),
+        )),
     }
 }
 

@@ -219,3 +219,65 @@ fn tally_check_interval_zero_turns_the_check_off() {
         "{e}"
     );
 }
+
+#[test]
+fn amqp_url_may_list_the_nodes_of_a_cluster() {
+    let list = "amqp://u:pw1@mq-1:5672/%2f, amqp://u:pw2@mq-2:5672/%2f,amqp://u:pw3@mq-3/%2f";
+    let c = parse(&[("AMQP_URL", list)]).expect("a list of nodes");
+    let nodes: Vec<String> = node_urls(&c.amqp_url)
+        .iter()
+        .map(|n| n.expose_secret().to_string())
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            "amqp://u:pw1@mq-1:5672/%2f",
+            "amqp://u:pw2@mq-2:5672/%2f",
+            "amqp://u:pw3@mq-3/%2f"
+        ]
+    );
+    // One URL is a list of one: unchanged.
+    let one = parse(&[]).expect("one node");
+    assert_eq!(node_urls(&one.amqp_url).len(), 1);
+    // The file variant takes the same list.
+    let dir = std::env::temp_dir().join(format!("va-config-nodes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let path = dir.join("amqp_url");
+    std::fs::write(&path, format!("{list}\n")).expect("write");
+    let c = parse(&[
+        ("AMQP_URL", ""),
+        ("AMQP_URL_FILE", path.to_str().expect("utf8 path")),
+    ])
+    .expect("a list from a file");
+    assert_eq!(node_urls(&c.amqp_url).len(), 3);
+}
+
+#[test]
+fn a_bad_node_in_the_list_is_one_line_with_every_url_redacted() {
+    let e = err(&[("AMQP_URL", "amqp://u:pw1@mq-1/%2f,http://u:pw2@mq-2/%2f")]);
+    assert_eq!(
+        e,
+        "invalid AMQP_URL=\"http://u:***@mq-2/%2f\": expected a URL of scheme amqp or amqps with a host",
+        "{e}"
+    );
+    let e = err(&[("AMQP_URL", "amqp://u:pw1@mq-1/%2f,amqps://u:pw2@mq-2/%2f")]);
+    assert!(e.contains("mixes schemes"), "{e}");
+    assert!(
+        e.contains("amqp://u:***@mq-1/%2f") && e.contains("amqps://u:***@mq-2/%2f"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("pw1") && !e.contains("pw2") && !e.contains('\n'),
+        "{e}"
+    );
+    let e = err(&[("AMQP_URL", "amqp://u:pw@mq-1/%2f,amqp://u:pw@mq-1/%2f")]);
+    assert!(e.contains("listed twice") && !e.contains("pw@"), "{e}");
+    // A comma inside a password splits the URL: the piece fails the check, hidden.
+    let e = err(&[("AMQP_URL", "amqp://u:p,w@mq-1/%2f")]);
+    assert!(e.starts_with("invalid AMQP_URL="), "{e}");
+    assert!(!e.contains("p,w") && !e.contains("w@mq"), "{e}");
+    assert_eq!(
+        err(&[("AMQP_URL", " , ")]),
+        "AMQP_URL is not set: set AMQP_URL or AMQP_URL_FILE"
+    );
+}

@@ -60,7 +60,7 @@ variables! {
     DATABASE_URL / DATABASE_URL_FILE = Required,
         "PostgreSQL URL, or a file holding it (not both); TLS from its `sslmode`, `sslrootcert`, `sslcert`, `sslkey` parameters (default `sslmode=prefer`: the server is not authenticated; see TLS to PostgreSQL)";
     AMQP_URL / AMQP_URL_FILE = Required,
-        "RabbitMQ URL such as `amqp://user:pass@host:5672/%2f`, or a file holding it (not both)";
+        "RabbitMQ URL such as `amqp://user:pass@host:5672/%2f`, or a file holding it (not both); for a cluster, every node's URL separated by commas, all `amqp://` or all `amqps://` (each replica tries them in its own random order and moves to the next when one fails; see Broker cluster)";
     QUEUE_NAME = Value(super::DEFAULT_QUEUE_NAME),
         "queue consumed (1–200 printable characters, not starting with `amq.`); dead letters go to `<QUEUE_NAME>.dlq`";
     QUEUE_TYPE = Value("quorum"),

@@ -338,7 +338,7 @@ async fn dead_letter(
             warn!(error = %e, "dead-letter publish failed; rejecting without requeue instead");
             if !session.publish.status().connected() {
                 // The broker closed the publish channel: open it again for the next one.
-                match broker::open_publish_channel(&session.connection, &ctx.config).await {
+                match broker::open_publish_channel(&session.connection, &session.node.shown).await {
                     Ok(channel) => session.publish = channel,
                     Err(e) => warn!(error = %e, "cannot reopen the dead-letter channel"),
                 }

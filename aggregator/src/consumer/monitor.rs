@@ -18,12 +18,12 @@ pub(super) async fn spawn_queue_monitor(ctx: &Ctx, session: &Session, stop: Canc
     let Ok(channel) = session.connection.create_channel().await else {
         return;
     };
-    tokio::spawn(monitor_loop(ctx.clone(), channel, stop).in_current_span());
+    tokio::spawn(monitor_loop(ctx.clone(), channel, session.node.clone(), stop).in_current_span());
 }
 
 /// Every 2 s until `stop`: the queue's depth and the unexplained dead letters' count into
 /// the metrics, and a warning when the latter grows. Ends when the channel fails.
-async fn monitor_loop(ctx: Ctx, channel: Channel, stop: CancellationToken) {
+async fn monitor_loop(ctx: Ctx, channel: Channel, node: broker::Node, stop: CancellationToken) {
     let unexplained = broker::unexplained_queue(&ctx.config.queue_name);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -31,8 +31,8 @@ async fn monitor_loop(ctx: Ctx, channel: Channel, stop: CancellationToken) {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let depth = broker::message_count(&channel, &ctx.config, &ctx.config.queue_name).await;
-        let odd = broker::message_count(&channel, &ctx.config, &unexplained).await;
+        let depth = broker::message_count(&channel, &node, &ctx.config.queue_name).await;
+        let odd = broker::message_count(&channel, &node, &unexplained).await;
         let (Ok(depth), Ok(odd)) = (depth, odd) else {
             break;
         };

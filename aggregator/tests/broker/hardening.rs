@@ -53,7 +53,7 @@ async fn redelivered_votes_are_counted(queue_type: QueueType) -> anyhow::Result<
     let bed = bed().await?;
     let mut config = bed.config("r1");
     config.queue_type = queue_type;
-    broker::connect(&config).await?; // declares the topology
+    broker::connect_first(&config).await?; // declares the topology
     let votes = votes::spread(10, &["e"], &["a", "b"]);
     let publisher = bed.publisher().await?;
     publisher.publish_votes(&votes).await?;
@@ -252,7 +252,7 @@ async fn an_exclusive_consumer_elsewhere_does_not_cause_a_reconnect_storm() -> a
     // exclusive one (seen here), a classic queue refuses it with 403.
     let mut config = bed.config("r1");
     config.queue_type = QueueType::Classic;
-    broker::connect(&config).await?;
+    broker::connect_first(&config).await?;
     let conn = lapin::Connection::connect(&bed.amqp_url, Default::default()).await?;
     let channel = conn.create_channel().await?;
     let _hog = channel

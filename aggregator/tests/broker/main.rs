@@ -25,6 +25,7 @@ use vote_testkit::votes;
 
 mod hardening;
 mod monitoring;
+mod nodes;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -451,7 +452,7 @@ async fn an_existing_queue_with_other_arguments_stops_startup_with_a_clear_error
     let bed = bed().await?;
     let mut classic = bed.config("r1");
     classic.queue_type = vote_aggregator::config::QueueType::Classic;
-    vote_aggregator::broker::connect(&classic).await?;
+    vote_aggregator::broker::connect_first(&classic).await?;
     let quorum = bed.config("r2");
     let err = Replica::start(quorum)
         .await?

@@ -333,7 +333,7 @@ pub(super) async fn fresh_bed(servers: &Infra, queue_type: QueueType) -> anyhow:
     let bed = TestBed::new(servers).await?;
     let mut config = bed.config("load-declarer");
     config.queue_type = queue_type;
-    let session = vote_aggregator::broker::connect(&config).await?;
+    let session = vote_aggregator::broker::connect_first(&config).await?;
     let _ = session.connection.close(200, "declared".into()).await;
     db::run_migrations(&config.database_url).await?;
     Ok(bed)
