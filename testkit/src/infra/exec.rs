@@ -67,10 +67,26 @@ async fn exec(
             server.role()
         );
     };
+    exec_in_container(&id, cmd, stdin)
+        .await
+        .with_context(|| format!("in the shared {} container", server.role()))
+}
+
+/// Runs `cmd` in the running container `id` (call on the Docker runtime), with `stdin` as
+/// its input, and returns its output (stdout and stderr interleaved).
+///
+/// # Errors
+/// When Docker fails or the command exits non-zero (its output is in the message).
+pub(super) async fn exec_in_container(
+    id: &str,
+    cmd: Vec<String>,
+    stdin: Option<Vec<u8>>,
+) -> anyhow::Result<String> {
+    let docker = docker().await?;
     let shown = cmd.join(" ");
     let created = docker
         .create_exec(
-            &id,
+            id,
             CreateExecOptions {
                 attach_stdin: Some(stdin.is_some()),
                 attach_stdout: Some(true),
@@ -108,11 +124,7 @@ async fn exec(
         .exit_code
         .unwrap_or(-1);
     if code != 0 {
-        bail!(
-            "`{shown}` in the shared {} container exited {code}: {}",
-            server.role(),
-            text.trim()
-        );
+        bail!("`{shown}` exited {code}: {}", text.trim());
     }
     Ok(text)
 }

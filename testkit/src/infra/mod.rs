@@ -28,6 +28,8 @@
 //!   by killed test processes (`cleanup`);
 //! - the image choice (`images`).
 //!
+//! - [`start_broker_cluster`] starts a three-node RabbitMQ cluster ([`BrokerCluster`]),
+//!   each node behind a [`FaultProxy`], on a private network a test can cut a node from.
 //! - [`start_tls_postgres`] starts a PostgreSQL with `ssl=on` from a
 //!   [`crate::tls::TestPki`], paired with another server's RabbitMQ, for the TLS tests.
 //!
@@ -36,7 +38,8 @@
 //! `shared` (the process-wide pair, external servers), `private` ([`PrivateInfra`]),
 //! `tls_postgres` ([`TlsPostgres`]),
 //! `probes` (readiness), `engine` (Docker runtime, bollard calls), `cleanup` (labels,
-//! stale and exit removal), `tls_broker` ([`TlsRabbitMq`]).
+//! stale and exit removal), `tls_broker` ([`TlsRabbitMq`]), `broker_cluster`
+//! ([`BrokerCluster`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -48,6 +51,7 @@ use url::Url;
 #[cfg(doc)]
 use crate::proxy::FaultProxy;
 
+mod broker_cluster;
 mod cleanup;
 mod containers;
 mod engine;
@@ -59,6 +63,7 @@ mod shared;
 mod tls_broker;
 mod tls_postgres;
 
+pub use broker_cluster::{BrokerCluster, CLUSTER_NODES, QueueMembers, start_broker_cluster};
 pub use cleanup::{keep_at_exit, own_labels};
 pub use exec::{SharedServer, exec_in_shared};
 pub use images::{postgres_image, rabbitmq_image};

@@ -367,3 +367,51 @@ async fn a_finished_or_dropped_test_bed_leaves_no_database_behind() -> anyhow::R
     .with_context(|| format!("{name} survived the drop of its bed"))??;
     Ok(())
 }
+
+/// Three nodes form one cluster from configuration, the votes queue the service declares
+/// gets a member on every node, and a node cut from the cluster network is seen
+/// unreachable by the others and rejoins when reconnected.
+#[tokio::test]
+async fn a_broker_cluster_forms_and_the_votes_queue_lives_on_every_node() -> anyhow::Result<()> {
+    let cluster = infra::start_broker_cluster().await?;
+    assert_eq!(cluster.len(), infra::CLUSTER_NODES);
+    for i in 0..cluster.len() {
+        let mut running = cluster.running_nodes(i).await?;
+        running.sort();
+        let mut all: Vec<String> = (0..cluster.len()).map(|n| cluster.node_name(n)).collect();
+        all.sort();
+        assert_eq!(running, all, "as node {i} sees it");
+    }
+    let queue = infra::fresh_queue_name();
+    let mut config =
+        vote_aggregator::Config::new("postgres://unused@127.0.0.1/x", cluster.amqp_url_list());
+    config.queue_name = queue.clone();
+    vote_aggregator::broker::connect_first(&config).await?;
+    cluster.wait_queue_members(&queue, STEP).await?;
+    let q = cluster.queue_members(1, &queue).await?;
+    assert_eq!(q.members.len(), infra::CLUSTER_NODES, "{q:?}");
+    let leader = cluster.queue_leader(&queue).await?;
+    assert_eq!(q.leader, Some(cluster.node_name(leader)));
+
+    // Cut node 2 from its peers: the others stop seeing it; reconnect: it rejoins.
+    cluster.isolate_node(2).await?;
+    let cut = tokio::time::Instant::now();
+    loop {
+        if cluster.running_nodes(0).await?.len() == 2 {
+            break;
+        }
+        anyhow::ensure!(
+            cut.elapsed() < Duration::from_secs(60),
+            "node 2 still seen running"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("partition seen after {:?}", cut.elapsed());
+    cluster.reconnect_node(2).await?;
+    cluster.wait_formed(Duration::from_secs(120)).await?;
+    cluster
+        .wait_queue_members(&queue, Duration::from_secs(60))
+        .await?;
+    println!("healed after {:?}", cut.elapsed());
+    Ok(())
+}
