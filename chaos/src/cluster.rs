@@ -12,7 +12,12 @@
 //! - replicas run with a short AMQP heartbeat, so a frozen replica loses its broker session
 //!   (and its unacked deliveries) within seconds;
 //! - at start it checks that the replicas really are a fault-injection build (their log
-//!   says so), because a scenario against a build without the hooks would prove nothing.
+//!   says so), because a scenario against a build without the hooks would prove nothing;
+//! - with [`ClusterOptions::broker_cluster`] the broker is a three-node RabbitMQ cluster
+//!   ([`BrokerCluster`]) instead of the pair's single node (which is then stopped, to
+//!   spare the CPU): every replica, the publisher and the checker get all three nodes'
+//!   URLs, and there are no per-replica broker proxies (a replica's way to the broker is
+//!   a list of nodes; the broker-node nemeses cut nodes, not replicas).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -23,7 +28,7 @@ use url::Url;
 use vote_aggregator::config::QueueType;
 use vote_aggregator::config::variables as var;
 use vote_testkit::fleet::{self, Fleet, FleetOptions, ReplicaSpec};
-use vote_testkit::infra::{self, InfraOptions, PrivateInfra};
+use vote_testkit::infra::{self, BrokerCluster, InfraOptions, PrivateInfra};
 use vote_testkit::proxy::FaultProxy;
 use vote_testkit::testbed::TestBed;
 
@@ -49,6 +54,8 @@ pub struct ClusterOptions {
     /// How to start the server pair (e.g. PostgreSQL with `fsync` on, for the faults that
     /// crash it).
     pub infra: InfraOptions,
+    /// Run against a three-node RabbitMQ cluster instead of the pair's single broker.
+    pub broker_cluster: bool,
 }
 
 /// Which connection of a replica a partition cuts.
@@ -72,8 +79,8 @@ impl std::fmt::Display for Link {
 /// One replica's own proxies.
 #[derive(Debug)]
 pub struct ReplicaLinks {
-    /// In front of RabbitMQ (the pair's proxy).
-    pub broker: FaultProxy,
+    /// In front of RabbitMQ (the pair's proxy); none against a broker cluster.
+    pub broker: Option<FaultProxy>,
     /// In front of PostgreSQL (the pair's proxy).
     pub database: FaultProxy,
 }
@@ -89,8 +96,12 @@ pub struct Cluster {
     /// Per-replica proxies, by replica index.
     pub links: Vec<ReplicaLinks>,
     /// Database URL and queue of this scenario (through the pair's proxies: never
-    /// partitioned, so the publisher and checker use it).
+    /// partitioned, so the publisher and checker use it; against a broker cluster its
+    /// AMQP URL lists every node).
     pub bed: TestBed,
+    /// The three-node RabbitMQ cluster, when the scenario runs against one. `None` also
+    /// while a nemesis holds it (see `nemesis::broker_node`).
+    pub brokers: Option<BrokerCluster>,
     /// The private server pair.
     pub servers: PrivateInfra,
 }
@@ -109,15 +120,38 @@ impl Cluster {
                 opts.replicas
             );
         }
-        let servers = infra::start_private(opts.infra.clone())
-            .await
-            .context("starting the private PostgreSQL + RabbitMQ pair")?;
-        let bed = TestBed::new(&servers).await?;
+        let (servers, brokers) = if opts.broker_cluster {
+            let (servers, brokers) = tokio::join!(
+                infra::start_private(opts.infra.clone()),
+                infra::start_broker_cluster()
+            );
+            let servers = servers.context("starting the private PostgreSQL + RabbitMQ pair")?;
+            let brokers = brokers.context("starting the three-node RabbitMQ cluster")?;
+            // Unused: every client talks to the cluster.
+            servers.stop_rabbitmq().await?;
+            (servers, Some(brokers))
+        } else {
+            let servers = infra::start_private(opts.infra.clone())
+                .await
+                .context("starting the private PostgreSQL + RabbitMQ pair")?;
+            (servers, None)
+        };
+        let mut bed = TestBed::new(&servers).await?;
+        if let Some(brokers) = &brokers {
+            bed.amqp_url = brokers.amqp_url_list();
+        }
         let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         let mut links = Vec::with_capacity(opts.replicas);
         let mut specs = Vec::with_capacity(opts.replicas);
         for i in 0..opts.replicas {
-            let broker = FaultProxy::start(loopback, servers.rabbitmq_host_port()).await?;
+            let broker = match brokers {
+                Some(_) => None,
+                None => Some(FaultProxy::start(loopback, servers.rabbitmq_host_port()).await?),
+            };
+            let amqp_url = match &broker {
+                Some(proxy) => with_port(&bed.amqp_url, proxy.local_addr())?,
+                None => bed.amqp_url.clone(),
+            };
             let database = FaultProxy::start(loopback, servers.postgres_host_port()).await?;
             let batch = ["100", "250", "500"][i % 3];
             let spec = ReplicaSpec::new(format!("r{i}"))
@@ -125,10 +159,7 @@ impl Cluster {
                     var::DATABASE_URL,
                     with_port(&bed.database_url, database.local_addr())?,
                 )
-                .with_env(
-                    var::AMQP_URL,
-                    with_port(&bed.amqp_url, broker.local_addr())?,
-                )
+                .with_env(var::AMQP_URL, amqp_url)
                 .with_env(var::BATCH_SIZE, batch);
             specs.push(spec);
             links.push(ReplicaLinks { broker, database });
@@ -154,6 +185,7 @@ impl Cluster {
             fleet,
             links,
             bed,
+            brokers,
             servers,
         };
         for i in 0..cluster.fleet.len() {
@@ -168,10 +200,16 @@ impl Cluster {
     }
 
     /// The proxy of replica `i`'s `link`.
-    pub fn link(&self, i: usize, link: Link) -> &FaultProxy {
+    ///
+    /// # Errors
+    /// For the broker link against a broker cluster (replicas have no broker proxy).
+    pub fn link(&self, i: usize, link: Link) -> anyhow::Result<&FaultProxy> {
         match link {
-            Link::Broker => &self.links[i].broker,
-            Link::Database => &self.links[i].database,
+            Link::Broker => self.links[i]
+                .broker
+                .as_ref()
+                .context("against a broker cluster, replicas have no broker proxy to cut"),
+            Link::Database => Ok(&self.links[i].database),
         }
     }
 
@@ -214,6 +252,7 @@ impl Cluster {
             fleet,
             links,
             bed,
+            brokers,
             servers,
         } = self;
         let stopped = fleet.shutdown().await.map(|_| ());
@@ -222,6 +261,7 @@ impl Cluster {
         // background DROP DATABASE against containers that are gone).
         bed.keep();
         drop(links);
+        drop(brokers);
         drop(servers);
         stopped
     }

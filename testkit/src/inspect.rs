@@ -221,20 +221,25 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects.
+    /// Connects (to one of the nodes when `amqp_url` lists several, see [`crate::nodes`]).
     ///
     /// # Errors
-    /// When RabbitMQ is unreachable.
+    /// When no node is reachable.
     pub async fn connect(amqp_url: &str) -> anyhow::Result<Self> {
-        let connection = Connection::connect(amqp_url, ConnectionProperties::default())
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot connect to RabbitMQ at {}",
-                    vote_aggregator::config::redact_url(amqp_url)
-                )
-            })?;
-        Ok(Broker { connection })
+        let mut last = None;
+        for node in crate::nodes::try_order(amqp_url) {
+            match Connection::connect(&node, ConnectionProperties::default()).await {
+                Ok(connection) => return Ok(Broker { connection }),
+                Err(e) => last = Some((node, e)),
+            }
+        }
+        let (node, e) = last.context("AMQP_URL names no node")?;
+        Err(e).with_context(|| {
+            format!(
+                "cannot connect to RabbitMQ at {}",
+                vote_aggregator::config::redact_url(&node)
+            )
+        })
     }
 
     /// (ready messages, consumers) of a queue, by passive declare.

@@ -22,6 +22,8 @@
 //!   [`procinfo`]: the one reader of `/proc`; [`signal`]: the one way to signal a process.
 //! - [`checker`]: the exactly-once checker (the four invariants of docs/DESIGN.md).
 //! - [`tls`]: a throwaway CA with server and client certificates for TLS tests.
+//! - [`nodes`]: the nodes of a comma-separated `AMQP_URL`, tried in turn by the kit's
+//!   clients.
 //! - [`inspect`]: reading back the outcome from PostgreSQL and RabbitMQ, polling helpers.
 
 pub mod checker;
@@ -29,6 +31,7 @@ pub mod fleet;
 pub mod infra;
 pub mod inspect;
 pub mod ledger;
+pub mod nodes;
 pub mod procinfo;
 pub mod progress;
 pub mod prometheus;

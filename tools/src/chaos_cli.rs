@@ -12,7 +12,8 @@ use vote_chaos::scenario::{self, Broken, Scenario, ScenarioOptions};
 /// The options of `vote-tools chaos`.
 #[derive(Args)]
 pub struct ChaosArgs {
-    /// Scenario to run, or `all`.
+    /// Scenario to run, `all` (the single-broker ones) or `cluster` (the broker-cluster
+    /// ones: three RabbitMQ nodes each).
     #[arg(long)]
     scenario: String,
     /// How long faults are injected, e.g. 60s, 2m, 90 (seconds). The run takes longer:
@@ -82,6 +83,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(cli: ChaosArgs) -> anyhow::Result<ExitCode> {
     let scenarios: Vec<Scenario> = if cli.scenario == "all" {
         Scenario::ALL.to_vec()
+    } else if cli.scenario == "cluster" {
+        Scenario::CLUSTER.to_vec()
     } else {
         match cli.scenario.parse() {
             Ok(s) => vec![s],

@@ -13,6 +13,7 @@
 //! hold, heal): the scenario's seeded schedule decides which and when.
 
 pub mod broker;
+pub mod broker_node;
 pub mod commit_ack;
 pub mod database;
 pub mod db_kill;
@@ -50,6 +51,12 @@ pub enum FaultKind {
     Partition,
     /// Restart one replica armed to abort between a batch's COMMIT and its ack.
     CommitAck,
+    /// SIGKILL the broker-cluster node that leads the votes queue, restart it.
+    BrokerNodeKill,
+    /// Cut one broker-cluster node from its peers (not from its clients), then heal.
+    BrokerNodePartition,
+    /// Restart the next broker-cluster node gracefully (one step of a rolling restart).
+    BrokerNodeRestart,
 }
 
 impl FaultKind {
@@ -65,7 +72,20 @@ impl FaultKind {
             FaultKind::BackendTerminate => "backend-terminate",
             FaultKind::Partition => "partition",
             FaultKind::CommitAck => "commit-ack",
+            FaultKind::BrokerNodeKill => "broker-node-kill",
+            FaultKind::BrokerNodePartition => "broker-node-partition",
+            FaultKind::BrokerNodeRestart => "broker-node-restart",
         }
+    }
+
+    /// Whether it strikes a node of a broker cluster (the scenario must run one).
+    pub fn needs_broker_cluster(self) -> bool {
+        matches!(
+            self,
+            FaultKind::BrokerNodeKill
+                | FaultKind::BrokerNodePartition
+                | FaultKind::BrokerNodeRestart
+        )
     }
 }
 
@@ -156,6 +176,8 @@ pub struct Nemeses {
     pub partition: partition::PartitionNemesis,
     /// `commit-ack`.
     pub commit_ack: commit_ack::CommitAckNemesis,
+    /// `broker-node-*`.
+    pub broker_node: broker_node::BrokerNodeNemesis,
 }
 
 impl Nemeses {
@@ -185,7 +207,53 @@ impl Nemeses {
             FaultKind::BackendTerminate => self.database.strike_terminate(cluster, clock).await,
             FaultKind::Partition => self.partition.strike(cluster, rng, clock).await,
             FaultKind::CommitAck => self.commit_ack.strike(cluster, rng, clock).await,
+            FaultKind::BrokerNodeKill
+            | FaultKind::BrokerNodePartition
+            | FaultKind::BrokerNodeRestart => {
+                let brokers = cluster.brokers.take();
+                let queue = cluster.bed.queue.clone();
+                let fault = self
+                    .broker_node
+                    .strike(kind, brokers.as_ref(), &queue, rng, clock)
+                    .await;
+                cluster.brokers = brokers;
+                fault
+            }
         }
+    }
+
+    /// Runs a broker-node fault (`broker_kind`) and a replica fault (`replica_kind`) at the
+    /// same time: the broker cluster is taken out of `cluster` for the broker-node
+    /// nemesis, so the replica nemesis has the rest. The broker fault draws from its own
+    /// random stream, seeded from `rng`, so the plan stays replayable.
+    pub async fn strike_together(
+        &self,
+        broker_kind: FaultKind,
+        replica_kind: FaultKind,
+        cluster: &mut Cluster,
+        rng: &mut ChaCha8Rng,
+        clock: &Clock,
+    ) -> Vec<Fault> {
+        use rand::SeedableRng as _;
+        let brokers = cluster.brokers.take();
+        let queue = cluster.bed.queue.clone();
+        let mut broker_rng = ChaCha8Rng::seed_from_u64(rng.random());
+        let (broker_fault, replica_fault) = tokio::join!(
+            self.broker_node.strike(
+                broker_kind,
+                brokers.as_ref(),
+                &queue,
+                &mut broker_rng,
+                clock
+            ),
+            async {
+                // Strike the replica while the broker fault is under way.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                self.strike(replica_kind, cluster, rng, clock).await
+            }
+        );
+        cluster.brokers = brokers;
+        vec![broker_fault, replica_fault]
     }
 }
 

@@ -53,7 +53,7 @@ impl PartitionNemesis {
     /// # Errors
     /// When there was nothing to cut, connections survived, or the replica never noticed.
     pub async fn cut(&self, cluster: &Cluster, i: usize, link: Link) -> anyhow::Result<String> {
-        let proxy = cluster.link(i, link);
+        let proxy = cluster.link(i, link)?;
         let before = proxy.connection_count();
         proxy.break_all();
         if before == 0 {
@@ -96,7 +96,7 @@ impl PartitionNemesis {
     /// # Errors
     /// When it does not become ready within a minute.
     pub async fn heal(&self, cluster: &Cluster, i: usize, link: Link) -> anyhow::Result<Duration> {
-        cluster.link(i, link).restore();
+        cluster.link(i, link)?.restore();
         let t = Instant::now();
         cluster.fleet.wait_ready(i, Duration::from_secs(60)).await?;
         Ok(t.elapsed())

@@ -99,10 +99,29 @@ pub enum Scenario {
     CommitAck,
     /// All of the above, interleaved.
     Mixed,
+    /// Three-node broker cluster: the node leading the votes queue SIGKILLed, restarted.
+    BrokerNodeKill,
+    /// Three-node broker cluster: one node cut from its peers (not its clients), healed.
+    BrokerNodePartition,
+    /// Three-node broker cluster: nodes restarted gracefully one at a time, each rejoined
+    /// with the queue's members back before the next.
+    BrokerRollingRestart,
+    /// Three-node broker cluster: every broker-node fault, each with a replica kill or
+    /// pause at the same time.
+    ClusterMixed,
 }
 
 impl Scenario {
-    /// Every scenario, in the order `all` runs them.
+    /// The broker-cluster scenarios, in the order `cluster` runs them (`make
+    /// chaos-cluster`): they start three RabbitMQ nodes each, so `all` leaves them out.
+    pub const CLUSTER: [Scenario; 4] = [
+        Scenario::BrokerNodeKill,
+        Scenario::BrokerNodePartition,
+        Scenario::BrokerRollingRestart,
+        Scenario::ClusterMixed,
+    ];
+
+    /// Every single-broker scenario, in the order `all` runs them.
     pub const ALL: [Scenario; 9] = [
         Scenario::KillRestart,
         Scenario::ZombiePause,
@@ -127,7 +146,35 @@ impl Scenario {
             Scenario::Partition => "partition",
             Scenario::CommitAck => "commit-ack",
             Scenario::Mixed => "mixed",
+            Scenario::BrokerNodeKill => "broker-node-kill",
+            Scenario::BrokerNodePartition => "broker-node-partition",
+            Scenario::BrokerRollingRestart => "broker-rolling-restart",
+            Scenario::ClusterMixed => "cluster-mixed",
         }
+    }
+
+    /// Whether it runs against a three-node broker cluster.
+    pub fn uses_broker_cluster(self) -> bool {
+        self.faults().iter().any(|k| k.needs_broker_cluster())
+    }
+
+    /// Replica faults struck at the same time as each of its broker-node faults (one,
+    /// drawn at random, per broker fault).
+    pub fn companions(self) -> &'static [FaultKind] {
+        match self {
+            Scenario::ClusterMixed => &[FaultKind::Kill, FaultKind::Pause],
+            _ => &[],
+        }
+    }
+
+    /// Its index among every scenario (the single-broker ones first), for its own
+    /// random stream.
+    pub fn index(self) -> usize {
+        Scenario::ALL
+            .iter()
+            .chain(Scenario::CLUSTER.iter())
+            .position(|s| *s == self)
+            .unwrap_or(0)
     }
 
     /// The kinds of fault it injects. The schedule deals them from a seeded shuffle
@@ -153,6 +200,14 @@ impl Scenario {
                 FaultKind::Partition,
                 FaultKind::CommitAck,
             ],
+            Scenario::BrokerNodeKill => &[FaultKind::BrokerNodeKill],
+            Scenario::BrokerNodePartition => &[FaultKind::BrokerNodePartition],
+            Scenario::BrokerRollingRestart => &[FaultKind::BrokerNodeRestart],
+            Scenario::ClusterMixed => &[
+                FaultKind::BrokerNodeKill,
+                FaultKind::BrokerNodePartition,
+                FaultKind::BrokerNodeRestart,
+            ],
         }
     }
 
@@ -167,6 +222,12 @@ impl Scenario {
             Scenario::Partition => (4.0, 7.0),
             Scenario::CommitAck => (3.0, 6.0),
             Scenario::Mixed => (2.0, 5.0),
+            // A broker-node fault lasts until the node rejoined (20-40 s): the next one
+            // follows after a short pause.
+            Scenario::BrokerNodeKill
+            | Scenario::BrokerNodePartition
+            | Scenario::BrokerRollingRestart
+            | Scenario::ClusterMixed => (1.0, 3.0),
         }
     }
 }
@@ -181,7 +242,12 @@ impl FromStr for Scenario {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        by_name(&Scenario::ALL, Scenario::name, s, "scenario", " or all")
+        let every: Vec<Scenario> = Scenario::ALL
+            .iter()
+            .chain(Scenario::CLUSTER.iter())
+            .copied()
+            .collect();
+        by_name(&every, Scenario::name, s, "scenario", ", all or cluster")
     }
 }
 
@@ -285,12 +351,35 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_unknown_names_list_the_choices() {
-        for s in Scenario::ALL {
+        for s in Scenario::ALL.into_iter().chain(Scenario::CLUSTER) {
             assert_eq!(s.name().parse::<Scenario>().expect("known"), s);
             assert!(!s.faults().is_empty());
         }
         let e = "nope".parse::<Scenario>().expect_err("unknown");
         assert!(e.to_string().contains("kill-restart"), "{e}");
+        assert!(e.to_string().contains("cluster-mixed"), "{e}");
+    }
+
+    #[test]
+    fn cluster_scenarios_and_only_they_need_a_broker_cluster() {
+        for s in Scenario::ALL {
+            assert!(!s.uses_broker_cluster(), "{s}");
+        }
+        for s in Scenario::CLUSTER {
+            assert!(s.uses_broker_cluster(), "{s}");
+        }
+        let kinds: HashSet<FaultKind> = Scenario::ClusterMixed
+            .faults()
+            .iter()
+            .chain(Scenario::ClusterMixed.companions())
+            .copied()
+            .collect();
+        for s in Scenario::CLUSTER {
+            for k in s.faults() {
+                assert!(kinds.contains(k), "{k} missing from cluster-mixed");
+            }
+        }
+        assert!(kinds.contains(&FaultKind::Kill) && kinds.contains(&FaultKind::Pause));
     }
 
     #[test]

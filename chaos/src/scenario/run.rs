@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use rand::SeedableRng as _;
 use rand::seq::SliceRandom as _;
+use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
 use vote_testkit::checker::{self, CheckOptions};
@@ -198,6 +198,7 @@ async fn start_cluster(
             postgres_settings: opts.postgres_settings.clone(),
             ..InfraOptions::default()
         },
+        broker_cluster: scenario.uses_broker_cluster(),
     })
     .await
 }
@@ -206,11 +207,7 @@ async fn start_cluster(
 /// the same seed gives each scenario its own plan and the workload's stream is untouched.
 fn schedule_rng(scenario: Scenario, seed: u64) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let index = Scenario::ALL
-        .iter()
-        .position(|s| *s == scenario)
-        .unwrap_or(0);
-    rng.set_stream(1 + index as u64);
+    rng.set_stream(1 + scenario.index() as u64);
     rng
 }
 
@@ -269,29 +266,44 @@ async fn run_schedule(
         // up as an unverified fault or in the final recovery check.
         let _ = cluster.fleet.wait_all_ready(Duration::from_secs(60)).await;
         let started = clock.now();
-        let fault = nemeses.strike(kind, cluster, rng, clock).await;
-        if opts.progress {
-            let text = match &fault.outcome {
-                Ok(e) => format!("ok  {e}"),
-                Err(e) => format!("NOT VERIFIED: {e}"),
-            };
-            eprintln!(
-                "  +{:>6.1}s {:<17} {:<16} {}{}",
-                fault.at.as_secs_f64(),
-                fault.kind.name(),
-                fault.target,
-                text,
-                fault
-                    .heal_error
-                    .as_deref()
-                    .map(|e| format!(" · NO RECOVERY: {e}"))
-                    .unwrap_or_default()
-            );
+        let companions = scenario.companions();
+        let struck = if companions.is_empty() {
+            vec![nemeses.strike(kind, cluster, rng, clock).await]
+        } else {
+            let companion = companions[rng.random_range(0..companions.len())];
+            nemeses
+                .strike_together(kind, companion, cluster, rng, clock)
+                .await
+        };
+        for fault in struck {
+            if opts.progress {
+                print_fault(&fault);
+            }
+            faults.push(fault);
         }
-        faults.push(fault);
         next = (started + between(rng, lo, hi)).max(clock.now() + breather);
     }
     faults
+}
+
+/// One line per fault on stderr, as it happens.
+fn print_fault(fault: &Fault) {
+    let text = match &fault.outcome {
+        Ok(e) => format!("ok  {e}"),
+        Err(e) => format!("NOT VERIFIED: {e}"),
+    };
+    eprintln!(
+        "  +{:>6.1}s {:<21} {:<16} {}{}",
+        fault.at.as_secs_f64(),
+        fault.kind.name(),
+        fault.target,
+        text,
+        fault
+            .heal_error
+            .as_deref()
+            .map(|e| format!(" · NO RECOVERY: {e}"))
+            .unwrap_or_default()
+    );
 }
 
 /// Waits (bounded) until every replica answers `/readyz` 200, without restarting any;

@@ -68,6 +68,29 @@ async fn must_pass(scenario: Scenario, secs: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs a broker-cluster `scenario` for `secs` seconds of faults at a modest rate (three
+/// RabbitMQ nodes share the 2 cores with everything else) and asserts every promise of the
+/// suite, plus that the broker faults really struck cluster nodes.
+async fn must_pass_on_cluster(scenario: Scenario, secs: u64) -> anyhow::Result<()> {
+    let mut opts = ScenarioOptions::new(Duration::from_secs(secs), seed());
+    opts.rate = 150.0;
+    opts.progress = true;
+    let report = run(scenario, opts).await?;
+    let summary = report.summary();
+    assert!(report.passed(), "{summary}\n{:#?}", report.violations());
+    assert_eq!(report.check.lost, 0, "{summary}");
+    assert_eq!(report.check.double_counted, 0, "{summary}");
+    assert_eq!(report.check.tally_drift, 0, "{summary}");
+    assert!(report.check.published > 1_000, "too little load: {summary}");
+    assert_eq!(report.verified(), report.faults.len(), "{summary}");
+    assert!(
+        report.faults.iter().any(|f| f.kind.needs_broker_cluster()),
+        "no broker-node fault: {summary}"
+    );
+    assert_eq!(report.recovered(), report.replicas, "{summary}");
+    Ok(())
+}
+
 /// Runs `scenario` against the `broken` build under `rate` messages per second and
 /// asserts that it FAILS with lost votes.
 async fn must_catch_broken_build(
@@ -160,4 +183,24 @@ async fn broken_build_fails_commit_ack() -> anyhow::Result<()> {
 #[tokio::test]
 async fn broken_build_fails_db_kill() -> anyhow::Result<()> {
     must_catch_broken_build(Scenario::DbKill, Broken::SynchronousCommitOff, 15, 1_000.0).await
+}
+
+#[tokio::test]
+async fn broker_node_kill() -> anyhow::Result<()> {
+    must_pass_on_cluster(Scenario::BrokerNodeKill, 10).await
+}
+
+#[tokio::test]
+async fn broker_node_partition() -> anyhow::Result<()> {
+    must_pass_on_cluster(Scenario::BrokerNodePartition, 10).await
+}
+
+#[tokio::test]
+async fn broker_rolling_restart() -> anyhow::Result<()> {
+    must_pass_on_cluster(Scenario::BrokerRollingRestart, 10).await
+}
+
+#[tokio::test]
+async fn cluster_mixed() -> anyhow::Result<()> {
+    must_pass_on_cluster(Scenario::ClusterMixed, 10).await
 }

@@ -62,11 +62,25 @@ pub fn vote_properties(vote: &Vote) -> BasicProperties {
 }
 
 impl Publisher {
-    /// Connects and puts a channel in confirm mode.
+    /// Connects (to one of the nodes when `amqp_url` lists several, see
+    /// [`crate::nodes`]) and puts a channel in confirm mode.
     ///
     /// # Errors
-    /// When the broker is unreachable or refuses the credentials.
+    /// When no node is reachable, or one refuses the credentials.
     pub async fn connect(amqp_url: &str, queue: &str) -> anyhow::Result<Self> {
+        let mut last = None;
+        for node in crate::nodes::try_order(amqp_url) {
+            match Self::connect_node(&node, queue).await {
+                Ok(publisher) => return Ok(publisher),
+                Err(e) if is_auth_error(&e) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("AMQP_URL names no node")))
+    }
+
+    /// [`Publisher::connect`] to one node.
+    async fn connect_node(amqp_url: &str, queue: &str) -> anyhow::Result<Self> {
         let shown = vote_aggregator::config::redact_url(amqp_url);
         let connecting = Connection::connect(
             amqp_url,
@@ -370,7 +384,7 @@ impl pump::Sink for ShareSink {
     }
 }
 
-fn is_auth_error(e: &anyhow::Error) -> bool {
+pub(crate) fn is_auth_error(e: &anyhow::Error) -> bool {
     // `connect` turns the broker's 403 into a message naming ACCESS_REFUSED. Never look
     // for "403" in the text: a URL's port (127.0.0.1:40327) contains it, and a transient
     // error on such a port must be retried, not taken for refused credentials.
