@@ -17,7 +17,7 @@ OFFLINE_BASE_IMAGE := vote-aggregator/debian:trixie-offline
 # The runtime base: the official one unless `make images` built the offline stand-in.
 BASE_IMAGE ?= $(shell docker image inspect $(OFFLINE_BASE_IMAGE) >/dev/null 2>&1 && echo $(OFFLINE_BASE_IMAGE) || echo debian:trixie-slim)
 
-.PHONY: help images image image-test test deploy-test supply-chain k8s-validate monitoring-test dlq-retention up down ps logs stats publish roles backup restore chaos load demo build release fault-build lint fmt init-db-sql clean-containers
+.PHONY: help images image image-test test deploy-test supply-chain k8s-validate monitoring-test dlq-retention up down ps logs stats publish roles backup restore chaos chaos-cluster load demo build release fault-build lint fmt init-db-sql clean-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -35,6 +35,10 @@ test: images fault-build ## run every test against real PostgreSQL and RabbitMQ 
 chaos: fault-build ## every chaos scenario, 60 s of faults each + drain (~10 min; SCENARIO=name, DURATION=60s, SEED=n to replay)
 	cargo build --locked -p vote-tools
 	$(CARGO_TARGET)/debug/vote-tools chaos --scenario $(or $(SCENARIO),all) --duration $(or $(DURATION),60s) $(if $(SEED),--seed $(SEED))
+
+chaos-cluster: fault-build ## the broker-cluster chaos scenarios (3 RabbitMQ nodes), 120 s of faults each + drain (~12 min; SCENARIO=name, DURATION=120s, RATE=200, SEED=n)
+	cargo build --locked -p vote-tools
+	$(CARGO_TARGET)/debug/vote-tools chaos --scenario $(or $(SCENARIO),cluster) --duration $(or $(DURATION),120s) --rate $(or $(RATE),200) $(if $(SEED),--seed $(SEED))
 
 load: ## capacity baselines vs this machine's broker and database ceilings (~10 min) -> target/load/report.{json,md}, throughput.png
 	cargo build --release --locked -p vote-aggregator -p vote-tools

@@ -15,7 +15,8 @@
 #   rabbitmq_password           RabbitMQ administrator (RABBITMQ_USER): management UI
 #   amqp_url                    the administrator's URL (inspection, dead letters)
 #   aggregator_amqp_password    RabbitMQ user of the replicas (RABBITMQ_AGGREGATOR_USER)
-#   aggregator_amqp_url         the replicas' AMQP_URL_FILE
+#   aggregator_amqp_url         the replicas' AMQP_URL_FILE (every node's URL when
+#                               COMPOSE_PROFILES names `cluster`; delete it to re-render)
 #   publisher_amqp_password     RabbitMQ user of publishers (RABBITMQ_PUBLISHER_USER)
 #   publisher_amqp_url          the publishers' URL (`make publish`, the deployment test)
 #   rabbitmq_definitions.json   the broker's users and their permissions, imported at every
@@ -88,8 +89,21 @@ url aggregator_database_url 'postgres://%s:%s@postgres:5432/%s\n' \
     "$runtime_user" "$(cat "$dir/aggregator_db_password")" "$postgres_db"
 url amqp_url 'amqp://%s:%s@rabbitmq:5672/%%2f\n' \
     "$rabbitmq_user" "$(cat "$dir/rabbitmq_password")"
-url aggregator_amqp_url 'amqp://%s:%s@rabbitmq:5672/%%2f\n' \
-    "$aggregator_user" "$(cat "$dir/aggregator_amqp_password")"
+# With COMPOSE_PROFILES naming `cluster`, the replicas get every node's URL (AMQP_URL
+# lists them, comma-separated): each replica connects to one and moves on when it dies.
+aggregator_hosts=rabbitmq
+case ",${COMPOSE_PROFILES:-}," in
+*,cluster,*) aggregator_hosts="rabbitmq rabbitmq-2 rabbitmq-3" ;;
+esac
+aggregator_urls=
+for host in $aggregator_hosts; do
+    aggregator_urls="${aggregator_urls:+$aggregator_urls,}amqp://%s:%s@$host:5672/%%2f"
+done
+aggregator_args=()
+for host in $aggregator_hosts; do
+    aggregator_args+=("$aggregator_user" "$(cat "$dir/aggregator_amqp_password")")
+done
+url aggregator_amqp_url "$aggregator_urls\n" "${aggregator_args[@]}"
 url publisher_amqp_url 'amqp://%s:%s@rabbitmq:5672/%%2f\n' \
     "$publisher_user" "$(cat "$dir/publisher_amqp_password")"
 
