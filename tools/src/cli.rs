@@ -157,6 +157,10 @@ struct LoadArgs {
     /// PREFETCH_COUNT as a multiple of the batch size (the service's default is 2).
     #[arg(long, default_value_t = 2)]
     prefetch_factor: usize,
+    /// Against a three-node RabbitMQ cluster (the queue replicated on all three nodes)
+    /// instead of one broker.
+    #[arg(long)]
+    broker_cluster: bool,
     /// Output folder.
     #[arg(long, default_value = "target/load")]
     out: PathBuf,
@@ -342,6 +346,7 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
         queue_types,
         steady: Duration::from_secs(args.steady_seconds),
         prefetch_factor: args.prefetch_factor,
+        broker_cluster: args.broker_cluster,
         out_dir: args.out.clone(),
         seed: seed(args.seed),
         progress: true,

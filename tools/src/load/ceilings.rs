@@ -11,14 +11,13 @@ use secrecy::SecretString;
 use vote_aggregator::config::QueueType;
 use vote_aggregator::db::{self, BatchColumns};
 
-use vote_testkit::infra::Infra;
 use vote_testkit::workload::{Message, Workload};
 
-use super::{LoadOptions, fresh_bed, prefill};
+use super::{LoadOptions, Servers, fresh_bed, prefill};
 
 /// Receive-and-ack only: the fastest any consumer of this queue can go on this machine.
 pub(super) async fn broker_ceiling(
-    servers: &Infra,
+    servers: &Servers,
     workload: &Workload,
     queue_type: QueueType,
     batch: usize,
@@ -27,7 +26,12 @@ pub(super) async fn broker_ceiling(
     let bed = fresh_bed(servers, queue_type).await?;
     prefill(&bed, workload, opts).await?;
     let expected = workload.main.len();
-    let conn = lapin::Connection::connect(&bed.amqp_url, Default::default()).await?;
+    // The first node of a cluster: the queue's leader serves it from wherever it is.
+    let node = vote_testkit::nodes::node_urls(&bed.amqp_url)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| bed.amqp_url.clone());
+    let conn = lapin::Connection::connect(&node, Default::default()).await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(
         (batch * opts.prefetch_factor.max(1)).min(65_535) as u16,
@@ -73,7 +77,7 @@ pub(super) async fn broker_ceiling(
 
 /// The batch statement fed from memory, one transaction at a time.
 pub(super) async fn db_ceiling(
-    servers: &Infra,
+    servers: &Servers,
     workload: &Workload,
     batch: usize,
 ) -> anyhow::Result<f64> {

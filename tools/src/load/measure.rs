@@ -11,7 +11,7 @@ use vote_aggregator::config::QueueType;
 use vote_aggregator::config::variables as var;
 
 use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
-use vote_testkit::infra::{self};
+
 use vote_testkit::ledger::Ledger;
 use vote_testkit::procinfo;
 use vote_testkit::progress::Progress;
@@ -19,7 +19,7 @@ use vote_testkit::publish::{PublishOptions, publish_messages};
 use vote_testkit::testbed::TestBed;
 use vote_testkit::workload::{Message, Workload};
 
-use super::{ConfigResult, LoadOptions, fresh_bed, prefill};
+use super::{ConfigResult, LoadOptions, Servers, fresh_bed, prefill};
 
 #[derive(QueryableByName)]
 struct LatencyRow {
@@ -34,7 +34,7 @@ struct CountRow {
 }
 
 pub(super) async fn measure_config(
-    servers: &infra::PrivateInfra,
+    servers: &Servers,
     workload: &Workload,
     queue_type: QueueType,
     batch: usize,
@@ -228,14 +228,18 @@ struct DrainCpu {
 }
 
 impl CpuSample {
-    fn take(servers: &infra::PrivateInfra, fleet: &Fleet) -> Self {
+    fn take(servers: &Servers, fleet: &Fleet) -> Self {
         CpuSample {
             machine: procinfo::machine_ticks(),
             aggregator: (0..fleet.len())
                 .filter_map(|i| fleet.pid(i).and_then(process_cpu_seconds))
                 .sum(),
-            broker: container_cpu_seconds(servers.rabbitmq_container_id()),
-            database: container_cpu_seconds(servers.postgres_container_id()),
+            broker: servers
+                .broker_container_ids()
+                .into_iter()
+                .map(container_cpu_seconds)
+                .sum(),
+            database: container_cpu_seconds(servers.pair.postgres_container_id()),
         }
     }
 

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use vote_aggregator::config::QueueType;
 use vote_aggregator::db::{self};
 
-use vote_testkit::infra::{self, Infra, InfraOptions};
+use vote_testkit::infra::{self, BrokerCluster, InfraOptions};
 use vote_testkit::ledger::Ledger;
 use vote_testkit::procinfo;
 use vote_testkit::publish::{PublishOptions, publish_messages};
@@ -67,6 +67,26 @@ pub struct LoadOptions {
     pub seed: u64,
     /// Show progress.
     pub progress: bool,
+    /// Measure against a three-node RabbitMQ cluster (every queue's members on all three
+    /// nodes; replicas and publishers given every node) instead of one broker.
+    pub broker_cluster: bool,
+}
+
+/// The servers of a run: the private pair, and with [`LoadOptions::broker_cluster`] the
+/// three-node RabbitMQ cluster that replaces the pair's broker (which is then stopped).
+pub(super) struct Servers {
+    pub pair: infra::PrivateInfra,
+    pub brokers: Option<BrokerCluster>,
+}
+
+impl Servers {
+    /// The container ids of the broker's node(s), for the CPU figures.
+    pub fn broker_container_ids(&self) -> Vec<&str> {
+        match &self.brokers {
+            Some(b) => (0..b.len()).map(|i| b.container_id(i)).collect(),
+            None => vec![self.pair.rabbitmq_container_id()],
+        }
+    }
 }
 
 /// The machine and software the figures were measured on.
@@ -186,11 +206,19 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
         opts.steady
     );
     // Fresh private servers with fsync ON: baselines must pay for durability.
-    let servers = infra::start_private(InfraOptions {
+    let pair = infra::start_private(InfraOptions {
         fsync: true,
         ..InfraOptions::default()
     })
     .await?;
+    let brokers = if opts.broker_cluster {
+        let brokers = infra::start_broker_cluster().await?;
+        pair.stop_rabbitmq().await?;
+        Some(brokers)
+    } else {
+        None
+    };
+    let servers = Servers { pair, brokers };
     let machine = machine(&servers).await?;
     let workload = Workload::generate(&WorkloadSpec {
         votes: opts.votes,
@@ -300,14 +328,14 @@ fn limited_by(r: &ConfigResult) -> String {
     }
 }
 
-async fn machine(servers: &infra::PrivateInfra) -> anyhow::Result<Machine> {
+async fn machine(servers: &Servers) -> anyhow::Result<Machine> {
     #[derive(QueryableByName)]
     struct Row {
         #[diesel(sql_type = Text)]
         v: String,
     }
     use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-    let mut conn = AsyncPgConnection::establish(&servers.admin_database_url()).await?;
+    let mut conn = AsyncPgConnection::establish(&servers.pair.admin_database_url()).await?;
     let version: Row = diesel::sql_query("SELECT version() AS v")
         .get_result(&mut conn)
         .await?;
@@ -322,15 +350,25 @@ async fn machine(servers: &infra::PrivateInfra) -> anyhow::Result<Machine> {
         memory_gib: memory_bytes / 1024.0 / 1024.0 / 1024.0,
         kernel: procinfo::kernel_release().unwrap_or_default(),
         postgres: version.v,
-        rabbitmq: servers.rabbitmq_image().to_owned(),
+        rabbitmq: match &servers.brokers {
+            Some(b) => format!(
+                "{} × {} nodes (cluster)",
+                servers.pair.rabbitmq_image(),
+                b.len()
+            ),
+            None => servers.pair.rabbitmq_image().to_owned(),
+        },
         postgres_fsync: fsync.v,
         aggregator_version: env!("CARGO_PKG_VERSION").to_string(),
     })
 }
 
 /// A fresh database and queue of `queue_type`, declared and migrated.
-pub(super) async fn fresh_bed(servers: &Infra, queue_type: QueueType) -> anyhow::Result<TestBed> {
-    let bed = TestBed::new(servers).await?;
+pub(super) async fn fresh_bed(servers: &Servers, queue_type: QueueType) -> anyhow::Result<TestBed> {
+    let mut bed = TestBed::new(&servers.pair).await?;
+    if let Some(brokers) = &servers.brokers {
+        bed.amqp_url = brokers.amqp_url_list();
+    }
     let mut config = bed.config("load-declarer");
     config.queue_type = queue_type;
     let session = vote_aggregator::broker::connect_first(&config).await?;
