@@ -126,12 +126,7 @@ impl BrokerNodeNemesis {
             ))
         }
         .await;
-        evidence
-            .map(|evidence| Struck {
-                target: name.clone(),
-                evidence,
-            })
-            .map_err(|e| Failed::on(&name, e))
+        struck(&name, evidence)
     }
 
     /// Cuts node `i` from the cluster network, verifies its peers see it gone, heals.
@@ -162,12 +157,7 @@ impl BrokerNodeNemesis {
             ))
         }
         .await;
-        evidence
-            .map(|evidence| Struck {
-                target: name.clone(),
-                evidence,
-            })
-            .map_err(|e| Failed::on(&name, e))
+        struck(&name, evidence)
     }
 
     /// Stops node `i` gracefully, verifies it is down, starts it, waits until it rejoined.
@@ -199,12 +189,7 @@ impl BrokerNodeNemesis {
             ))
         }
         .await;
-        evidence
-            .map(|evidence| Struck {
-                target: name.clone(),
-                evidence,
-            })
-            .map_err(|e| Failed::on(&name, e))
+        struck(&name, evidence)
     }
 }
 
@@ -218,6 +203,16 @@ struct Struck {
 struct Failed {
     target: String,
     error: anyhow::Error,
+}
+
+/// The outcome of a fault on the node called `name`.
+fn struck(name: &str, evidence: anyhow::Result<String>) -> Result<Struck, Failed> {
+    evidence
+        .map(|evidence| Struck {
+            target: name.to_owned(),
+            evidence,
+        })
+        .map_err(|e| Failed::on(name, e))
 }
 
 impl Failed {

@@ -23,6 +23,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         out_dir: out.clone(),
         seed: 3,
         progress: false,
+        broker_cluster: false,
     };
     let report = load::run(&opts, "load smoke test".into()).await?;
     assert_eq!(report.configs.len(), 2);
