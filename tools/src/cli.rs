@@ -167,6 +167,10 @@ struct LoadArgs {
     /// Workload seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Reach the servers through Docker's port proxy and the test kit's fault proxies
+    /// (the old data path) instead of the host network: to show what it costs.
+    #[arg(long)]
+    via_port_proxy: bool,
 }
 
 #[derive(Args)]
@@ -350,6 +354,7 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
         out_dir: args.out.clone(),
         seed: seed(args.seed),
         progress: true,
+        via_port_proxy: args.via_port_proxy,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let report = crate::load::run(&options, command).await?;

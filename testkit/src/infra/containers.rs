@@ -54,9 +54,26 @@ pub(super) struct ContainerSpec {
     files: Vec<(String, Vec<u8>)>,
     /// Replaces the image's entrypoint (then `cmd` is its arguments).
     pub(super) entrypoint: Option<&'static str>,
+    /// Runs in the host's network namespace, the server listening on `127.0.0.1:<this>`
+    /// (see [`ContainerSpec::on_host_network`]); `None`: its own network, `port` published.
+    host_port: Option<u16>,
 }
 
 impl ContainerSpec {
+    /// Runs the server in the host's network namespace on loopback port `port` (which the
+    /// caller already told the server to listen on): clients connect straight to it, not
+    /// through Docker's userland port proxy. Nothing is published.
+    pub(super) fn on_host_network(mut self, port: u16) -> Self {
+        self.host_port = Some(port);
+        self
+    }
+
+    /// Sets environment variable `key` in the container.
+    pub(super) fn with_env(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.env.push((key, value.into()));
+        self
+    }
+
     /// Publishes container port `port` too.
     pub(super) fn with_extra_port(mut self, port: u16) -> Self {
         self.extra_ports.push(port);
@@ -112,6 +129,7 @@ pub(super) fn postgres_spec(
         extra_ports: Vec::new(),
         files: Vec::new(),
         entrypoint: None,
+        host_port: None,
     }
 }
 
@@ -131,6 +149,7 @@ pub(super) fn rabbitmq_spec(image: String, scope: &'static str) -> ContainerSpec
         extra_ports: Vec::new(),
         files: Vec::new(),
         entrypoint: None,
+        host_port: None,
     }
 }
 
@@ -181,9 +200,14 @@ pub(super) async fn start_container(spec: ContainerSpec) -> anyhow::Result<Start
     // password. (testcontainers publishes on every interface.) With a remote engine the
     // port must be reachable from this host.
     let local = docker_is_local();
-    let ports: Vec<u16> = std::iter::once(spec.port)
-        .chain(spec.extra_ports.iter().copied())
-        .collect();
+    let host_network = spec.host_port.is_some();
+    // On the host network there is nothing to publish: the server binds loopback itself.
+    let ports: Vec<u16> = match spec.host_port {
+        Some(_) => Vec::new(),
+        None => std::iter::once(spec.port)
+            .chain(spec.extra_ports.iter().copied())
+            .collect(),
+    };
     let bindings: HashMap<String, Option<Vec<PortBinding>>> = ports
         .iter()
         .map(|port| {
@@ -212,7 +236,11 @@ pub(super) async fn start_container(spec: ContainerSpec) -> anyhow::Result<Start
         .with_shm_size(256 * 1024 * 1024)
         .with_log_consumer(move |frame: &LogFrame| consumer.push(frame))
         .with_host_config_modifier(move |host_config| {
-            if local {
+            if host_network {
+                host_config.network_mode = Some("host".to_owned());
+                host_config.publish_all_ports = Some(false);
+                host_config.port_bindings = None;
+            } else if local {
                 host_config.publish_all_ports = Some(false);
                 host_config.port_bindings = Some(bindings.clone());
             }
@@ -242,7 +270,14 @@ pub(super) async fn start_container(spec: ContainerSpec) -> anyhow::Result<Start
         )
     })?;
     let container = Arc::new(container);
-    match host_addr(&container, spec.port).await {
+    let addr = match spec.host_port {
+        Some(port) => Ok(SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            port,
+        )),
+        None => host_addr(&container, spec.port).await,
+    };
+    match addr {
         Ok(host_addr) => {
             tracing::info!(role = spec.role, image = %spec.image, container = %container_name, %host_addr, "container ready");
             Ok(Started {

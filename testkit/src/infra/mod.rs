@@ -56,6 +56,7 @@ mod cleanup;
 mod containers;
 mod engine;
 mod exec;
+mod host_network;
 mod images;
 mod private;
 mod probes;
@@ -111,6 +112,11 @@ pub struct InfraOptions {
     pub postgres_image: Option<String>,
     /// RabbitMQ image; `None` (the default): [`rabbitmq_image`]'s choice.
     pub rabbitmq_image: Option<String>,
+    /// Run both servers in the host's network namespace on loopback ports chosen at start
+    /// (see `host_network`), so clients reach them directly: no Docker port proxy and, for
+    /// [`start_private`], no fault proxies (their accessors then panic). For benchmarks;
+    /// off by default. Requires a local Docker engine.
+    pub host_network: bool,
 }
 
 impl Default for InfraOptions {
@@ -121,6 +127,7 @@ impl Default for InfraOptions {
             postgres_settings: Vec::new(),
             postgres_image: None,
             rabbitmq_image: None,
+            host_network: false,
         }
     }
 }

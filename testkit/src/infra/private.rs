@@ -1,5 +1,6 @@
 //! A server pair owned by one test, behind fault proxies, that the test may stop, start,
-//! pause, kill and restart.
+//! pause, kill and restart. (With `InfraOptions::host_network` the pair listens on fixed
+//! loopback ports instead and has no proxies: for benchmarks.)
 //!
 //! Lifecycle operations go through testcontainers' `ContainerAsync` (`stop_with_timeout`,
 //! `start`, `pause`, `unpause`, `rm`, `get_host_port_ipv4`). Docker maps a new host port on
@@ -33,6 +34,7 @@ const STOP_TIMEOUT_SECS: i32 = 30;
 /// `PrivateInfra` inside that runtime's lifetime.
 pub async fn start_private(opts: InfraOptions) -> anyhow::Result<PrivateInfra> {
     init_test_logging();
+    let host_network = opts.host_network;
     let pair = on_docker(start_pair(opts, "private")).await?;
     let mut private = PrivateInfra {
         infra: None,
@@ -50,12 +52,18 @@ pub async fn start_private(opts: InfraOptions) -> anyhow::Result<PrivateInfra> {
         rabbitmq_proxy: None,
     };
     // From here on, `private`'s Drop removes both containers if anything fails.
-    let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-    let pg_proxy = FaultProxy::start(loopback, pair.postgres.host_addr).await?;
-    let mq_proxy = FaultProxy::start(loopback, pair.rabbitmq.host_addr).await?;
-    let infra = container_infra(pg_proxy.local_addr(), mq_proxy.local_addr())?;
-    private.postgres_proxy = Some(pg_proxy);
-    private.rabbitmq_proxy = Some(mq_proxy);
+    let infra = if host_network {
+        // Fixed loopback ports across restarts: nothing to re-point, no proxy in between.
+        container_infra(pair.postgres.host_addr, pair.rabbitmq.host_addr)?
+    } else {
+        let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let pg_proxy = FaultProxy::start(loopback, pair.postgres.host_addr).await?;
+        let mq_proxy = FaultProxy::start(loopback, pair.rabbitmq.host_addr).await?;
+        let infra = container_infra(pg_proxy.local_addr(), mq_proxy.local_addr())?;
+        private.postgres_proxy = Some(pg_proxy);
+        private.rabbitmq_proxy = Some(mq_proxy);
+        infra
+    };
     wait_for_postgres(&infra.admin_database_url(), CONNECT_TIMEOUT).await?;
     wait_for_rabbitmq(&infra.amqp_url(), CONNECT_TIMEOUT).await?;
     tracing::info!(postgres = %infra.postgres, rabbitmq = %infra.rabbitmq, "private test infrastructure ready");
@@ -165,7 +173,7 @@ impl PrivateInfra {
     /// Starts PostgreSQL again after [`PrivateInfra::stop_postgres`], re-points the proxy at
     /// the (possibly new) host port and waits until it accepts connections.
     pub async fn start_postgres(&self) -> anyhow::Result<()> {
-        start_again(&self.postgres, self.postgres_proxy(), "PostgreSQL").await?;
+        start_again(&self.postgres, self.postgres_proxy.as_ref(), "PostgreSQL").await?;
         wait_for_postgres(&self.admin_database_url(), CONNECT_TIMEOUT).await
     }
 
@@ -208,7 +216,7 @@ impl PrivateInfra {
     /// Starts RabbitMQ again after [`PrivateInfra::stop_rabbitmq`], re-points the proxy
     /// and waits until it accepts AMQP connections.
     pub async fn start_rabbitmq(&self) -> anyhow::Result<()> {
-        start_again(&self.rabbitmq, self.rabbitmq_proxy(), "RabbitMQ").await?;
+        start_again(&self.rabbitmq, self.rabbitmq_proxy.as_ref(), "RabbitMQ").await?;
         wait_for_rabbitmq(&self.amqp_url(), CONNECT_TIMEOUT).await
     }
 
@@ -283,23 +291,31 @@ async fn stop(managed: &Managed, what: &'static str) -> anyhow::Result<()> {
     .await
 }
 
-/// `docker start`, then points the proxy at the container's new host port.
+/// `docker start`, then points the proxy (if any: on the host network the port stays)
+/// at the container's new host port.
 async fn start_again(
     managed: &Managed,
-    proxy: &FaultProxy,
+    proxy: Option<&FaultProxy>,
     what: &'static str,
 ) -> anyhow::Result<()> {
     let container = managed.handle();
     let port = managed.port;
+    let repoint = proxy.is_some();
     let addr = on_docker(async move {
         container
             .start()
             .await
             .with_context(|| format!("starting {what} container {} again", container.id()))?;
-        host_addr(&container, port).await
+        if repoint {
+            host_addr(&container, port).await.map(Some)
+        } else {
+            Ok(None)
+        }
     })
     .await?;
-    proxy.set_upstream(addr);
+    if let (Some(proxy), Some(addr)) = (proxy, addr) {
+        proxy.set_upstream(addr);
+    }
     Ok(())
 }
 
@@ -326,6 +342,10 @@ impl Drop for PrivateInfra {
 }
 
 fn proxy(slot: &Option<FaultProxy>) -> &FaultProxy {
-    slot.as_ref()
-        .unwrap_or_else(|| unreachable!("PrivateInfra used before it was built"))
+    slot.as_ref().unwrap_or_else(|| {
+        unreachable!(
+            "this PrivateInfra has no fault proxies: it runs on the host network \
+             (InfraOptions::host_network)"
+        )
+    })
 }

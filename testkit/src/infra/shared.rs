@@ -17,6 +17,7 @@ use super::containers::{
     Container, Started, postgres_spec, rabbitmq_spec, remove, start_container,
 };
 use super::engine::{docker, on_docker, resolve};
+use super::host_network;
 use super::images::{Server, image};
 use super::probes::{wait_for_postgres, wait_for_rabbitmq};
 use super::{
@@ -102,10 +103,13 @@ pub(super) async fn start_pair(opts: InfraOptions, scope: &'static str) -> anyho
     )?;
     // `join!`, not `try_join!`: cancelling a start half-way would leave a container only
     // the exit hook finds.
-    let (postgres, rabbitmq) = tokio::join!(
-        start_container(postgres_spec(&opts, postgres_image.clone(), scope)),
-        start_container(rabbitmq_spec(rabbitmq_image.clone(), scope)),
-    );
+    let mut postgres = postgres_spec(&opts, postgres_image.clone(), scope);
+    let mut rabbitmq = rabbitmq_spec(rabbitmq_image.clone(), scope);
+    if opts.host_network {
+        postgres = host_network::postgres(postgres)?;
+        rabbitmq = host_network::rabbitmq(rabbitmq)?;
+    }
+    let (postgres, rabbitmq) = tokio::join!(start_container(postgres), start_container(rabbitmq));
     match (postgres, rabbitmq) {
         (Ok(postgres), Ok(rabbitmq)) => Ok(Pair {
             postgres,

@@ -13,7 +13,7 @@ use vote_aggregator::db::{self, BatchColumns};
 
 use vote_testkit::workload::{Message, Workload};
 
-use super::{LoadOptions, Servers, fresh_bed, prefill};
+use super::{LoadOptions, Servers, first_node, fresh_bed, prefill};
 
 /// Receive-and-ack only: the fastest any consumer of this queue can go on this machine.
 pub(super) async fn broker_ceiling(
@@ -26,12 +26,7 @@ pub(super) async fn broker_ceiling(
     let bed = fresh_bed(servers, queue_type).await?;
     prefill(&bed, workload, opts).await?;
     let expected = workload.main.len();
-    // The first node of a cluster: the queue's leader serves it from wherever it is.
-    let node = vote_testkit::nodes::node_urls(&bed.amqp_url)
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| bed.amqp_url.clone());
-    let conn = lapin::Connection::connect(&node, Default::default()).await?;
+    let conn = lapin::Connection::connect(&first_node(&bed), Default::default()).await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(
         (batch * opts.prefetch_factor.max(1)).min(65_535) as u16,

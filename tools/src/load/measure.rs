@@ -165,6 +165,8 @@ pub(super) async fn measure_config(
         deliveries_per_second,
         broker_ceiling_votes_per_second: 0.0,
         db_ceiling_votes_per_second: 0.0,
+        floor_votes_per_second: 0.0,
+        ratio_to_floor: 0.0,
         ratio_to_broker_ceiling: 0.0,
         ratio_to_db_ceiling: 0.0,
         steady_rate,

@@ -39,9 +39,11 @@ use vote_testkit::testbed::TestBed;
 use vote_testkit::workload::{Workload, WorkloadSpec};
 
 mod ceilings;
+mod floor;
 mod measure;
 
 use ceilings::{broker_ceiling, db_ceiling};
+use floor::floor;
 use measure::measure_config;
 
 /// What to measure.
@@ -70,6 +72,10 @@ pub struct LoadOptions {
     /// Measure against a three-node RabbitMQ cluster (every queue's members on all three
     /// nodes; replicas and publishers given every node) instead of one broker.
     pub broker_cluster: bool,
+    /// Reach the servers through Docker's published ports (its userland port proxy) and
+    /// the test kit's fault proxies, as before, instead of directly on the host network:
+    /// only to show what that path costs.
+    pub via_port_proxy: bool,
 }
 
 /// The servers of a run: the private pair, and with [`LoadOptions::broker_cluster`] the
@@ -104,6 +110,9 @@ pub struct Machine {
     pub rabbitmq: String,
     /// PostgreSQL `fsync` setting during the run.
     pub postgres_fsync: String,
+    /// How clients reached the servers: `host network (loopback)` or `docker port proxy`.
+    #[serde(default)]
+    pub data_path: String,
     /// Version of vote-aggregator.
     pub aggregator_version: String,
 }
@@ -127,6 +136,12 @@ pub struct ConfigResult {
     pub broker_ceiling_votes_per_second: f64,
     /// The batch statement from memory at this batch size: votes/s.
     pub db_ceiling_votes_per_second: f64,
+    /// The floor of exactly-once ingest (see `floor`), same queue type, batch size and
+    /// prefetch, co-located like the aggregator: votes/s.
+    pub floor_votes_per_second: f64,
+    /// `votes_per_second / floor_votes_per_second`: the share of the machine's real
+    /// capacity for exactly-once ingest that the aggregator achieves.
+    pub ratio_to_floor: f64,
     /// `deliveries_per_second / broker_ceiling_votes_per_second`.
     pub ratio_to_broker_ceiling: f64,
     /// `votes_per_second / db_ceiling_votes_per_second`.
@@ -205,9 +220,11 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
         opts.duplicates * 100.0,
         opts.steady
     );
-    // Fresh private servers with fsync ON: baselines must pay for durability.
+    // Fresh private servers with fsync ON: baselines must pay for durability. On the host
+    // network (loopback ports) unless asked otherwise: no proxy copies the data.
     let pair = infra::start_private(InfraOptions {
         fsync: true,
+        host_network: !opts.via_port_proxy,
         ..InfraOptions::default()
     })
     .await?;
@@ -219,7 +236,15 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
         None
     };
     let servers = Servers { pair, brokers };
-    let machine = machine(&servers).await?;
+    let mut machine = machine(&servers).await?;
+    machine.data_path = match (opts.via_port_proxy, opts.broker_cluster) {
+        (true, _) => "docker port proxy + test-kit proxy".into(),
+        // The cluster's nodes sit behind test-kit proxies on their own Docker networks.
+        (false, true) => {
+            "PostgreSQL: host network (loopback); RabbitMQ cluster: test-kit proxies".into()
+        }
+        (false, false) => "host network (loopback)".into(),
+    };
     let workload = Workload::generate(&WorkloadSpec {
         votes: opts.votes,
         elections: 3,
@@ -234,6 +259,7 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
 
     let mut broker_ceilings: HashMap<(String, usize), f64> = HashMap::new();
     let mut db_ceilings: HashMap<usize, f64> = HashMap::new();
+    let mut floors: HashMap<(String, usize), f64> = HashMap::new();
     let mut configs = Vec::new();
     let total = opts.queue_types.len() * opts.batch_sizes.len() * opts.replicas.len();
     let mut n = 0;
@@ -247,6 +273,14 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
                     queue_type.as_str()
                 );
                 broker_ceilings.insert(key.clone(), c);
+            }
+            if !floors.contains_key(&key) {
+                let f = floor(&servers, &workload, queue_type, batch, opts).await?;
+                eprintln!(
+                    "load: floor {} batch {batch}: {f:.0} votes/s",
+                    queue_type.as_str()
+                );
+                floors.insert(key.clone(), f);
             }
             if let std::collections::hash_map::Entry::Vacant(e) = db_ceilings.entry(batch) {
                 let c = db_ceiling(&servers, &workload, batch).await?;
@@ -263,13 +297,16 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
                     measure_config(&servers, &workload, queue_type, batch, replicas, opts).await?;
                 r.broker_ceiling_votes_per_second = broker_ceilings[&key];
                 r.db_ceiling_votes_per_second = db_ceilings[&batch];
+                r.floor_votes_per_second = floors[&key];
+                r.ratio_to_floor = r.votes_per_second / r.floor_votes_per_second.max(1.0);
                 r.ratio_to_broker_ceiling =
                     r.deliveries_per_second / r.broker_ceiling_votes_per_second.max(1.0);
                 r.ratio_to_db_ceiling = r.votes_per_second / r.db_ceiling_votes_per_second.max(1.0);
                 r.limited_by = limited_by(&r);
                 eprintln!(
-                    "load:   {:.0} votes/s ({:.0}% of broker ceiling, {:.0}% of database ceiling) · p99 {:.1} ms · {:.3} CPU s/1000 votes · peak RSS {:.1} MiB",
+                    "load:   {:.0} votes/s ({:.2} of the floor, {:.0}% of broker ceiling, {:.0}% of database ceiling) · p99 {:.1} ms · {:.3} CPU s/1000 votes · peak RSS {:.1} MiB",
                     r.votes_per_second,
+                    r.ratio_to_floor,
                     r.ratio_to_broker_ceiling * 100.0,
                     r.ratio_to_db_ceiling * 100.0,
                     r.latency_p99_ms,
@@ -359,6 +396,7 @@ async fn machine(servers: &Servers) -> anyhow::Result<Machine> {
             None => servers.pair.rabbitmq_image().to_owned(),
         },
         postgres_fsync: fsync.v,
+        data_path: String::new(),
         aggregator_version: env!("CARGO_PKG_VERSION").to_string(),
     })
 }
@@ -375,6 +413,15 @@ pub(super) async fn fresh_bed(servers: &Servers, queue_type: QueueType) -> anyho
     let _ = session.connection.close(200, "declared".into()).await;
     db::run_migrations(&config.database_url).await?;
     Ok(bed)
+}
+
+/// The URL of the bed's broker, or of the first node of a cluster (the queue's leader
+/// serves a consumer from wherever it is): what a single-connection consumer uses.
+pub(super) fn first_node(bed: &TestBed) -> String {
+    vote_testkit::nodes::node_urls(&bed.amqp_url)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| bed.amqp_url.clone())
 }
 
 pub(super) async fn prefill(

@@ -24,6 +24,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         seed: 3,
         progress: false,
         broker_cluster: false,
+        via_port_proxy: false,
     };
     let report = load::run(&opts, "load smoke test".into()).await?;
     assert_eq!(report.configs.len(), 2);
@@ -32,6 +33,8 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         assert!(c.broker_ceiling_votes_per_second > 0.0);
         assert!(c.db_ceiling_votes_per_second > 0.0);
         assert!(c.ratio_to_broker_ceiling > 0.0);
+        assert!(c.floor_votes_per_second > 0.0, "{c:?}");
+        assert!(c.ratio_to_floor > 0.0, "{c:?}");
         assert!(c.latency_samples > 0);
         assert!(c.latency_p99_ms >= c.latency_p50_ms);
         assert!(c.peak_rss_mib > 0.0);
@@ -42,6 +45,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         report.machine.postgres_fsync, "on",
         "baselines pay for durability"
     );
+    assert_eq!(report.machine.data_path, "host network (loopback)");
     let written = load_report::write_all(&report, &out)?;
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&written.json)?)?;
     for key in [
@@ -52,6 +56,8 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         "broker_ceiling_votes_per_second",
         "db_ceiling_votes_per_second",
         "ratio_to_broker_ceiling",
+        "floor_votes_per_second",
+        "ratio_to_floor",
         "latency_p50_ms",
         "latency_p99_ms",
         "cpu_seconds_per_1000_votes",

@@ -1,0 +1,190 @@
+//! The floor of exactly-once ingest: the least any correct implementation must do to
+//! store each vote once, measured in the same run and co-located like the aggregator.
+//!
+//! A minimal consumer, in this process: receive with the aggregator's prefetch, decode
+//! each vote with the aggregator's own decoder, write each batch's full rows (the same
+//! columns as `votes`) with one `INSERT … ON CONFLICT (vote_id) DO NOTHING` in one
+//! transaction, COMMIT (fsync on, like the load servers), ack the batch with one
+//! `multiple` ack, with the aggregator's commit pipeline depth (two batches committing
+//! while the next fills; acks strictly in delivery order). Nothing else: no tally, no
+//! conflict judging, no dead-lettering, no metrics, no retries (a failure ends the run).
+//!
+//! `ratio_to_floor` = aggregator votes/s ÷ this: how much of the machine's real capacity
+//! for exactly-once ingest the design gives away.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid};
+use diesel_async::{AsyncConnection as _, RunQueryDsl as _};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesOrdered;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use secrecy::SecretString;
+use tokio::task::JoinHandle;
+use vote_aggregator::config::QueueType;
+use vote_aggregator::db::{self, PgPool};
+use vote_aggregator::vote::{self, Vote};
+
+use vote_testkit::workload::Workload;
+
+use super::{LoadOptions, Servers, first_node, fresh_bed, prefill};
+
+/// The aggregator's commit pipeline depth (`consumer::pipeline`): batches committing at
+/// once while the next one fills.
+const PIPELINE_DEPTH: usize = 2;
+/// The aggregator's default `BATCH_TIMEOUT_MS`: a partial batch is written after this
+/// long without a new delivery.
+const BATCH_TIMEOUT: Duration = Duration::from_millis(50);
+/// A drain that makes no progress for this long is an error, not a figure.
+const STALL_LIMIT: Duration = Duration::from_secs(300);
+
+/// Rows go in in `vote_id` order: two transactions in flight that share a UUID (a
+/// duplicate publish) then take their row locks in the same order and cannot deadlock
+/// (seen without it: "deadlock detected"). Correctness needs this, so the floor pays it.
+const INSERT_SQL: &str = "INSERT INTO votes (vote_id, election_id, candidate_id, precinct_id, cast_at) \
+     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) \
+     AS t(vote_id, election_id, candidate_id, precinct_id, cast_at) \
+     ORDER BY vote_id \
+     ON CONFLICT (vote_id) DO NOTHING";
+
+/// One batch's rows as columns, and the delivery tag that acks all of it.
+#[derive(Default)]
+struct Rows {
+    vote_ids: Vec<uuid::Uuid>,
+    election_ids: Vec<String>,
+    candidate_ids: Vec<String>,
+    precinct_ids: Vec<Option<String>>,
+    cast_ats: Vec<chrono::DateTime<chrono::Utc>>,
+    last_tag: u64,
+}
+
+impl Rows {
+    fn push(&mut self, v: Vote, tag: u64) {
+        self.vote_ids.push(v.vote_id);
+        self.election_ids.push(v.election_id);
+        self.candidate_ids.push(v.candidate_id);
+        self.precinct_ids.push(v.precinct_id);
+        self.cast_ats.push(v.cast_at);
+        self.last_tag = tag;
+    }
+
+    fn len(&self) -> usize {
+        self.vote_ids.len()
+    }
+}
+
+/// Counted votes/s of the floor consumer draining the pre-filled workload, from its first
+/// delivery to its last COMMIT.
+///
+/// # Errors
+/// When a server fails, a body does not decode (the load workload has no malformed
+/// votes) or the drain stalls.
+pub(super) async fn floor(
+    servers: &Servers,
+    workload: &Workload,
+    queue_type: QueueType,
+    batch: usize,
+    opts: &LoadOptions,
+) -> anyhow::Result<f64> {
+    let bed = fresh_bed(servers, queue_type).await?;
+    let ledger = prefill(&bed, workload, opts).await?;
+    let expected = ledger.votes.len() as u64;
+    let url = SecretString::from(bed.database_url.clone());
+    let pool = db::pool(&url, PIPELINE_DEPTH as u32, &Default::default());
+    let conn = lapin::Connection::connect(&first_node(&bed), Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(
+        (batch * opts.prefetch_factor.max(1)).min(65_535) as u16,
+        BasicQosOptions::default(),
+    )
+    .await?;
+    let mut consumer = ch
+        .basic_consume(
+            bed.queue.as_str().into(),
+            "floor".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    let mut filling = Rows::default();
+    let mut committing: FuturesOrdered<JoinHandle<anyhow::Result<(u64, u64)>>> =
+        FuturesOrdered::new();
+    let mut counted = 0u64;
+    let mut first: Option<Instant> = None;
+    let mut last_progress = Instant::now();
+    while counted < expected {
+        // Acks go out as soon as the oldest commit is done, while reading goes on.
+        let idle = tokio::select! {
+            Some(done) = committing.next(), if !committing.is_empty() => {
+                counted += ack(&ch, done).await?;
+                last_progress = Instant::now();
+                false
+            }
+            next = tokio::time::timeout(BATCH_TIMEOUT, consumer.next()) => match next {
+                Ok(Some(delivery)) => {
+                    let d = delivery?;
+                    first.get_or_insert_with(Instant::now);
+                    let v = vote::decode(&d.data).map_err(|r| {
+                        anyhow::anyhow!("floor consumer got an undecodable vote: {r:?}")
+                    })?;
+                    filling.push(v, d.delivery_tag);
+                    false
+                }
+                Ok(None) => anyhow::bail!("floor consumer was cancelled by the broker"),
+                Err(_) => true,
+            },
+        };
+        if filling.len() >= batch || (idle && filling.len() > 0) {
+            if committing.len() == PIPELINE_DEPTH {
+                // Pipeline full: the oldest commit first, as the aggregator does.
+                if let Some(done) = committing.next().await {
+                    counted += ack(&ch, done).await?;
+                    last_progress = Instant::now();
+                }
+            }
+            let rows = std::mem::take(&mut filling);
+            committing.push_back(tokio::spawn(commit(pool.clone(), rows)));
+        }
+        if last_progress.elapsed() > STALL_LIMIT {
+            anyhow::bail!("floor consumer stalled at {counted}/{expected}");
+        }
+    }
+    let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(1.0);
+    let _ = conn.close(200, "done".into()).await;
+    Ok(counted as f64 / secs.max(0.001))
+}
+
+/// Acks a committed batch's deliveries with one `multiple` ack; returns the rows it
+/// inserted.
+async fn ack(
+    ch: &lapin::Channel,
+    done: Result<anyhow::Result<(u64, u64)>, tokio::task::JoinError>,
+) -> anyhow::Result<u64> {
+    let (tag, inserted) = done.context("floor commit task")??;
+    ch.basic_ack(tag, BasicAckOptions { multiple: true })
+        .await?;
+    Ok(inserted)
+}
+
+/// One transaction: the batch's INSERT, then COMMIT. Returns the tag to ack and the rows
+/// inserted (a vote stored before is not inserted again).
+async fn commit(pool: PgPool, rows: Rows) -> anyhow::Result<(u64, u64)> {
+    let mut conn = pool.get().await.context("floor: database connection")?;
+    let inserted = conn
+        .transaction::<_, diesel::result::Error, _>(async |c| {
+            diesel::sql_query(INSERT_SQL)
+                .bind::<Array<Uuid>, _>(&rows.vote_ids)
+                .bind::<Array<Text>, _>(&rows.election_ids)
+                .bind::<Array<Text>, _>(&rows.candidate_ids)
+                .bind::<Array<Nullable<Text>>, _>(&rows.precinct_ids)
+                .bind::<Array<Timestamptz>, _>(&rows.cast_ats)
+                .execute(c)
+                .await
+        })
+        .await
+        .context("floor: batch transaction")?;
+    Ok((rows.last_tag, inserted as u64))
+}
