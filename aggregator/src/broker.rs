@@ -192,6 +192,96 @@ fn connect_err(config: &Config, source: lapin::Error) -> BrokerError {
 /// (fatal),
 /// [`BrokerError::Amqp`] for everything the caller should retry.
 pub async fn connect(config: &Config) -> Result<Session, BrokerError> {
+    let connection = open_connection(config, "").await?;
+    let consume = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp_err(config, e))?;
+    declare_topology(&consume, config).await?;
+    let publish = open_publish_channel(&connection, config).await?;
+    Ok(Session {
+        connection,
+        consume,
+        publish,
+    })
+}
+
+/// Connection-name suffix of the results relay's own connection.
+pub const RESULTS_CONNECTION_SUFFIX: &str = "/results";
+
+/// The results relay's own connection (so a results outage never touches the votes
+/// session) and a confirm-mode channel, with the durable topic exchange
+/// [`crate::results::EXCHANGE`] declared.
+///
+/// # Errors
+/// As [`connect`]: refused credentials or permissions and TLS failures are
+/// [`BrokerError::AuthRefused`], [`BrokerError::PermissionRefused`], [`BrokerError::Tls`].
+pub async fn connect_results(config: &Config) -> Result<(Connection, Channel), BrokerError> {
+    let connection = open_connection(config, RESULTS_CONNECTION_SUFFIX).await?;
+    let channel = open_publish_channel(&connection, config).await?;
+    channel
+        .exchange_declare(
+            crate::results::EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_err(config, e))?;
+    Ok((connection, channel))
+}
+
+/// Publishes one results event as a persistent message (`message_id` = event id) and
+/// returns its confirm, to be awaited by the caller (publish many, then await all).
+///
+/// # Errors
+/// [`BrokerError`] when the channel refuses the publish.
+pub async fn publish_result(
+    channel: &Channel,
+    config: &Config,
+    event: &crate::results::Event,
+) -> Result<lapin::PublisherConfirm, BrokerError> {
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(event.event_id.to_string().into())
+        .with_content_type(crate::results::CONTENT_TYPE.into())
+        .with_type(crate::results::MESSAGE_TYPE.into())
+        .with_app_id(CLIENT_NAME.into());
+    channel
+        .basic_publish(
+            crate::results::EXCHANGE.into(),
+            event.election_id.as_str().into(),
+            BasicPublishOptions::default(),
+            &event.to_json(),
+            props,
+        )
+        .await
+        .map_err(|e| amqp_err(config, e))
+}
+
+/// Whether a publisher confirm says the broker took the message (an unroutable one,
+/// with no queue bound, counts: nobody was listening for it).
+///
+/// # Errors
+/// [`BrokerError`] when the broker nacked it or the channel failed.
+pub async fn confirmed(
+    confirm: lapin::PublisherConfirm,
+    config: &Config,
+) -> Result<(), BrokerError> {
+    match confirm.await.map_err(|e| amqp_err(config, e))? {
+        Confirmation::Ack(_) => Ok(()),
+        Confirmation::Nack(_) | Confirmation::NotRequested => Err(BrokerError::Amqp {
+            url: redact_url(config.amqp_url.expose_secret()),
+            source: lapin::Error::from(std::io::Error::other("the broker nacked a results event")),
+        }),
+    }
+}
+
+/// Opens a connection named `<CLIENT_NAME>/<REPLICA_ID><suffix>`.
+async fn open_connection(config: &Config, suffix: &str) -> Result<Connection, BrokerError> {
     let mut uri =
         AMQPUri::from_str(config.amqp_url.expose_secret()).map_err(|e| BrokerError::Amqp {
             url: redact_url(config.amqp_url.expose_secret()),
@@ -204,27 +294,11 @@ pub async fn connect(config: &Config) -> Result<Session, BrokerError> {
         uri.query.connection_timeout = Some(10_000);
     }
     let props = ConnectionProperties::default()
-        .with_connection_name(format!("{CLIENT_NAME}/{}", config.replica_id).into());
+        .with_connection_name(format!("{CLIENT_NAME}/{}{suffix}", config.replica_id).into());
     let runtime = lapin::runtime::default_runtime().map_err(|e| amqp_err(config, e))?;
-    let connection = Connection::connect_uri_with_config(
-        uri,
-        props,
-        tls::client_config(&config.amqp_tls),
-        runtime,
-    )
-    .await
-    .map_err(|e| connect_err(config, e))?;
-    let consume = connection
-        .create_channel()
+    Connection::connect_uri_with_config(uri, props, tls::client_config(&config.amqp_tls), runtime)
         .await
-        .map_err(|e| amqp_err(config, e))?;
-    declare_topology(&consume, config).await?;
-    let publish = open_publish_channel(&connection, config).await?;
-    Ok(Session {
-        connection,
-        consume,
-        publish,
-    })
+        .map_err(|e| connect_err(config, e))
 }
 
 async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), BrokerError> {

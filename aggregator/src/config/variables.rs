@@ -103,6 +103,10 @@ variables! {
         "`lock_timeout` of every service session (100–3600000, ≤ the statement timeout)";
     DB_IDLE_IN_TRANSACTION_TIMEOUT_MS = Value("10000"),
         "`idle_in_transaction_session_timeout` of every service session (100–3600000)";
+    RESULTS_RELAY = Value("true"),
+        "publish committed results events from the outbox to the `votes.results` exchange (`true` or `false`; with `false` other replicas relay, and the outbox grows if none does; see docs/RESULTS.md)";
+    RESULTS_RELAY_BATCH_SIZE = Value("200"),
+        "results events the relay claims, publishes and deletes per round (1–10000)";
     DB_ATTEMPT_TIMEOUT_MS = Value("30000"),
         "client-side limit of one batch attempt (100–3600000, > the statement timeout); the attempt is then cancelled on the server and retried";
 }

@@ -11,12 +11,17 @@
 //!    NOTHING RETURNING vote_id`: only the returned rows are new;
 //! 3. the new rows, grouped per (election, candidate) and sorted, increment ONE tally
 //!    shard row each (sorted keys: concurrent replicas never deadlock on tallies);
-//! 4. rows whose UUID already existed with another payload are written to
+//! 4. the same per-candidate increments, one row per election, are written to the
+//!    results outbox (`results_outbox`, see [`outbox`]): the event announcing them
+//!    commits or rolls back with them;
+//! 5. rows whose UUID already existed with another payload are written to
 //!    `vote_conflicts`.
 //!
 //! Invariant kept: within a committed transaction, the tally increment for a candidate
-//! equals the number of `votes` rows inserted for it, so `sum(tally_shards.votes) =
-//! count(votes)` per candidate at every commit (checked by [`verify`]).
+//! equals the number of `votes` rows inserted for it and the increment its outbox event
+//! carries, so `sum(tally_shards.votes) = count(votes)` per candidate at every commit
+//! (checked by [`verify`]), and the events of the committed transactions add up to the
+//! tallies.
 //!
 //! Rare case: a vote inserted by ANOTHER replica's concurrent transaction is not visible
 //! to this statement's snapshot, so whether it conflicts cannot be judged there. Those
@@ -42,6 +47,7 @@ use crate::vote::Vote;
 pub mod drift_check;
 mod in_doubt;
 mod open_errors;
+pub mod outbox;
 pub mod schema;
 pub mod tls;
 mod verify;
@@ -369,14 +375,26 @@ counted AS (
     SELECT o.ord, o.election_id, o.candidate_id
     FROM offered o JOIN ins ON ins.vote_id = o.vote_id
 ),
-tally AS (
-    INSERT INTO tally_shards AS t (election_id, candidate_id, shard, votes)
-    SELECT election_id, candidate_id, $8::int2, count(*)
+per_candidate AS (
+    SELECT election_id, candidate_id, count(*) AS n
     FROM counted
     GROUP BY election_id, candidate_id
+),
+tally AS (
+    INSERT INTO tally_shards AS t (election_id, candidate_id, shard, votes)
+    SELECT election_id, candidate_id, $8::int2, n
+    FROM per_candidate
     ORDER BY election_id, candidate_id
     ON CONFLICT (election_id, candidate_id, shard)
     DO UPDATE SET votes = t.votes + excluded.votes, updated_at = now()
+),
+-- The results outbox: one event per election this transaction counted votes for, with
+-- exactly the increments the tally upsert above adds (event id, xid: column defaults).
+outbox AS (
+    INSERT INTO results_outbox (election_id, increments)
+    SELECT election_id, jsonb_object_agg(candidate_id, n)
+    FROM per_candidate
+    GROUP BY election_id
 ),
 -- Only rows that were not counted need judging (in the common case: none).
 rest AS (

@@ -25,6 +25,7 @@ use vote_testkit::votes;
 
 mod hardening;
 mod monitoring;
+mod results;
 
 const WAIT: Duration = Duration::from_secs(60);
 
