@@ -50,6 +50,8 @@ pub enum FaultKind {
     Partition,
     /// Restart one replica armed to abort between a batch's COMMIT and its ack.
     CommitAck,
+    /// A replica killed exactly between the results relay's confirms and its delete.
+    RelayConfirm,
 }
 
 impl FaultKind {
@@ -65,6 +67,7 @@ impl FaultKind {
             FaultKind::BackendTerminate => "backend-terminate",
             FaultKind::Partition => "partition",
             FaultKind::CommitAck => "commit-ack",
+            FaultKind::RelayConfirm => "relay-confirm",
         }
     }
 }
@@ -156,6 +159,8 @@ pub struct Nemeses {
     pub partition: partition::PartitionNemesis,
     /// `commit-ack`.
     pub commit_ack: commit_ack::CommitAckNemesis,
+    /// See [`commit_ack`] (the relay's window).
+    pub relay_confirm: commit_ack::CommitAckNemesis,
 }
 
 impl Nemeses {
@@ -163,6 +168,7 @@ impl Nemeses {
     pub fn new(heartbeat_secs: u16) -> Self {
         Nemeses {
             pause: pause::PauseNemesis::for_heartbeat(heartbeat_secs),
+            relay_confirm: commit_ack::CommitAckNemesis::relay_confirm(),
             ..Nemeses::default()
         }
     }
@@ -185,6 +191,7 @@ impl Nemeses {
             FaultKind::BackendTerminate => self.database.strike_terminate(cluster, clock).await,
             FaultKind::Partition => self.partition.strike(cluster, rng, clock).await,
             FaultKind::CommitAck => self.commit_ack.strike(cluster, rng, clock).await,
+            FaultKind::RelayConfirm => self.relay_confirm.strike(cluster, rng, clock).await,
         }
     }
 }
