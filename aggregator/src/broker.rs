@@ -219,10 +219,27 @@ pub const RESULTS_CONNECTION_SUFFIX: &str = "/results";
 pub async fn connect_results(config: &Config) -> Result<(Connection, Channel), BrokerError> {
     let connection = open_connection(config, RESULTS_CONNECTION_SUFFIX).await?;
     let channel = open_publish_channel(&connection, config).await?;
+    declare_exchange(
+        &channel,
+        config,
+        crate::results::EXCHANGE,
+        ExchangeKind::Topic,
+    )
+    .await?;
+    Ok((connection, channel))
+}
+
+/// Declares a durable exchange (the same arguments every time).
+async fn declare_exchange(
+    channel: &Channel,
+    config: &Config,
+    name: &str,
+    kind: ExchangeKind,
+) -> Result<(), BrokerError> {
     channel
         .exchange_declare(
-            crate::results::EXCHANGE.into(),
-            ExchangeKind::Topic,
+            name.into(),
+            kind,
             ExchangeDeclareOptions {
                 durable: true,
                 ..ExchangeDeclareOptions::default()
@@ -230,8 +247,7 @@ pub async fn connect_results(config: &Config) -> Result<(Connection, Channel), B
             FieldTable::default(),
         )
         .await
-        .map_err(|e| amqp_err(config, e))?;
-    Ok((connection, channel))
+        .map_err(|e| amqp_err(config, e))
 }
 
 /// Publishes one results event as a persistent message (`message_id` = event id) and
@@ -303,18 +319,7 @@ async fn open_connection(config: &Config, suffix: &str) -> Result<Connection, Br
 
 async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), BrokerError> {
     let durable = QueueDeclareOptions::durable();
-    channel
-        .exchange_declare(
-            DEAD_LETTER_EXCHANGE.into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| amqp_err(config, e))?;
+    declare_exchange(channel, config, DEAD_LETTER_EXCHANGE, ExchangeKind::Direct).await?;
     // The votes queue first, so a type mismatch names the queue operators know.
     channel
         .queue_declare(

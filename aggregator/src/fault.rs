@@ -61,14 +61,33 @@ mod hooks {
     static COMMITS: AtomicU64 = AtomicU64::new(0);
     static RELAY_ROUNDS: AtomicU64 = AtomicU64::new(0);
 
+    /// Counts one more pass through a window and aborts the process (no cleanup, like
+    /// SIGKILL) on the pass `env` names, printing `line`, the pass and `before`.
+    fn window(
+        passes: &AtomicU64,
+        crash_at: &OnceLock<Option<u64>>,
+        env: &str,
+        line: &str,
+        before: &str,
+    ) {
+        let n = passes.fetch_add(1, Ordering::SeqCst) + 1;
+        if *crash_at.get_or_init(|| env_u64(env)) == Some(n) {
+            eprintln!("{line} {n}, {before}");
+            std::process::abort();
+        }
+    }
+
     /// Called between a relay round's two steps (confirm and delete).
     pub(crate) fn in_relay_confirm_delete_window() {
         static CRASH_AT: OnceLock<Option<u64>> = OnceLock::new();
-        let n = RELAY_ROUNDS.fetch_add(1, Ordering::SeqCst) + 1;
-        if *CRASH_AT.get_or_init(|| env_u64(CRASH_BEFORE_OUTBOX_DELETE_ENV)) == Some(n) {
-            eprintln!("{RELAY_CRASH_LINE} {n}, before its delete");
-            std::process::abort();
-        }
+        let env = CRASH_BEFORE_OUTBOX_DELETE_ENV;
+        window(
+            &RELAY_ROUNDS,
+            &CRASH_AT,
+            env,
+            RELAY_CRASH_LINE,
+            "before its delete",
+        );
     }
 
     /// Whether this replica is the deliberately broken "delete before confirm" one.
@@ -84,11 +103,13 @@ mod hooks {
     /// Called between a batch's two protocol steps (COMMIT and ack).
     pub(crate) fn in_commit_ack_window() {
         static CRASH_AT: OnceLock<Option<u64>> = OnceLock::new();
-        let n = COMMITS.fetch_add(1, Ordering::SeqCst) + 1;
-        if *CRASH_AT.get_or_init(|| env_u64(CRASH_BEFORE_ACK_ENV)) == Some(n) {
-            eprintln!("{CRASH_LINE} {n}, before its ack");
-            std::process::abort();
-        }
+        window(
+            &COMMITS,
+            &CRASH_AT,
+            CRASH_BEFORE_ACK_ENV,
+            CRASH_LINE,
+            "before its ack",
+        );
     }
 
     /// Whether this replica is the deliberately broken "ack before commit" one.

@@ -6,32 +6,30 @@ use std::time::Duration;
 
 use vote_testkit::inspect::eventually;
 use vote_testkit::results::ResultsReader;
+use vote_testkit::testbed::TestBed;
 use vote_testkit::votes;
 
 use super::{Replica, WAIT, bed, eventually_publisher, wait_stored};
 
 /// Elections of this test only (the broker and its `votes.results` exchange are shared
 /// by the tests of this binary): `<prefix>.e1`, `<prefix>.e2`, read with `<prefix>.*`.
-fn elections(bed: &vote_testkit::testbed::TestBed) -> (String, [String; 2]) {
+/// Migrates the bed's database and starts a reader of this test's elections; returns it
+/// with the two election ids.
+async fn migrated_with_reader(bed: &TestBed) -> anyhow::Result<(ResultsReader, [String; 2])> {
+    vote_aggregator::db::run_migrations(&secrecy::SecretString::from(bed.database_url.clone()))
+        .await?;
     let prefix = bed.queue.replace('.', "-");
+    let binding = format!("{prefix}.*");
+    let reader = ResultsReader::start(&bed.database_url, &bed.amqp_url, &prefix, &binding).await?;
     let e = |n| format!("{prefix}.e{n}");
-    (prefix.clone(), [e(1), e(2)])
+    Ok((reader, [e(1), e(2)]))
 }
 
 #[tokio::test]
 async fn two_relays_publish_every_event_once_and_they_add_up_to_the_statistics()
 -> anyhow::Result<()> {
     let bed = bed().await?;
-    vote_aggregator::db::run_migrations(&secrecy::SecretString::from(bed.database_url.clone()))
-        .await?;
-    let (prefix, [e1, e2]) = elections(&bed);
-    let mut reader = ResultsReader::start(
-        &bed.database_url,
-        &bed.amqp_url,
-        &prefix,
-        &format!("{prefix}.*"),
-    )
-    .await?;
+    let (mut reader, [e1, e2]) = migrated_with_reader(&bed).await?;
     let mut replicas = Vec::new();
     for name in ["r1", "r2"] {
         let mut config = bed.config(name);
@@ -83,16 +81,7 @@ async fn two_relays_publish_every_event_once_and_they_add_up_to_the_statistics()
 async fn counting_goes_on_without_a_relay_and_the_outbox_is_published_later() -> anyhow::Result<()>
 {
     let bed = bed().await?;
-    vote_aggregator::db::run_migrations(&secrecy::SecretString::from(bed.database_url.clone()))
-        .await?;
-    let (prefix, [e1, _]) = elections(&bed);
-    let mut reader = ResultsReader::start(
-        &bed.database_url,
-        &bed.amqp_url,
-        &prefix,
-        &format!("{prefix}.*"),
-    )
-    .await?;
+    let (mut reader, [e1, _]) = migrated_with_reader(&bed).await?;
     let mut config = bed.config("no-relay");
     config.batch_size = 25;
     config.prefetch_count = 50;
