@@ -72,7 +72,7 @@ variables! {
     PREFETCH_COUNT = Derived("2 × `BATCH_SIZE`"),
         "unacked deliveries in flight (`BATCH_SIZE`–65535): the next batch fills while one commits";
     DB_POOL_SIZE = Value("4"),
-        "PostgreSQL connections (1–100)";
+        "PostgreSQL connections of the batch pool (1–100); the results relay has one more of its own (`RESULTS_RELAY=true`)";
     TALLY_SHARDS = Value("16"),
         "rows each candidate's counter is spread over, for less contention between replicas (1–1024)";
     METRICS_ADDR = Value("0.0.0.0:8001"),

@@ -74,6 +74,22 @@ pub type PgPool = Pool<AsyncPgConnection>;
 /// (and the chaos suite's `pg_terminate_backend`) can tell the replicas' sessions apart.
 pub const APPLICATION_NAME: &str = crate::SERVICE_NAME;
 
+/// `application_name` of the results relay's session (see [`with_application_name`]).
+pub const RELAY_APPLICATION_NAME: &str = "vote-aggregator-results-relay";
+
+/// `url` with `application_name=name` unless it sets one (appended: every other pair is
+/// kept byte for byte).
+pub fn with_application_name(url: &SecretString, name: &str) -> SecretString {
+    let raw = url.expose_secret();
+    let has =
+        url::Url::parse(raw).is_ok_and(|u| u.query_pairs().any(|(k, _)| k == "application_name"));
+    if has {
+        return url.clone();
+    }
+    let sep = if raw.contains('?') { '&' } else { '?' };
+    SecretString::from(format!("{raw}{sep}application_name={name}"))
+}
+
 /// The URL the service's sessions connect with: the operator's URL plus
 /// `application_name` (unless set) and, through the startup `options` parameter (no extra
 /// round trip), the settings every session pins:
@@ -154,6 +170,12 @@ mod tests {
             options,
             "-c work_mem=8MB -c synchronous_commit=on -c statement_timeout=10000 \
              -c lock_timeout=5000 -c idle_in_transaction_session_timeout=10000"
+        );
+        let relay =
+            with_application_name(&SecretString::from("postgres://db/v?sslmode=disable"), "r");
+        assert_eq!(
+            relay.expose_secret(),
+            "postgres://db/v?sslmode=disable&application_name=r"
         );
         let bare = session_url("postgres://db/votes?application_name=mine", None);
         assert!(bare.contains("application_name=mine") && !bare.contains("statement_timeout"));

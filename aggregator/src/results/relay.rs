@@ -3,7 +3,8 @@
 //! transaction that claimed them ([`crate::db::outbox`]).
 //!
 //! It runs as its own task under the replica's shutdown token, on its own broker
-//! connection and its own one-session PostgreSQL pool, with its own backoff: counting
+//! connection and its own one-session PostgreSQL pool (`application_name`
+//! `vote-aggregator-results-relay`), with its own backoff: counting
 //! never waits for it, and a results outage (broker refusing, exchange gone) only lets
 //! the outbox grow, which the `results_outbox_*` gauges show. One round:
 //!
@@ -52,15 +53,26 @@ enum RelayError {
 
 /// Starts the relay task; it ends when `stop` fires (after the round in hand).
 pub(crate) fn spawn(config: &Config, metrics: &Metrics, stop: CancellationToken) -> JoinHandle<()> {
+    // Its own session, told apart from the batch sessions by its application_name: it
+    // keeps its claim's transaction open while it waits for confirms (at most
+    // CONFIRM_TIMEOUT), holding only outbox rows no one waits for (SKIP LOCKED).
+    let mut config = config.clone();
+    config.database_url =
+        db::with_application_name(&config.database_url, db::RELAY_APPLICATION_NAME);
     let pool = db::pool(&config.database_url, 1, &config.db_timeouts);
-    let (config, metrics) = (config.clone(), metrics.clone());
+    let metrics = metrics.clone();
     tokio::spawn(
         async move {
+            // The gauges run beside the relay, so they stay current while it cannot
+            // publish (the case they exist for).
             if config.results_relay {
-                relay(&config, &metrics, &pool, &stop).await;
+                tokio::join!(
+                    relay(&config, &metrics, &pool, &stop),
+                    gauges(&config, &metrics, &pool, &stop)
+                );
             } else {
                 info!("results relay off (RESULTS_RELAY=false): outbox events are left to other replicas");
-                gauges_only(&config, &metrics, &pool, &stop).await;
+                gauges(&config, &metrics, &pool, &stop).await;
             }
         }
         .instrument(tracing::info_span!("results_relay")),
@@ -101,14 +113,9 @@ async fn session(
         _ = stop.cancelled() => return Ok(()),
         c = crate::broker::connect_results(config) => c?,
     };
-    let mut gauges_at = tokio::time::Instant::now();
     let result = loop {
         if stop.is_cancelled() {
             break Ok(());
-        }
-        if gauges_at.elapsed() >= GAUGE_EVERY {
-            refresh_gauges(config, metrics, pool).await;
-            gauges_at = tokio::time::Instant::now();
         }
         match round(config, metrics, pool, &channel).await {
             Ok(0) => {
@@ -185,8 +192,8 @@ async fn publish_all(
     Ok(())
 }
 
-/// Keeps the gauges current while this replica does not relay.
-async fn gauges_only(config: &Config, metrics: &Metrics, pool: &PgPool, stop: &CancellationToken) {
+/// Keeps the pending gauges current until `stop`.
+async fn gauges(config: &Config, metrics: &Metrics, pool: &PgPool, stop: &CancellationToken) {
     let mut tick = tokio::time::interval(GAUGE_EVERY);
     loop {
         tokio::select! {
