@@ -1,6 +1,6 @@
 //! The results stream: the downstream contract (docs/RESULTS.md) in code. Every batch
 //! transaction that counts votes also writes, per election, an outbox event with the
-//! per-candidate increments it added ([`crate::db::outbox`]); the relay ([`relay`]) in
+//! per-candidate increments it added ([`crate::db::outbox`]); the relay (`relay`) in
 //! each replica publishes committed events to the topic exchange [`EXCHANGE`] (routing
 //! key = election) with publisher confirms, then deletes them.
 //!
