@@ -114,6 +114,7 @@ json_regex() {
 }
 q=$(json_regex "$queue")
 dlx=$(json_regex votes.dlx)
+results=$(json_regex votes.results)
 cat >"$dir/rabbitmq_definitions.json" <<JSON
 {
   "vhosts": [{"name": "/"}],
@@ -125,8 +126,8 @@ cat >"$dir/rabbitmq_definitions.json" <<JSON
   "permissions": [
     {"user": "$rabbitmq_user", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"},
     {"user": "$aggregator_user", "vhost": "/",
-     "configure": "^($dlx|$q|$q\\\\.dlq|$q\\\\.dlq\\\\.unexplained)\$",
-     "write": "^($dlx|$q\\\\.dlq|$q\\\\.dlq\\\\.unexplained)\$",
+     "configure": "^($dlx|$q|$q\\\\.dlq|$q\\\\.dlq\\\\.unexplained|$results)\$",
+     "write": "^($dlx|$q\\\\.dlq|$q\\\\.dlq\\\\.unexplained|$results)\$",
      "read": "^($dlx|$q)\$"},
     {"user": "$publisher_user", "vhost": "/", "configure": "^\$", "write": "^amq\\\\.default\$", "read": "^\$"}
   ]

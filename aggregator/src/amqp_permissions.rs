@@ -13,10 +13,14 @@
 //!
 //! The aggregator declares `votes.dlx`, the votes queue and its two dead-letter queues,
 //! binds the dead-letter queues to `votes.dlx`, consumes the votes queue and publishes
-//! dead letters to `votes.dlx`. A publisher only publishes to the default exchange
-//! (routing key = the votes queue) with confirms, which needs no other right.
+//! dead letters to `votes.dlx`; its results relay declares the `votes.results` exchange
+//! and publishes to it. A publisher only publishes to the default exchange (routing key
+//! = the votes queue) with confirms, which needs no other right. A results reader
+//! declares its own queues named `votes.results.reader.<name>`, binds them to
+//! `votes.results` and consumes them (docs/RESULTS.md).
 
 use crate::broker::{DEAD_LETTER_EXCHANGE, dead_letter_queue, unexplained_queue};
+use crate::results::{EXCHANGE as RESULTS_EXCHANGE, READER_QUEUE_PREFIX};
 
 /// One user's permissions on a vhost (`rabbitmqctl set_permissions -p VHOST USER
 /// CONFIGURE WRITE READ`).
@@ -58,9 +62,26 @@ pub fn aggregator(queue: &str) -> Permissions {
     let dlq = dead_letter_queue(queue);
     let unexplained = unexplained_queue(queue);
     Permissions {
-        configure: exactly(&[DEAD_LETTER_EXCHANGE, queue, &dlq, &unexplained]),
-        write: exactly(&[DEAD_LETTER_EXCHANGE, &dlq, &unexplained]),
+        configure: exactly(&[
+            DEAD_LETTER_EXCHANGE,
+            queue,
+            &dlq,
+            &unexplained,
+            RESULTS_EXCHANGE,
+        ]),
+        write: exactly(&[DEAD_LETTER_EXCHANGE, &dlq, &unexplained, RESULTS_EXCHANGE]),
         read: exactly(&[DEAD_LETTER_EXCHANGE, queue]),
+    }
+}
+
+/// A results reader's user: declares, binds and consumes its own queues
+/// (`votes.results.reader.<name>`) on `votes.results`; may not publish results.
+pub fn results_reader() -> Permissions {
+    let queues = format!("{}.+", escape(READER_QUEUE_PREFIX));
+    Permissions {
+        configure: format!("^{queues}$"),
+        write: format!("^{queues}$"),
+        read: format!("^({}|{queues})$", escape(RESULTS_EXCHANGE)),
     }
 }
 
@@ -79,6 +100,7 @@ pub fn markdown_table(queue: &str) -> String {
     for (who, p) in [
         ("aggregator", aggregator(queue)),
         ("publisher", publisher()),
+        ("results reader", results_reader()),
     ] {
         out.push_str(&format!(
             "| {who} | `{}` | `{}` | `{}` |\n",
@@ -102,12 +124,15 @@ mod tests {
         let p = aggregator("votes.aggregation");
         assert_eq!(
             p.configure,
-            r"^(votes\.dlx|votes\.aggregation|votes\.aggregation\.dlq|votes\.aggregation\.dlq\.unexplained)$"
+            r"^(votes\.dlx|votes\.aggregation|votes\.aggregation\.dlq|votes\.aggregation\.dlq\.unexplained|votes\.results)$"
         );
         assert_eq!(
             p.write,
-            r"^(votes\.dlx|votes\.aggregation\.dlq|votes\.aggregation\.dlq\.unexplained)$"
+            r"^(votes\.dlx|votes\.aggregation\.dlq|votes\.aggregation\.dlq\.unexplained|votes\.results)$"
         );
+        let r = results_reader();
+        assert_eq!(r.configure, r"^votes\.results\.reader\..+$");
+        assert_eq!(r.read, r"^(votes\.results|votes\.results\.reader\..+)$");
         assert_eq!(p.read, r"^(votes\.dlx|votes\.aggregation)$");
         assert_eq!(publisher().write, r"^amq\.default$");
         assert_eq!(publisher().configure, "^$");

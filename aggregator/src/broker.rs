@@ -198,27 +198,7 @@ fn connect_err(config: &Config, node: &Node, source: lapin::Error) -> BrokerErro
 /// (fatal),
 /// [`BrokerError::Amqp`] for everything the caller should retry.
 pub async fn connect(config: &Config, node: &Node) -> Result<Session, BrokerError> {
-    let mut uri = AMQPUri::from_str(node.url.expose_secret()).map_err(|e| BrokerError::Amqp {
-        url: node.shown.clone(),
-        source: lapin::Error::from(std::io::Error::other(e)),
-    })?;
-    if uri.query.heartbeat.is_none() {
-        uri.query.heartbeat = config.amqp_heartbeat;
-    }
-    if uri.query.connection_timeout.is_none() {
-        uri.query.connection_timeout = Some(10_000);
-    }
-    let props = ConnectionProperties::default()
-        .with_connection_name(format!("{CLIENT_NAME}/{}", config.replica_id).into());
-    let runtime = lapin::runtime::default_runtime().map_err(|e| amqp_err(&node.shown, e))?;
-    let connection = Connection::connect_uri_with_config(
-        uri,
-        props,
-        tls::client_config(&config.amqp_tls),
-        runtime,
-    )
-    .await
-    .map_err(|e| connect_err(config, node, e))?;
+    let connection = open_connection(config, node, "").await?;
     let consume = connection
         .create_channel()
         .await
@@ -242,6 +222,121 @@ pub async fn connect_first(config: &Config) -> Result<Session, BrokerError> {
     connect(config, Rotation::in_order(config).current()).await
 }
 
+/// Connection-name suffix of the results relay's own connection.
+pub const RESULTS_CONNECTION_SUFFIX: &str = "/results";
+
+/// The results relay's own connection to `node` (so a results outage never touches the
+/// votes session) and a confirm-mode channel, with the durable topic exchange
+/// [`crate::results::EXCHANGE`] declared.
+///
+/// # Errors
+/// As [`connect`]: refused credentials or permissions and TLS failures are
+/// [`BrokerError::AuthRefused`], [`BrokerError::PermissionRefused`], [`BrokerError::Tls`].
+pub async fn connect_results(
+    config: &Config,
+    node: &Node,
+) -> Result<(Connection, Channel), BrokerError> {
+    let connection = open_connection(config, node, RESULTS_CONNECTION_SUFFIX).await?;
+    let channel = open_publish_channel(&connection, &node.shown).await?;
+    declare_exchange(
+        &channel,
+        &node.shown,
+        crate::results::EXCHANGE,
+        ExchangeKind::Topic,
+    )
+    .await?;
+    Ok((connection, channel))
+}
+
+/// Declares a durable exchange (the same arguments every time) on the node shown as `url`.
+async fn declare_exchange(
+    channel: &Channel,
+    url: &str,
+    name: &str,
+    kind: ExchangeKind,
+) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_err(url, e))
+}
+
+/// Publishes one results event as a persistent message (`message_id` = event id) on the
+/// node shown as `url`, and returns its confirm, to be awaited by the caller (publish
+/// many, then await all).
+///
+/// # Errors
+/// [`BrokerError`] when the channel refuses the publish.
+pub async fn publish_result(
+    channel: &Channel,
+    url: &str,
+    event: &crate::results::Event,
+) -> Result<lapin::PublisherConfirm, BrokerError> {
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(event.event_id.to_string().into())
+        .with_content_type(crate::results::CONTENT_TYPE.into())
+        .with_type(crate::results::MESSAGE_TYPE.into())
+        .with_app_id(CLIENT_NAME.into());
+    channel
+        .basic_publish(
+            crate::results::EXCHANGE.into(),
+            event.election_id.as_str().into(),
+            BasicPublishOptions::default(),
+            &event.to_json(),
+            props,
+        )
+        .await
+        .map_err(|e| amqp_err(url, e))
+}
+
+/// Whether a publisher confirm says the broker took the message (an unroutable one,
+/// with no queue bound, counts: nobody was listening for it).
+///
+/// # Errors
+/// [`BrokerError`] when the broker nacked it or the channel failed.
+pub async fn confirmed(confirm: lapin::PublisherConfirm, url: &str) -> Result<(), BrokerError> {
+    match confirm.await.map_err(|e| amqp_err(url, e))? {
+        Confirmation::Ack(_) => Ok(()),
+        Confirmation::Nack(_) | Confirmation::NotRequested => Err(BrokerError::Amqp {
+            url: url.to_string(),
+            source: lapin::Error::from(std::io::Error::other("the broker nacked a results event")),
+        }),
+    }
+}
+
+/// Opens a connection to `node` named `<CLIENT_NAME>/<REPLICA_ID><suffix>`.
+async fn open_connection(
+    config: &Config,
+    node: &Node,
+    suffix: &str,
+) -> Result<Connection, BrokerError> {
+    let mut uri = AMQPUri::from_str(node.url.expose_secret()).map_err(|e| BrokerError::Amqp {
+        url: node.shown.clone(),
+        source: lapin::Error::from(std::io::Error::other(e)),
+    })?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = config.amqp_heartbeat;
+    }
+    if uri.query.connection_timeout.is_none() {
+        uri.query.connection_timeout = Some(10_000);
+    }
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("{CLIENT_NAME}/{}{suffix}", config.replica_id).into());
+    let runtime = lapin::runtime::default_runtime().map_err(|e| amqp_err(&node.shown, e))?;
+    Connection::connect_uri_with_config(uri, props, tls::client_config(&config.amqp_tls), runtime)
+        .await
+        .map_err(|e| connect_err(config, node, e))
+}
+
 /// Declares the topology of the contract (see the module docs) on `channel`, connected
 /// to the node shown as `url`.
 async fn declare_topology(
@@ -250,18 +345,7 @@ async fn declare_topology(
     url: &str,
 ) -> Result<(), BrokerError> {
     let durable = QueueDeclareOptions::durable();
-    channel
-        .exchange_declare(
-            DEAD_LETTER_EXCHANGE.into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| amqp_err(url, e))?;
+    declare_exchange(channel, url, DEAD_LETTER_EXCHANGE, ExchangeKind::Direct).await?;
     // The votes queue first, so a type mismatch names the queue operators know.
     channel
         .queue_declare(

@@ -21,6 +21,8 @@
 //! - `consumer` (private): one broker session: set-up, the consume loop, acks in
 //!   delivery order, teardown; its `pipeline` (batches and commits in flight), `batch`,
 //!   `commit` (the commit task, retries, in-doubt) and `monitor` (queue depth);
+//! - [`results`]: the results stream's contract (events, snapshots, a consumer's
+//!   reconstruction) and the relay task that publishes the outbox;
 //! - [`metrics`] (every metric declared once, names in [`metrics::names`]) and
 //!   [`http`]: observability; [`http_client`]: the one-shot GET the `healthcheck`
 //!   subcommand and the test kit's probes use;
@@ -44,6 +46,7 @@ pub mod http_client;
 #[cfg(test)]
 mod k8s_manifests;
 pub mod metrics;
+pub mod results;
 mod supervisor;
 pub mod telemetry;
 pub mod vote;

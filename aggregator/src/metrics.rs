@@ -9,8 +9,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::vote::RejectKind;
@@ -113,6 +113,13 @@ impl Declare for IntGauge {
     const KIND: &'static str = "gauge";
     fn create(name: &str, help: String, _: Shape) -> prometheus::Result<Self> {
         IntGauge::with_opts(Opts::new(name, help))
+    }
+}
+
+impl Declare for Gauge {
+    const KIND: &'static str = "gauge";
+    fn create(name: &str, help: String, _: Shape) -> prometheus::Result<Self> {
+        Gauge::with_opts(Opts::new(name, help))
     }
 }
 
@@ -289,6 +296,21 @@ metrics! {
     tally_drift: IntGauge = TALLY_DRIFT "vote_aggregator_tally_drift";
     /// Tally checks that could not read the database (the gauge keeps its last value).
     tally_check_failures: IntCounter = TALLY_CHECK_FAILURES_TOTAL "vote_aggregator_tally_check_failures_total";
+    /// Results events in the outbox not yet confirmed by RabbitMQ (all replicas'), as last
+    /// seen by this replica; grows while results cannot be published.
+    results_outbox_pending: IntGauge = RESULTS_OUTBOX_PENDING "vote_aggregator_results_outbox_pending";
+    /// Age in seconds of the oldest results event not yet published (0 when none), as
+    /// last seen by this replica; alert when it keeps growing.
+    results_outbox_oldest_age_seconds: Gauge = RESULTS_OUTBOX_OLDEST_AGE_SECONDS
+        "vote_aggregator_results_outbox_oldest_age_seconds";
+    /// Results events this replica's relay published with a broker confirm (and then
+    /// deleted from the outbox).
+    results_events_published: IntCounter = RESULTS_EVENTS_PUBLISHED_TOTAL
+        "vote_aggregator_results_events_published_total";
+    /// Interrupted relay sessions of this replica because RabbitMQ could not be reached,
+    /// refused or did not confirm a results publish (the events stay in the outbox).
+    results_publish_failures: IntCounter = RESULTS_PUBLISH_FAILURES_TOTAL
+        "vote_aggregator_results_publish_failures_total";
 }
 
 impl Metrics {

@@ -1,5 +1,6 @@
-//! The supervisor of one replica: migrations, the database watch, and the reconnect loop
-//! that runs broker session after broker session until shutdown.
+//! The supervisor of one replica: migrations, the database watch, the results relay
+//! task, and the reconnect loop that runs broker session after broker session until
+//! shutdown.
 //!
 //! It owns every retry-with-backoff decision of the service ([`retry_backoff`]) and the
 //! rule that only what retrying cannot fix (a queue declared with other arguments,
@@ -43,7 +44,20 @@ pub(crate) async fn serve(ctx: Ctx, shutdown: CancellationToken) -> Result<(), E
         return Ok(());
     }
     tokio::spawn(watch_database(ctx.clone(), shutdown.child_token()).in_current_span());
+    // After migrating (the outbox exists); stopped after the consumer, so a graceful stop
+    // finishes the relay round in hand rather than leaving repeats.
+    let relay_stop = CancellationToken::new();
+    let relay = crate::results::relay::spawn(&ctx.config, &ctx.metrics, relay_stop.clone());
+    let served = consume(&ctx, &shutdown).await;
+    relay_stop.cancel();
+    let _ = tokio::time::timeout(crate::results::relay::CONFIRM_TIMEOUT * 2, relay).await;
+    served
+}
 
+/// Broker session after broker session until shutdown.
+async fn consume(ctx: &Ctx, shutdown: &CancellationToken) -> Result<(), Error> {
+    let ctx = ctx.clone();
+    let shutdown = shutdown.clone();
     let mut backoff = retry_backoff();
     let mut nodes = broker::Rotation::shuffled(&ctx.config);
     ctx.metrics.set_broker_node(labels(&nodes), None);

@@ -1,10 +1,12 @@
 //! The Jepsen-style report of one scenario: the faults injected (by kind, with relative
 //! timestamps and their evidence), what was published and confirmed, what the
 //! exactly-once checker found, the dead letters, how long the system took to drain after
-//! the last fault, and whether every replica recovered.
+//! the last fault, whether every replica recovered, and whether the results stream rebuilds
+//! `vote_statistics` exactly.
 //!
 //! [`ChaosReport::violations`] is the verdict: a scenario passes only when the checker's
-//! invariants hold, every dead letter is accounted for, every fault verifiably happened
+//! invariants hold, every dead letter is accounted for, the results consumer's
+//! reconstruction equals `vote_statistics`, every fault verifiably happened
 //! (and there was at least one), and every replica recovered by itself.
 
 use std::collections::BTreeMap;
@@ -13,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vote_testkit::checker;
+use vote_testkit::results::ResultsCheck;
 
 use crate::nemesis::{Fault, FaultKind};
 use crate::scenario::Broken;
@@ -93,6 +96,8 @@ pub struct ChaosReport {
     pub check: checker::Report,
     /// The dead-letter queue.
     pub dead_letters: DeadLetters,
+    /// The results consumer's reconstruction against `vote_statistics`.
+    pub results: ResultsCheck,
     /// From the last fault healed until the queue drained.
     pub drain_after_last_fault: Duration,
     /// Per replica.
@@ -129,6 +134,9 @@ impl ChaosReport {
     pub fn violations(&self) -> Vec<String> {
         let mut v = self.check.violations();
         v.extend(self.dead_letters.violations());
+        if !self.results.passed() {
+            v.push(self.results.to_string());
+        }
         if self.faults.is_empty() || self.verified() == 0 {
             v.push("no fault verifiably happened: the scenario proved nothing".into());
         }
@@ -167,7 +175,7 @@ impl ChaosReport {
     /// The one-line summary (uses the words `lost N` and `double-counted N`).
     pub fn summary(&self) -> String {
         format!(
-            "{}{} seed {}: {} · {} faults verified · lost {} · double-counted {} · tally drift {} · drained {:.1}s after the last fault · replicas recovered {}/{}",
+            "{}{} seed {}: {} · {} faults verified · lost {} · double-counted {} · tally drift {} · results {} ({} repeats deduped) · drained {:.1}s after the last fault · replicas recovered {}/{}",
             self.scenario,
             self.broken
                 .map(|b| format!(" (BROKEN build: {b})"))
@@ -178,6 +186,12 @@ impl ChaosReport {
             self.check.lost,
             self.check.double_counted,
             self.check.tally_drift,
+            if self.results.passed() {
+                "match"
+            } else {
+                "DIFFER"
+            },
+            self.results.repeats,
             self.drain_after_last_fault.as_secs_f64(),
             self.recovered(),
             self.recovery.len()
@@ -262,6 +276,7 @@ impl fmt::Display for ChaosReport {
             self.check.indeterminate_absent,
             self.check.unexpected
         )?;
+        writeln!(f, "{}", self.results)?;
         writeln!(
             f,
             "drain: queue empty and counts settled {:.1}s after the last fault",

@@ -11,9 +11,9 @@ use anyhow::Context;
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Double, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use lapin::Connection;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::AMQPValue;
-use lapin::{Connection, ConnectionProperties};
 use uuid::Uuid;
 
 /// (election, candidate) → count.
@@ -226,19 +226,8 @@ impl Broker {
     /// # Errors
     /// When no node is reachable.
     pub async fn connect(amqp_url: &str) -> anyhow::Result<Self> {
-        let mut last = None;
-        for node in crate::nodes::try_order(amqp_url) {
-            match Connection::connect(&node, ConnectionProperties::default()).await {
-                Ok(connection) => return Ok(Broker { connection }),
-                Err(e) => last = Some((node, e)),
-            }
-        }
-        let (node, e) = last.context("AMQP_URL names no node")?;
-        Err(e).with_context(|| {
-            format!(
-                "cannot connect to RabbitMQ at {}",
-                vote_aggregator::config::redact_url(&node)
-            )
+        Ok(Broker {
+            connection: crate::nodes::connect(amqp_url).await?,
         })
     }
 

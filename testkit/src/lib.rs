@@ -37,6 +37,7 @@ pub mod progress;
 pub mod prometheus;
 pub mod proxy;
 pub mod publish;
+pub mod results;
 pub mod signal;
 pub mod testbed;
 pub mod tls;

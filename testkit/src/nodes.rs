@@ -4,6 +4,8 @@
 //! client that reconnects after its node died lands elsewhere) and keep the first that
 //! answers.
 
+use anyhow::Context as _;
+use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret as _, SecretString};
 
 /// The node URLs of `amqp_url` (see `vote_aggregator::config::node_urls`).
@@ -24,4 +26,25 @@ pub fn try_order(amqp_url: &str) -> Vec<String> {
     let start = rand::random_range(0..nodes.len());
     nodes.rotate_left(start);
     nodes
+}
+
+/// A connection to the first node of [`try_order`] that answers.
+///
+/// # Errors
+/// When no node is reachable (naming the last one tried, redacted).
+pub async fn connect(amqp_url: &str) -> anyhow::Result<Connection> {
+    let mut last = None;
+    for node in try_order(amqp_url) {
+        match Connection::connect(&node, ConnectionProperties::default()).await {
+            Ok(connection) => return Ok(connection),
+            Err(e) => last = Some((node, e)),
+        }
+    }
+    let (node, e) = last.context("AMQP_URL names no node")?;
+    Err(e).with_context(|| {
+        format!(
+            "cannot connect to RabbitMQ at {}",
+            vote_aggregator::config::redact_url(&node)
+        )
+    })
 }

@@ -46,7 +46,7 @@ enum Command {
     /// steady load, then the exactly-once checker.
     ///
     /// Scenarios: kill-restart, zombie-pause, broker-restart, db-restart, db-kill,
-    /// backend-terminate, partition, commit-ack, mixed (or all). The replicas are the
+    /// backend-terminate, partition, commit-ack, relay-confirm, mixed (or all). The replicas are the
     /// fault-injection build that `make fault-build` puts in
     /// target/<profile>/fault-injection/. Needs Docker and the server images (see
     /// `make images`). Exit 0 when every scenario passed, 1 when one failed, 2 on bad usage.
@@ -61,6 +61,15 @@ enum Command {
     /// Logs, secrets and report.txt go to --out-dir. Exit 0 when it passed, 1 when not.
     #[command(long_about)]
     DeployTest(crate::deploy_cli::DeployTestArgs),
+    /// Read the results stream (the `votes.results` exchange) like a downstream consumer:
+    /// rebuild every tally from a snapshot of `vote_statistics` plus the events after it,
+    /// each event once (see docs/RESULTS.md).
+    ///
+    /// `--follow` prints the tallies whenever they change; `--check` follows for
+    /// `--seconds`, then compares the reconstruction with `vote_statistics` exactly and
+    /// exits 0 when equal, 1 naming the first differing candidate.
+    #[command(long_about)]
+    Results(crate::results_cli::ResultsArgs),
 }
 
 #[derive(Args)]
@@ -225,6 +234,7 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             Command::Chaos(args) => crate::chaos_cli::run(args).await,
             Command::DeployTest(args) => crate::deploy_cli::run(args).await,
+            Command::Results(args) => crate::results_cli::run(args).await,
         }
     });
     match result {

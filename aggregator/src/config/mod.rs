@@ -133,6 +133,10 @@ pub struct Config {
     pub db_attempt_timeout: Duration,
     /// Time between the replica's tally checks (see `db::drift_check`); `None` = off.
     pub tally_check_interval: Option<Duration>,
+    /// Run the results relay (see `results::relay`).
+    pub results_relay: bool,
+    /// Results events per relay round.
+    pub results_relay_batch: usize,
 }
 
 /// Timeouts set on every PostgreSQL session of the service, so an abandoned or stuck
@@ -182,6 +186,8 @@ impl Config {
             db_timeouts: SessionTimeouts::default(),
             db_attempt_timeout: Duration::from_secs(30),
             tally_check_interval: Some(Duration::from_secs(900)),
+            results_relay: true,
+            results_relay_batch: 200,
         }
     }
 
@@ -299,6 +305,13 @@ impl Config {
         }
         if let Some(s) = env.int(TALLY_CHECK_INTERVAL_SECONDS, 0, 86_400)? {
             config.tally_check_interval = (s > 0).then(|| Duration::from_secs(s));
+        }
+        if let Some(v) = env.get(RESULTS_RELAY) {
+            config.results_relay = parse_bool(&v)
+                .ok_or_else(|| ConfigError::invalid(RESULTS_RELAY, &v, "true or false"))?;
+        }
+        if let Some(n) = env.int(RESULTS_RELAY_BATCH_SIZE, 1, 10_000)? {
+            config.results_relay_batch = n as usize;
         }
         if let Some(s) = env.int(AMQP_HEARTBEAT_SECONDS, 0, 600)? {
             config.amqp_heartbeat = (s > 0).then_some(s as u16);

@@ -72,7 +72,7 @@ variables! {
     PREFETCH_COUNT = Derived("2 × `BATCH_SIZE`"),
         "unacked deliveries in flight (`BATCH_SIZE`–65535): the next batch fills while one commits";
     DB_POOL_SIZE = Value("4"),
-        "PostgreSQL connections (1–100)";
+        "PostgreSQL connections of the batch pool (1–100); the results relay has one more of its own (`RESULTS_RELAY=true`)";
     TALLY_SHARDS = Value("16"),
         "rows each candidate's counter is spread over, for less contention between replicas (1–1024)";
     METRICS_ADDR = Value("0.0.0.0:8001"),
@@ -103,6 +103,10 @@ variables! {
         "`lock_timeout` of every service session (100–3600000, ≤ the statement timeout)";
     DB_IDLE_IN_TRANSACTION_TIMEOUT_MS = Value("10000"),
         "`idle_in_transaction_session_timeout` of every service session (100–3600000)";
+    RESULTS_RELAY = Value("true"),
+        "publish committed results events from the outbox to the `votes.results` exchange (`true` or `false`; with `false` other replicas relay, and the outbox grows if none does; see docs/RESULTS.md)";
+    RESULTS_RELAY_BATCH_SIZE = Value("200"),
+        "results events the relay claims, publishes and deletes per round (1–10000)";
     DB_ATTEMPT_TIMEOUT_MS = Value("30000"),
         "client-side limit of one batch attempt (100–3600000, > the statement timeout); the attempt is then cancelled on the server and retried";
 }

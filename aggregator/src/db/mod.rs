@@ -11,12 +11,17 @@
 //!    NOTHING RETURNING vote_id`: only the returned rows are new;
 //! 3. the new rows, grouped per (election, candidate) and sorted, increment ONE tally
 //!    shard row each (sorted keys: concurrent replicas never deadlock on tallies);
-//! 4. rows whose UUID already existed with another payload are written to
+//! 4. the same per-candidate increments, one row per election, are written to the
+//!    results outbox (`results_outbox`, see [`outbox`]): the event announcing them
+//!    commits or rolls back with them;
+//! 5. rows whose UUID already existed with another payload are written to
 //!    `vote_conflicts`.
 //!
 //! Invariant kept: within a committed transaction, the tally increment for a candidate
-//! equals the number of `votes` rows inserted for it, so `sum(tally_shards.votes) =
-//! count(votes)` per candidate at every commit (checked by [`verify`]).
+//! equals the number of `votes` rows inserted for it and the increment its outbox event
+//! carries, so `sum(tally_shards.votes) = count(votes)` per candidate at every commit
+//! (checked by [`verify`]), and the events of the committed transactions add up to the
+//! tallies.
 //!
 //! Rare case: a vote inserted by ANOTHER replica's concurrent transaction is not visible
 //! to this statement's snapshot, so whether it conflicts cannot be judged there. Those
@@ -42,6 +47,7 @@ use crate::vote::Vote;
 pub mod drift_check;
 mod in_doubt;
 mod open_errors;
+pub mod outbox;
 pub mod schema;
 pub mod tls;
 mod verify;
@@ -67,6 +73,22 @@ pub type PgPool = Pool<AsyncPgConnection>;
 /// `application_name` of the service's sessions (unless the URL sets one), so operators
 /// (and the chaos suite's `pg_terminate_backend`) can tell the replicas' sessions apart.
 pub const APPLICATION_NAME: &str = crate::SERVICE_NAME;
+
+/// `application_name` of the results relay's session (see [`with_application_name`]).
+pub const RELAY_APPLICATION_NAME: &str = "vote-aggregator-results-relay";
+
+/// `url` with `application_name=name` unless it sets one (appended: every other pair is
+/// kept byte for byte).
+pub fn with_application_name(url: &SecretString, name: &str) -> SecretString {
+    let raw = url.expose_secret();
+    let has =
+        url::Url::parse(raw).is_ok_and(|u| u.query_pairs().any(|(k, _)| k == "application_name"));
+    if has {
+        return url.clone();
+    }
+    let sep = if raw.contains('?') { '&' } else { '?' };
+    SecretString::from(format!("{raw}{sep}application_name={name}"))
+}
 
 /// The URL the service's sessions connect with: the operator's URL plus
 /// `application_name` (unless set) and, through the startup `options` parameter (no extra
@@ -148,6 +170,12 @@ mod tests {
             options,
             "-c work_mem=8MB -c synchronous_commit=on -c statement_timeout=10000 \
              -c lock_timeout=5000 -c idle_in_transaction_session_timeout=10000"
+        );
+        let relay =
+            with_application_name(&SecretString::from("postgres://db/v?sslmode=disable"), "r");
+        assert_eq!(
+            relay.expose_secret(),
+            "postgres://db/v?sslmode=disable&application_name=r"
         );
         let bare = session_url("postgres://db/votes?application_name=mine", None);
         assert!(bare.contains("application_name=mine") && !bare.contains("statement_timeout"));
@@ -369,14 +397,26 @@ counted AS (
     SELECT o.ord, o.election_id, o.candidate_id
     FROM offered o JOIN ins ON ins.vote_id = o.vote_id
 ),
-tally AS (
-    INSERT INTO tally_shards AS t (election_id, candidate_id, shard, votes)
-    SELECT election_id, candidate_id, $8::int2, count(*)
+per_candidate AS (
+    SELECT election_id, candidate_id, count(*) AS n
     FROM counted
     GROUP BY election_id, candidate_id
+),
+tally AS (
+    INSERT INTO tally_shards AS t (election_id, candidate_id, shard, votes)
+    SELECT election_id, candidate_id, $8::int2, n
+    FROM per_candidate
     ORDER BY election_id, candidate_id
     ON CONFLICT (election_id, candidate_id, shard)
     DO UPDATE SET votes = t.votes + excluded.votes, updated_at = now()
+),
+-- The results outbox: one event per election this transaction counted votes for, with
+-- exactly the increments the tally upsert above adds (event id, xid: column defaults).
+outbox AS (
+    INSERT INTO results_outbox (election_id, increments)
+    SELECT election_id, jsonb_object_agg(candidate_id, n)
+    FROM per_candidate
+    GROUP BY election_id
 ),
 -- Only rows that were not counted need judging (in the common case: none).
 rest AS (

@@ -84,7 +84,8 @@ pub async fn pending_migrations(url: &SecretString) -> Result<Vec<String>, DbErr
 }
 
 /// Whether the runtime group role [`RUNTIME_GROUP_ROLE`] exists AND holds its grants in
-/// this database (a role created after a plain owner migrated has none here).
+/// this database (a role created after a plain owner migrated has none here), the
+/// results outbox's included.
 ///
 /// # Errors
 /// [`DbError`] when PostgreSQL cannot be asked.
@@ -93,7 +94,10 @@ pub async fn runtime_grants_in_place(url: &SecretString) -> Result<bool, DbError
     // CASE: has_table_privilege fails on a role that does not exist.
     let found: Exists = diesel::sql_query(
         "SELECT CASE WHEN EXISTS (SELECT FROM pg_roles WHERE rolname = $1) \
-         THEN has_table_privilege($1, 'public.votes', 'INSERT') ELSE false END AS exists",
+         THEN has_table_privilege($1, 'public.votes', 'INSERT') \
+          AND (to_regclass('public.results_outbox') IS NULL \
+               OR has_table_privilege($1, 'public.results_outbox', 'DELETE')) \
+         ELSE false END AS exists",
     )
     .bind::<Text, _>(RUNTIME_GROUP_ROLE)
     .get_result(&mut conn)

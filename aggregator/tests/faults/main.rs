@@ -213,9 +213,14 @@ async fn a_stalled_dead_letter_confirm_never_holds_a_transaction_open() -> anyho
     let other_metrics = other.metrics().clone();
     let mut db = bed.db().await?;
     let db_name = bed.database_name();
+    // The batch sessions (the results relay's own session deliberately keeps its claim
+    // open while it waits for confirms, at most 5 s, holding only outbox rows nobody
+    // waits for; it has an application_name of its own).
     let idle_sql = format!(
         "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{db_name}' \
-         AND state LIKE 'idle in transaction%' AND state_change < now() - interval '1 second'"
+         AND application_name = '{}' \
+         AND state LIKE 'idle in transaction%' AND state_change < now() - interval '1 second'",
+        vote_aggregator::db::APPLICATION_NAME
     );
     let until = tokio::time::Instant::now() + Duration::from_secs(15);
     while tokio::time::Instant::now() < until {

@@ -120,6 +120,9 @@ const FORBIDDEN: &[&str] = &[
     "TRUNCATE tally_shards",
     "UPDATE tally_shards SET candidate_id = 'x'",
     "SELECT vote_aggregator_grant_runtime()",
+    "UPDATE results_outbox SET increments = '{}'",
+    "UPDATE results_outbox SET xid = '1'",
+    "TRUNCATE results_outbox",
 ];
 
 #[tokio::test]
@@ -175,6 +178,14 @@ async fn the_runtime_role_counts_with_real_replicas_and_is_refused_everything_el
         admin.tallies().await?,
         "tallies equal the counted votes"
     );
+    // The relays (as the runtime role) claimed, published and deleted every event.
+    eventually("the results outbox emptied", WAIT, async || {
+        Ok(admin
+            .scalar("SELECT count(*) AS n FROM results_outbox")
+            .await?
+            == 0)
+    })
+    .await?;
     for i in 0..fleet.len() {
         let log = fleet.log_tail(i, 400);
         assert!(
@@ -291,7 +302,10 @@ async fn a_database_owner_without_createrole_keeps_migrating_and_grants_to_the_r
             "SELECT (has_table_privilege('vote_aggregator_runtime', 'votes', 'INSERT') \
                  AND NOT has_table_privilege('vote_aggregator_runtime', 'votes', 'UPDATE') \
                  AND has_column_privilege('vote_aggregator_runtime', 'tally_shards', 'votes', 'UPDATE') \
-                 AND NOT has_column_privilege('vote_aggregator_runtime', 'tally_shards', 'candidate_id', 'UPDATE'))::int::bigint AS n",
+                 AND NOT has_column_privilege('vote_aggregator_runtime', 'tally_shards', 'candidate_id', 'UPDATE') \
+                 AND has_table_privilege('vote_aggregator_runtime', 'results_outbox', 'INSERT, SELECT, DELETE') \
+                 AND has_column_privilege('vote_aggregator_runtime', 'results_outbox', 'created_at', 'UPDATE') \
+                 AND NOT has_column_privilege('vote_aggregator_runtime', 'results_outbox', 'increments', 'UPDATE'))::int::bigint AS n",
         )
         .await?;
     assert_eq!(granted, 1, "runtime grants in place");

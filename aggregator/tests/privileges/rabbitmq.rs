@@ -24,6 +24,19 @@ use crate::unique;
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Waits until one replica consumes the bed's queue; returns the admin connection.
+async fn consuming(bed: &TestBed) -> anyhow::Result<vote_testkit::inspect::Broker> {
+    let admin = bed.broker().await?;
+    eventually("the replica consumes", WAIT, async || {
+        Ok(admin
+            .queue_state(&bed.queue)
+            .await
+            .is_ok_and(|(_, consumers)| consumers == 1))
+    })
+    .await?;
+    Ok(admin)
+}
+
 /// A RabbitMQ user made for one test, with its permissions on the default vhost.
 struct AmqpUser {
     name: String,
@@ -121,14 +134,7 @@ async fn the_aggregator_user_counts_and_a_publisher_user_can_only_publish() -> a
     config.amqp_url = SecretString::from(aggregator.url.clone());
     let shutdown = CancellationToken::new();
     let replica = vote_aggregator::spawn(config, shutdown.clone()).await?;
-    let admin = bed.broker().await?;
-    eventually("the replica consumes", WAIT, async || {
-        Ok(admin
-            .queue_state(&bed.queue)
-            .await
-            .is_ok_and(|(_, consumers)| consumers == 1))
-    })
-    .await?;
+    let admin = consuming(&bed).await?;
 
     // The publisher's user publishes votes and a malformed message, with confirms.
     let sent = votes::spread(200, &["e"], &["a", "b"]);
@@ -154,6 +160,16 @@ async fn the_aggregator_user_counts_and_a_publisher_user_can_only_publish() -> a
         0,
         "no session or channel was lost to a refusal"
     );
+    // Its results relay declares and publishes to votes.results with the same user.
+    eventually("the results outbox published", WAIT, async || {
+        Ok(db
+            .scalar("SELECT count(*) AS n FROM results_outbox")
+            .await?
+            == 0
+            && metrics.results_events_published.get() > 0)
+    })
+    .await?;
+    assert_eq!(metrics.results_publish_failures.get(), 0);
 
     // The aggregator's user: the depth monitor's passive declares work; what it does not
     // need is refused.
@@ -288,6 +304,64 @@ async fn a_replica_whose_user_lacks_a_permission_stops_with_one_line() -> anyhow
         line.contains("RabbitMQ permissions") && line.contains("***"),
         "{line}"
     );
+    user.delete().await?;
+    bed.finish().await
+}
+
+#[tokio::test]
+async fn counting_goes_on_while_the_broker_refuses_results() -> anyhow::Result<()> {
+    let bed = TestBed::new(infra::shared().await?).await?;
+    // The aggregator's permissions without `votes.results`: votes are fine, results not.
+    let full = amqp_permissions::aggregator(&bed.queue);
+    let without = |pattern: &str| pattern.replace(r"|votes\.results)$", ")$");
+    let p = Permissions {
+        configure: without(&full.configure),
+        write: without(&full.write),
+        read: full.read.clone(),
+    };
+    assert!(
+        !p.configure.contains("results") && !p.write.contains("results"),
+        "{p:?}"
+    );
+    let user = AmqpUser::create(&bed, "noresults", &p).await?;
+    let mut config = bed.config("results-refused");
+    config.amqp_url = SecretString::from(user.url.clone());
+    config.batch_size = 20;
+    let shutdown = CancellationToken::new();
+    let replica = vote_aggregator::spawn(config, shutdown.clone()).await?;
+    consuming(&bed).await?;
+    let sent = votes::spread(300, &["e"], &["a", "b"]);
+    Publisher::connect(&bed.amqp_url, &bed.queue)
+        .await?
+        .publish_votes(&sent)
+        .await?;
+    let mut db = bed.db().await?;
+    eventually("300 votes counted", WAIT, async || {
+        Ok(db.vote_count().await? == 300)
+    })
+    .await?;
+    let metrics = replica.metrics().clone();
+    eventually(
+        "the refusals counted and the outbox shown",
+        WAIT,
+        async || {
+            Ok(metrics.results_publish_failures.get() > 0
+                && metrics.results_outbox_pending.get() > 0)
+        },
+    )
+    .await?;
+    let pending = db
+        .scalar("SELECT count(*) AS n FROM results_outbox")
+        .await?;
+    assert!(pending > 0, "the events wait in the outbox");
+    assert_eq!(metrics.results_events_published.get(), 0);
+    assert_eq!(
+        metrics.broker_connection_failures.get(),
+        0,
+        "the votes session was never touched"
+    );
+    shutdown.cancel();
+    replica.join().await?;
     user.delete().await?;
     bed.finish().await
 }

@@ -1,13 +1,18 @@
-//! The `commit-ack` nemesis: kill a replica EXACTLY between a batch's COMMIT and its ack,
-//! the window exactly-once exists for.
+//! The hook nemeses: kill a replica EXACTLY inside a window of the protocol, with the
+//! aggregator's test-only hooks (compiled in with the `fault-injection` feature).
 //!
-//! It restarts one replica with the aggregator's test-only hook
-//! `VOTES_FAULT_CRASH_BEFORE_ACK=N` (compiled in with the `fault-injection` feature), which
-//! aborts the process right after the N-th batch committed and before it is acked. The
-//! broker then redelivers votes that ARE already counted; another replica (or this one,
-//! restarted) must count none of them again. Verified by the exit (signal SIGABRT) and by
-//! the hook's own line in the replica's log ("fault-injection: aborting after commit N").
-//! Then the replica is started again without the hook.
+//! - `commit-ack`: between a batch's COMMIT and its ack, the window exactly-once exists
+//!   for (`VOTES_FAULT_CRASH_BEFORE_ACK=N`: abort right after the N-th batch committed).
+//!   The broker then redelivers votes that ARE already counted; another replica (or this
+//!   one, restarted) must count none of them again.
+//! - `relay-confirm`: between the results relay's publisher confirms and the delete of
+//!   those events from the outbox (`VOTES_FAULT_CRASH_BEFORE_OUTBOX_DELETE=N`: abort
+//!   after the N-th confirmed round). The events are published again by another relay:
+//!   repeats the results consumer must drop, with nothing missing.
+//!
+//! It restarts one replica with the hook armed, and verifies the kill by the exit
+//! (signal SIGABRT) and by the hook's own line in the replica's log. Then the replica is
+//! started again without the hook.
 
 use std::time::Duration;
 
@@ -20,12 +25,55 @@ use vote_testkit::signal::{self, Signal};
 use super::{Clock, Fault, FaultKind, not_attempted, one_line, pick_replica};
 use crate::cluster::Cluster;
 
-use vote_aggregator::fault::{CRASH_BEFORE_ACK_ENV, CRASH_LINE as HOOK_LINE};
+use vote_aggregator::fault::{
+    CRASH_BEFORE_ACK_ENV, CRASH_BEFORE_OUTBOX_DELETE_ENV, CRASH_LINE, RELAY_CRASH_LINE,
+};
 
-/// Arms the commit-ack hook on one replica.
+/// Which protocol window a hook nemesis kills in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// Between a batch's COMMIT and its ack.
+    CommitAck,
+    /// Between the results relay's confirms and its delete.
+    RelayConfirm,
+}
+
+impl Window {
+    fn kind(self) -> FaultKind {
+        match self {
+            Window::CommitAck => FaultKind::CommitAck,
+            Window::RelayConfirm => FaultKind::RelayConfirm,
+        }
+    }
+
+    fn env(self) -> &'static str {
+        match self {
+            Window::CommitAck => CRASH_BEFORE_ACK_ENV,
+            Window::RelayConfirm => CRASH_BEFORE_OUTBOX_DELETE_ENV,
+        }
+    }
+
+    fn hook_line(self) -> &'static str {
+        match self {
+            Window::CommitAck => CRASH_LINE,
+            Window::RelayConfirm => RELAY_CRASH_LINE,
+        }
+    }
+
+    fn what(self, n: u64) -> String {
+        match self {
+            Window::CommitAck => format!("after commit {n}, before its ack"),
+            Window::RelayConfirm => format!("after relay round {n}'s confirms, before its delete"),
+        }
+    }
+}
+
+/// Arms a hook on one replica.
 #[derive(Debug, Clone)]
 pub struct CommitAckNemesis {
-    /// The hook fires at a batch drawn from `1..=max_batch`.
+    /// Where the hook kills.
+    pub window: Window,
+    /// The hook fires at a batch (or relay round) drawn from `1..=max_batch`.
     pub max_batch: u64,
     /// How long the armed replica may take to reach its N-th commit.
     pub abort_timeout: Duration,
@@ -34,6 +82,7 @@ pub struct CommitAckNemesis {
 impl Default for CommitAckNemesis {
     fn default() -> Self {
         CommitAckNemesis {
+            window: Window::CommitAck,
             max_batch: 5,
             abort_timeout: Duration::from_secs(30),
         }
@@ -41,6 +90,14 @@ impl Default for CommitAckNemesis {
 }
 
 impl CommitAckNemesis {
+    /// The `relay-confirm` nemesis.
+    pub fn relay_confirm() -> Self {
+        CommitAckNemesis {
+            window: Window::RelayConfirm,
+            ..CommitAckNemesis::default()
+        }
+    }
+
     /// Stops replica `i` (SIGTERM) and starts it again armed to abort after its `n`-th
     /// commit. It may well abort before it is even reported ready: not an error here.
     ///
@@ -50,7 +107,7 @@ impl CommitAckNemesis {
         cluster.fleet.stop(i).await?;
         cluster
             .fleet
-            .set_replica_env(i, CRASH_BEFORE_ACK_ENV, Some(&n.to_string()));
+            .set_replica_env(i, self.window.env(), Some(&n.to_string()));
         if let Err(e) = cluster.fleet.start_replica(i).await
             && !self.exiting(cluster, i).await
         {
@@ -74,7 +131,7 @@ impl CommitAckNemesis {
     }
 
     /// Waits until the armed replica `i` died, and verifies it died by SIGABRT from the
-    /// hook, after its `n`-th commit.
+    /// hook, after its `n`-th commit (or relay round).
     ///
     /// # Errors
     /// When it is still running after the timeout, or died another way.
@@ -88,7 +145,7 @@ impl CommitAckNemesis {
         while cluster.fleet.is_running(i) {
             if t.elapsed() >= self.abort_timeout {
                 bail!(
-                    "armed replica still running {:?} later: it never reached commit {n} (no load?)",
+                    "armed replica still running {:?} later: it never reached round {n} of its hook (no load?)",
                     self.abort_timeout
                 );
             }
@@ -98,12 +155,16 @@ impl CommitAckNemesis {
         if !signal::died_of(status, Signal::ABORT) {
             bail!("armed replica exited with {status:?}, not by SIGABRT");
         }
-        let hook = format!("{HOOK_LINE} {n},");
+        let hook = format!("{} {n},", self.window.hook_line());
         if !cluster.log_since_last_start(i).contains(&hook) {
-            bail!("replica died of SIGABRT but its log lacks {hook:?}: not the commit-ack hook");
+            bail!(
+                "replica died of SIGABRT but its log lacks {hook:?}: not the {} hook",
+                self.window.kind()
+            );
         }
         Ok(format!(
-            "aborted by the hook after commit {n}, before its ack (SIGABRT, {:.1}s after start)",
+            "aborted by the hook {} (SIGABRT, {:.1}s after start)",
+            self.window.what(n),
             t.elapsed().as_secs_f64()
         ))
     }
@@ -113,7 +174,7 @@ impl CommitAckNemesis {
     /// # Errors
     /// When it does not become ready.
     pub async fn disarm(&self, cluster: &mut Cluster, i: usize) -> anyhow::Result<()> {
-        cluster.fleet.set_replica_env(i, CRASH_BEFORE_ACK_ENV, None);
+        cluster.fleet.set_replica_env(i, self.window.env(), None);
         if cluster.fleet.is_running(i) {
             cluster.fleet.kill(i).await?;
         }
@@ -130,7 +191,7 @@ impl CommitAckNemesis {
         clock: &Clock,
     ) -> Fault {
         let Some(i) = pick_replica(cluster, rng) else {
-            return not_attempted(FaultKind::CommitAck, clock, "fewer than 2 replicas running");
+            return not_attempted(self.window.kind(), clock, "fewer than 2 replicas running");
         };
         let n = rng.random_range(1..=self.max_batch.max(1));
         let at = clock.now();
@@ -146,7 +207,7 @@ impl CommitAckNemesis {
             .err()
             .map(|e| format!("restart without the hook failed: {}", one_line(&e)));
         Fault {
-            kind: FaultKind::CommitAck,
+            kind: self.window.kind(),
             target: cluster.fleet.name(i).to_owned(),
             at,
             healed,

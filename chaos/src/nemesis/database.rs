@@ -6,8 +6,9 @@
 //! A commit whose outcome the client never learnt is retried; the UUID key makes the
 //! retry insert nothing. Verified by the container's new start time (restart), and by
 //! the number of backends terminated (> 0; the service sets
-//! `application_name=vote-aggregator` on its sessions, so they can be told apart from
-//! the checker's and this nemesis's own).
+//! `application_name=vote-aggregator` on its batch sessions and
+//! `vote-aggregator-results-relay` on its results relay's, so they can be told apart
+//! from the checker's and this nemesis's own).
 
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::RunQueryDsl as _;
 use tokio::time::Instant;
-use vote_aggregator::db::APPLICATION_NAME;
+use vote_aggregator::db::{APPLICATION_NAME, RELAY_APPLICATION_NAME};
 use vote_testkit::inspect::Db;
 
 use super::broker::{short_id, short_time};
@@ -24,10 +25,11 @@ use super::{Clock, Fault, FaultKind, one_line};
 use crate::cluster::Cluster;
 
 /// Terminates every replica backend of the current database; returns how many. `$1` is
-/// the service's `application_name` ([`APPLICATION_NAME`]).
+/// the service's `application_name` ([`APPLICATION_NAME`]), `$2` its results relay's
+/// ([`RELAY_APPLICATION_NAME`]).
 const TERMINATE_SQL: &str = "SELECT count(*)::bigint AS n FROM ( \
      SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity \
-     WHERE application_name = $1 AND datname = current_database() \
+     WHERE application_name IN ($1, $2) AND datname = current_database() \
        AND pid <> pg_backend_pid()) t WHERE ok";
 
 #[derive(QueryableByName)]
@@ -100,6 +102,7 @@ impl DatabaseNemesis {
         loop {
             let row: Count = diesel::sql_query(TERMINATE_SQL)
                 .bind::<Text, _>(APPLICATION_NAME)
+                .bind::<Text, _>(RELAY_APPLICATION_NAME)
                 .get_result(db.connection())
                 .await
                 .context("pg_terminate_backend")?;

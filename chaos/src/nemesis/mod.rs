@@ -57,6 +57,8 @@ pub enum FaultKind {
     BrokerNodePartition,
     /// Restart the next broker-cluster node gracefully (one step of a rolling restart).
     BrokerNodeRestart,
+    /// A replica killed exactly between the results relay's confirms and its delete.
+    RelayConfirm,
 }
 
 impl FaultKind {
@@ -75,6 +77,7 @@ impl FaultKind {
             FaultKind::BrokerNodeKill => "broker-node-kill",
             FaultKind::BrokerNodePartition => "broker-node-partition",
             FaultKind::BrokerNodeRestart => "broker-node-restart",
+            FaultKind::RelayConfirm => "relay-confirm",
         }
     }
 
@@ -178,6 +181,8 @@ pub struct Nemeses {
     pub commit_ack: commit_ack::CommitAckNemesis,
     /// `broker-node-*`.
     pub broker_node: broker_node::BrokerNodeNemesis,
+    /// See [`commit_ack`] (the relay's window).
+    pub relay_confirm: commit_ack::CommitAckNemesis,
 }
 
 impl Nemeses {
@@ -185,6 +190,7 @@ impl Nemeses {
     pub fn new(heartbeat_secs: u16) -> Self {
         Nemeses {
             pause: pause::PauseNemesis::for_heartbeat(heartbeat_secs),
+            relay_confirm: commit_ack::CommitAckNemesis::relay_confirm(),
             ..Nemeses::default()
         }
     }
@@ -219,6 +225,7 @@ impl Nemeses {
                 cluster.brokers = brokers;
                 fault
             }
+            FaultKind::RelayConfirm => self.relay_confirm.strike(cluster, rng, clock).await,
         }
     }
 

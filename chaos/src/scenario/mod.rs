@@ -25,7 +25,9 @@ use vote_testkit::workload::WorkloadSpec;
 
 use crate::nemesis::FaultKind;
 
-use vote_aggregator::fault::{ACK_BEFORE_COMMIT_ENV, SYNCHRONOUS_COMMIT_OFF_ENV};
+use vote_aggregator::fault::{
+    ACK_BEFORE_COMMIT_ENV, OUTBOX_DELETE_BEFORE_CONFIRM_ENV, SYNCHRONOUS_COMMIT_OFF_ENV,
+};
 
 mod run;
 pub use run::run;
@@ -40,17 +42,25 @@ pub enum Broken {
     /// Commits with `synchronous_commit=off`: a database crash right after an ack loses
     /// votes (caught by `db-kill`).
     SynchronousCommitOff,
+    /// Its results relay deletes events before publishing them: a replica crash loses
+    /// results events (caught by the results check of `relay-confirm`).
+    OutboxDeleteBeforeConfirm,
 }
 
 impl Broken {
     /// Every kind.
-    pub const ALL: [Broken; 2] = [Broken::AckBeforeCommit, Broken::SynchronousCommitOff];
+    pub const ALL: [Broken; 3] = [
+        Broken::AckBeforeCommit,
+        Broken::SynchronousCommitOff,
+        Broken::OutboxDeleteBeforeConfirm,
+    ];
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Broken::AckBeforeCommit => "ack-before-commit",
             Broken::SynchronousCommitOff => "synchronous-commit-off",
+            Broken::OutboxDeleteBeforeConfirm => "outbox-delete-before-confirm",
         }
     }
 
@@ -59,6 +69,7 @@ impl Broken {
         match self {
             Broken::AckBeforeCommit => ACK_BEFORE_COMMIT_ENV,
             Broken::SynchronousCommitOff => SYNCHRONOUS_COMMIT_OFF_ENV,
+            Broken::OutboxDeleteBeforeConfirm => OUTBOX_DELETE_BEFORE_CONFIRM_ENV,
         }
     }
 }
@@ -97,6 +108,9 @@ pub enum Scenario {
     Partition,
     /// A replica killed exactly between COMMIT and ack (fault-injection hook).
     CommitAck,
+    /// A replica killed exactly between the results relay's confirms and its delete
+    /// (fault-injection hook): repeated events, deduped by the results consumer.
+    RelayConfirm,
     /// All of the above, interleaved.
     Mixed,
     /// Three-node broker cluster: the node leading the votes queue SIGKILLed, restarted.
@@ -122,7 +136,7 @@ impl Scenario {
     ];
 
     /// Every single-broker scenario, in the order `all` runs them.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::KillRestart,
         Scenario::ZombiePause,
         Scenario::BrokerRestart,
@@ -131,6 +145,7 @@ impl Scenario {
         Scenario::BackendTerminate,
         Scenario::Partition,
         Scenario::CommitAck,
+        Scenario::RelayConfirm,
         Scenario::Mixed,
     ];
 
@@ -145,6 +160,7 @@ impl Scenario {
             Scenario::BackendTerminate => "backend-terminate",
             Scenario::Partition => "partition",
             Scenario::CommitAck => "commit-ack",
+            Scenario::RelayConfirm => "relay-confirm",
             Scenario::Mixed => "mixed",
             Scenario::BrokerNodeKill => "broker-node-kill",
             Scenario::BrokerNodePartition => "broker-node-partition",
@@ -189,6 +205,7 @@ impl Scenario {
             Scenario::BackendTerminate => &[FaultKind::BackendTerminate],
             Scenario::Partition => &[FaultKind::Partition],
             Scenario::CommitAck => &[FaultKind::CommitAck],
+            Scenario::RelayConfirm => &[FaultKind::RelayConfirm],
             Scenario::Mixed => &[
                 FaultKind::Kill,
                 FaultKind::Pause,
@@ -199,6 +216,7 @@ impl Scenario {
                 FaultKind::BackendTerminate,
                 FaultKind::Partition,
                 FaultKind::CommitAck,
+                FaultKind::RelayConfirm,
             ],
             Scenario::BrokerNodeKill => &[FaultKind::BrokerNodeKill],
             Scenario::BrokerNodePartition => &[FaultKind::BrokerNodePartition],
@@ -220,7 +238,7 @@ impl Scenario {
             Scenario::BrokerRestart | Scenario::DbRestart | Scenario::DbKill => (4.0, 8.0),
             Scenario::BackendTerminate => (1.0, 3.0),
             Scenario::Partition => (4.0, 7.0),
-            Scenario::CommitAck => (3.0, 6.0),
+            Scenario::CommitAck | Scenario::RelayConfirm => (3.0, 6.0),
             Scenario::Mixed => (2.0, 5.0),
             // A broker-node fault lasts until the node rejoined (20-40 s): the next one
             // follows after a short pause.

@@ -14,6 +14,7 @@ use vote_testkit::checker::{self, CheckOptions};
 use vote_testkit::infra::InfraOptions;
 use vote_testkit::ledger::Ledger;
 use vote_testkit::publish::{Published, SteadyLoad};
+use vote_testkit::results::{ResultsCheck, ResultsReader};
 
 use super::{Scenario, ScenarioOptions, workload_spec};
 use crate::cluster::{Cluster, ClusterOptions};
@@ -36,6 +37,8 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
         dir.display()
     );
     let mut cluster = start_cluster(scenario, opts, &dir).await?;
+    // The results consumer binds its queue and takes its snapshot before any load.
+    let mut results = start_results_reader(&cluster).await?;
 
     // Workload.
     let spec = workload_spec(opts);
@@ -107,6 +110,15 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
             after_faults.elapsed()
         }
     };
+    // Every event of a committed count must reach the consumer (the relays publish what
+    // the outbox still holds); it must rebuild vote_statistics exactly.
+    let results = match results.check(RESULTS_TIMEOUT).await {
+        Ok(check) => check,
+        Err(e) => {
+            problems.push(format!("the results consumer failed: {e:#}"));
+            ResultsCheck::default()
+        }
+    };
     let dead_letters = match read_dead_letters(&Endpoints::of(&cluster.bed), &published).await {
         Ok(dl) => dl,
         Err(e) => {
@@ -129,6 +141,7 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
         publisher_connections: published.connections,
         check,
         dead_letters,
+        results,
         drain_after_last_fault,
         recovery,
         problems,
@@ -143,6 +156,31 @@ pub async fn run(scenario: Scenario, opts: &ScenarioOptions) -> anyhow::Result<C
     report.kept = opts.keep || !report.passed();
     keep_or_remove(&report, ledger, &dir);
     Ok(report)
+}
+
+/// How long the results check waits for the relays to empty the outbox.
+const RESULTS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The chaos run's results consumer (every election), once the replicas have migrated
+/// (`vote_statistics` exists); retried briefly.
+async fn start_results_reader(cluster: &Cluster) -> anyhow::Result<ResultsReader> {
+    let started = Instant::now();
+    loop {
+        match ResultsReader::start(
+            &cluster.bed.database_url,
+            &cluster.bed.amqp_url,
+            "chaos",
+            "#",
+        )
+        .await
+        {
+            Ok(reader) => return Ok(reader),
+            Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.context("cannot start the results consumer")),
+        }
+    }
 }
 
 /// The run's own folder under `opts.out_dir`, emptied: `<scenario>-<seed>[-broken-<bug>]`.

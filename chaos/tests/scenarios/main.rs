@@ -1,9 +1,12 @@
 //! The chaos suite in its SHORT form (15–20 s of faults per scenario), part of `make
 //! test`: every scenario must pass (0 lost, 0 double-counted, tally drift 0, every
-//! malformed message dead-lettered, every fault verified, every replica recovered), and
-//! deliberately broken aggregators must make their scenarios FAIL with lost votes: one
-//! that acks before commit fails `kill-restart` and `commit-ack`, one that commits with
-//! `synchronous_commit=off` fails `db-kill`. The suite catches the bugs it exists for.
+//! malformed message dead-lettered, the results stream rebuilding `vote_statistics`
+//! exactly, every fault verified, every replica recovered), and deliberately broken
+//! aggregators must make their scenarios FAIL: one that acks before commit fails
+//! `kill-restart` and `commit-ack` with lost votes, one that commits with
+//! `synchronous_commit=off` fails `db-kill` with lost votes, and one whose results relay
+//! deletes events before publishing them fails `relay-confirm`'s results check. The
+//! suite catches the bugs it exists for.
 //!
 //! Each scenario starts its own private PostgreSQL + RabbitMQ pair and three real
 //! replicas, so they run one at a time (a shared lock) to stay within a 2-core machine.
@@ -47,12 +50,12 @@ async fn run(scenario: Scenario, opts: ScenarioOptions) -> anyhow::Result<ChaosR
 }
 
 /// Runs `scenario` for `secs` seconds of faults and asserts every promise of the suite (checker passed, every fault verified).
-async fn must_pass(scenario: Scenario, secs: u64) -> anyhow::Result<()> {
+async fn must_pass(scenario: Scenario, secs: u64) -> anyhow::Result<ChaosReport> {
     let mut opts = ScenarioOptions::new(Duration::from_secs(secs), seed());
     opts.progress = true;
     let report = run(scenario, opts).await?;
     assert_passed(&report);
-    Ok(())
+    Ok(report)
 }
 
 /// Every promise of the suite: checker passed (0 lost, 0 double-counted, tally drift 0),
@@ -73,6 +76,12 @@ fn assert_passed(report: &ChaosReport) {
     assert!(report.verified() > 0, "{summary}");
     assert_eq!(report.verified(), report.faults.len(), "{summary}");
     assert_eq!(report.recovered(), report.replicas, "{summary}");
+    assert!(report.results.passed(), "{}", report.results);
+    assert!(
+        report.results.events > 0,
+        "no results events: {}",
+        report.results
+    );
 }
 
 /// Runs a broker-cluster `scenario` for `secs` seconds of faults at a modest rate (three
@@ -120,47 +129,70 @@ async fn must_catch_broken_build(
 
 #[tokio::test]
 async fn kill_restart() -> anyhow::Result<()> {
-    must_pass(Scenario::KillRestart, 15).await
+    must_pass(Scenario::KillRestart, 15).await?;
+    Ok(())
 }
 
 #[tokio::test]
 async fn zombie_pause() -> anyhow::Result<()> {
-    must_pass(Scenario::ZombiePause, 18).await
+    must_pass(Scenario::ZombiePause, 18).await?;
+    Ok(())
 }
 
 #[tokio::test]
 async fn broker_restart() -> anyhow::Result<()> {
-    must_pass(Scenario::BrokerRestart, 18).await
+    must_pass(Scenario::BrokerRestart, 18).await?;
+    Ok(())
 }
 
 #[tokio::test]
 async fn db_restart() -> anyhow::Result<()> {
-    must_pass(Scenario::DbRestart, 15).await
+    must_pass(Scenario::DbRestart, 15).await?;
+    Ok(())
 }
 
 #[tokio::test]
 async fn db_kill() -> anyhow::Result<()> {
-    must_pass(Scenario::DbKill, 15).await
+    must_pass(Scenario::DbKill, 15).await?;
+    Ok(())
 }
 
 #[tokio::test]
 async fn backend_terminate() -> anyhow::Result<()> {
-    must_pass(Scenario::BackendTerminate, 15).await
+    must_pass(Scenario::BackendTerminate, 15).await?;
+    Ok(())
 }
 
 #[tokio::test]
 async fn partition() -> anyhow::Result<()> {
-    must_pass(Scenario::Partition, 15).await
+    must_pass(Scenario::Partition, 15).await?;
+    Ok(())
 }
 
 #[tokio::test]
 async fn commit_ack() -> anyhow::Result<()> {
-    must_pass(Scenario::CommitAck, 15).await
+    must_pass(Scenario::CommitAck, 15).await?;
+    Ok(())
+}
+
+/// Every verified fault leaves confirmed events in the outbox, which another relay
+/// publishes again: the results consumer must see repeats, drop them, and still rebuild
+/// every tally exactly.
+#[tokio::test]
+async fn relay_confirm() -> anyhow::Result<()> {
+    let report = must_pass(Scenario::RelayConfirm, 12).await?;
+    assert!(
+        report.results.repeats > 0,
+        "a kill between confirm and delete must re-publish: {}",
+        report.results
+    );
+    Ok(())
 }
 
 #[tokio::test]
 async fn mixed() -> anyhow::Result<()> {
-    must_pass(Scenario::Mixed, 20).await
+    must_pass(Scenario::Mixed, 20).await?;
+    Ok(())
 }
 
 /// A random SIGKILL loses votes only when it lands while a batch is acked but not yet
@@ -204,4 +236,26 @@ async fn broker_rolling_restart() -> anyhow::Result<()> {
 #[tokio::test]
 async fn cluster_mixed() -> anyhow::Result<()> {
     must_pass_on_cluster(Scenario::ClusterMixed, 10).await
+}
+
+/// Deterministic: every abort of the relay hook lands after the delete committed and
+/// before the publish, so the events of that round never reach the stream. Votes are all
+/// counted; the results check must catch the loss.
+#[tokio::test]
+async fn broken_build_fails_relay_confirm() -> anyhow::Result<()> {
+    let mut opts = ScenarioOptions::new(Duration::from_secs(10), seed());
+    opts.broken = Some(Broken::OutboxDeleteBeforeConfirm);
+    opts.progress = true;
+    let report = run(Scenario::RelayConfirm, opts).await?;
+    let summary = report.summary();
+    assert!(!report.passed(), "the broken build PASSED: {summary}");
+    assert!(
+        report.results.difference.is_some(),
+        "the broken build failed, but not by a results difference: {summary}\n{:#?}",
+        report.violations()
+    );
+    assert_eq!(report.check.lost, 0, "{summary}");
+    assert!(report.verified() > 0, "{summary}");
+    let _ = std::fs::remove_dir_all(&report.dir);
+    Ok(())
 }
