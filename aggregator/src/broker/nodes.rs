@@ -28,15 +28,7 @@ pub struct Node {
 impl Node {
     fn new(url: SecretString) -> Self {
         let raw = url.expose_secret();
-        let label = url::Url::parse(raw).map_or_else(
-            |_| "unknown".to_string(),
-            |u| {
-                let port = u
-                    .port()
-                    .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
-                format!("{}:{port}", u.host_str().unwrap_or("unknown"))
-            },
-        );
+        let label = crate::config::node_address(raw).unwrap_or_else(|| "unknown".to_string());
         Node {
             shown: redact_url(raw),
             label,

@@ -35,6 +35,17 @@ pub fn node_urls(raw: &SecretString) -> Vec<SecretString> {
 /// # Errors
 /// [`ConfigError`] naming `AMQP_URL` when it is missing, set twice, or a node URL breaks
 /// an invariant.
+/// A node URL's `host:port` (port 5672, or 5671 for `amqps://`, when the URL names none):
+/// what tells two nodes apart, and the `node` label of the broker metric. `None` when the
+/// URL does not parse.
+pub fn node_address(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    let port = u
+        .port()
+        .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
+    Some(format!("{}:{port}", u.host_str()?))
+}
+
 pub(super) fn from_env(env: &Env<'_>) -> Result<SecretString, ConfigError> {
     let raw = env.secret_raw(AMQP_URL, AMQP_URL_FILE)?;
     let nodes = node_urls(&raw);
@@ -63,14 +74,15 @@ pub(super) fn from_env(env: &Env<'_>) -> Result<SecretString, ConfigError> {
         });
     }
     for (i, node) in nodes.iter().enumerate() {
+        let address = node_address(node.expose_secret());
         if nodes[..i]
             .iter()
-            .any(|earlier| earlier.expose_secret() == node.expose_secret())
+            .any(|earlier| node_address(earlier.expose_secret()) == address)
         {
             return Err(ConfigError::invalid(
                 AMQP_URL,
                 &redact_url(node.expose_secret()),
-                "each node once (this one is listed twice)",
+                "each node once (this host:port is listed twice)",
             ));
         }
     }

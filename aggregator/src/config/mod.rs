@@ -27,7 +27,7 @@ mod key_file;
 mod redact;
 pub mod variables;
 
-pub use self::amqp_nodes::{NODE_SEPARATOR, node_urls};
+pub use self::amqp_nodes::{NODE_SEPARATOR, node_address, node_urls};
 pub use self::amqp_tls::{AmqpTls, ClientIdentity};
 pub use self::key_file::exposure_warning;
 use self::redact::hides_credentials;

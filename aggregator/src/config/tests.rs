@@ -272,6 +272,9 @@ fn a_bad_node_in_the_list_is_one_line_with_every_url_redacted() {
     );
     let e = err(&[("AMQP_URL", "amqp://u:pw@mq-1/%2f,amqp://u:pw@mq-1/%2f")]);
     assert!(e.contains("listed twice") && !e.contains("pw@"), "{e}");
+    // The same node with the default port written out, or another user: still one node.
+    let e = err(&[("AMQP_URL", "amqp://u:pw@mq-1/%2f,amqp://v:pw@mq-1:5672/%2f")]);
+    assert!(e.contains("listed twice") && !e.contains("pw@"), "{e}");
     // A comma inside a password splits the URL: the piece fails the check, hidden.
     let e = err(&[("AMQP_URL", "amqp://u:p,w@mq-1/%2f")]);
     assert!(e.starts_with("invalid AMQP_URL="), "{e}");

@@ -11,8 +11,9 @@
 //! 1. claim up to `RESULTS_RELAY_BATCH_SIZE` events (`FOR UPDATE SKIP LOCKED`: relays of
 //!    other replicas take other rows);
 //! 2. publish each (persistent, `message_id` = event id), then await every confirm
-//!    (bounded by [`CONFIRM_TIMEOUT`], well inside the session's idle-in-transaction
-//!    timeout);
+//!    (publishes and confirms together bounded by [`CONFIRM_TIMEOUT`], inside the relay
+//!    sessions' idle-in-transaction timeout, which is at least 15 s whatever the batches
+//!    use);
 //! 3. delete them and COMMIT. A failure before that COMMIT rolls the claim back and the
 //!    events are published again later: repeats, never losses.
 //!
@@ -31,8 +32,12 @@ use crate::error::{BrokerError, DbError};
 use crate::metrics::Metrics;
 use crate::supervisor::retry_backoff;
 
-/// Longest wait for the broker's confirms of one round.
+/// Longest wait for the broker to take one round: its publishes (which block while the
+/// broker has a memory or disk alarm) and their confirms.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Lower bound of the relay sessions' `idle_in_transaction_session_timeout`: the
+/// confirm wait plus a margin.
+const RELAY_IDLE_IN_TRANSACTION: Duration = Duration::from_secs(15);
 /// Pause after a round that found nothing to publish.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How often the pending gauges are refreshed.
@@ -59,7 +64,15 @@ pub(crate) fn spawn(config: &Config, metrics: &Metrics, stop: CancellationToken)
     let mut config = config.clone();
     config.database_url =
         db::with_application_name(&config.database_url, db::RELAY_APPLICATION_NAME);
-    let pool = db::pool(&config.database_url, 1, &config.db_timeouts);
+    // The claim stays open while confirms are awaited: the relay's own sessions must
+    // outlive that wait whatever DB_IDLE_IN_TRANSACTION_TIMEOUT_MS the batches use, or
+    // every round would be ended before its DELETE (endless repeats).
+    let mut timeouts = config.db_timeouts;
+    timeouts.idle_in_transaction = timeouts.idle_in_transaction.max(RELAY_IDLE_IN_TRANSACTION);
+    let pool = db::pool(&config.database_url, 1, &timeouts);
+    // The gauges get their own session, so a round stuck on a blocked broker (a memory
+    // or disk alarm) cannot freeze the figures the outbox alert reads.
+    let gauge_pool = db::pool(&config.database_url, 1, &timeouts);
     let metrics = metrics.clone();
     tokio::spawn(
         async move {
@@ -68,11 +81,11 @@ pub(crate) fn spawn(config: &Config, metrics: &Metrics, stop: CancellationToken)
             if config.results_relay {
                 tokio::join!(
                     relay(&config, &metrics, &pool, &stop),
-                    gauges(&config, &metrics, &pool, &stop)
+                    gauges(&config, &metrics, &gauge_pool, &stop)
                 );
             } else {
                 info!("results relay off (RESULTS_RELAY=false): outbox events are left to other replicas");
-                gauges(&config, &metrics, &pool, &stop).await;
+                gauges(&config, &metrics, &gauge_pool, &stop).await;
             }
         }
         .instrument(tracing::info_span!("results_relay")),
@@ -179,11 +192,13 @@ async fn publish_all(
     channel: &lapin::Channel,
     events: &[super::Event],
 ) -> Result<(), RelayError> {
-    let mut confirms = Vec::with_capacity(events.len());
-    for event in events {
-        confirms.push(crate::broker::publish_result(channel, broker_url, event).await?);
-    }
+    // One bound for publishes and confirms: a blocked connection (broker alarm) stops
+    // the publishes themselves, not only the confirms.
     let all = async {
+        let mut confirms = Vec::with_capacity(events.len());
+        for event in events {
+            confirms.push(crate::broker::publish_result(channel, broker_url, event).await?);
+        }
         for confirm in confirms {
             crate::broker::confirmed(confirm, broker_url).await?;
         }
