@@ -5,15 +5,14 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use secrecy::SecretString;
 use vote_aggregator::config::QueueType;
 use vote_aggregator::db::{self, BatchColumns};
 
 use vote_testkit::workload::{Message, Workload};
 
-use super::{LoadOptions, Servers, first_node, fresh_bed, prefill};
+use super::{LoadOptions, Servers, consume, fresh_bed, prefill};
 
 /// Receive-and-ack only: the fastest any consumer of this queue can go on this machine.
 pub(super) async fn broker_ceiling(
@@ -26,21 +25,7 @@ pub(super) async fn broker_ceiling(
     let bed = fresh_bed(servers, queue_type).await?;
     prefill(&bed, workload, opts).await?;
     let expected = workload.main.len();
-    let conn = lapin::Connection::connect(&first_node(&bed), Default::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(
-        (batch * opts.prefetch_factor.max(1)).min(65_535) as u16,
-        BasicQosOptions::default(),
-    )
-    .await?;
-    let mut consumer = ch
-        .basic_consume(
-            bed.queue.as_str().into(),
-            "broker-ceiling".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (conn, ch, mut consumer) = consume(&bed, batch, opts, "broker-ceiling").await?;
     let mut received = 0usize;
     let mut first: Option<Instant> = None;
     let mut pending = 0usize;

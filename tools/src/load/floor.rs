@@ -19,8 +19,7 @@ use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid};
 use diesel_async::{AsyncConnection as _, RunQueryDsl as _};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesOrdered;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use secrecy::SecretString;
 use tokio::task::JoinHandle;
 use vote_aggregator::config::QueueType;
@@ -29,7 +28,7 @@ use vote_aggregator::vote::{self, Vote};
 
 use vote_testkit::workload::Workload;
 
-use super::{LoadOptions, Servers, first_node, fresh_bed, prefill};
+use super::{LoadOptions, Servers, consume, fresh_bed, prefill};
 
 /// The aggregator's commit pipeline depth (`consumer::pipeline`): batches committing at
 /// once while the next one fills.
@@ -93,21 +92,7 @@ pub(super) async fn floor(
     let expected = ledger.votes.len() as u64;
     let url = SecretString::from(bed.database_url.clone());
     let pool = db::pool(&url, PIPELINE_DEPTH as u32, &Default::default());
-    let conn = lapin::Connection::connect(&first_node(&bed), Default::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(
-        (batch * opts.prefetch_factor.max(1)).min(65_535) as u16,
-        BasicQosOptions::default(),
-    )
-    .await?;
-    let mut consumer = ch
-        .basic_consume(
-            bed.queue.as_str().into(),
-            "floor".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (conn, ch, mut consumer) = consume(&bed, batch, opts, "floor").await?;
 
     let mut filling = Rows::default();
     let mut committing: FuturesOrdered<JoinHandle<anyhow::Result<(u64, u64)>>> =

@@ -417,11 +417,38 @@ pub(super) async fn fresh_bed(servers: &Servers, queue_type: QueueType) -> anyho
 
 /// The URL of the bed's broker, or of the first node of a cluster (the queue's leader
 /// serves a consumer from wherever it is): what a single-connection consumer uses.
-pub(super) fn first_node(bed: &TestBed) -> String {
+fn first_node(bed: &TestBed) -> String {
     vote_testkit::nodes::node_urls(&bed.amqp_url)
         .into_iter()
         .next()
         .unwrap_or_else(|| bed.amqp_url.clone())
+}
+
+/// A consumer of the bed's queue on the first node, with the aggregator's prefetch
+/// (`batch` × prefetch factor): the connection, its channel (to ack on) and the stream.
+pub(super) async fn consume(
+    bed: &TestBed,
+    batch: usize,
+    opts: &LoadOptions,
+    tag: &str,
+) -> anyhow::Result<(lapin::Connection, lapin::Channel, lapin::Consumer)> {
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    let conn = lapin::Connection::connect(&first_node(bed), Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(
+        (batch * opts.prefetch_factor.max(1)).min(65_535) as u16,
+        BasicQosOptions::default(),
+    )
+    .await?;
+    let consumer = ch
+        .basic_consume(
+            bed.queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    Ok((conn, ch, consumer))
 }
 
 pub(super) async fn prefill(
