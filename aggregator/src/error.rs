@@ -108,6 +108,13 @@ pub enum DbError {
         "the previous attempt's COMMIT (transaction {xid}) is still in progress on PostgreSQL; asking again"
     )]
     CommitInProgress { xid: i64 },
+    /// PostgreSQL's answer to a batch statement does not fit the batch (a broken
+    /// invariant, e.g. a stored vote removed): nothing is committed and the batch is
+    /// retried, never acked on that answer.
+    #[error(
+        "PostgreSQL's answer to a batch does not match it ({what}); rolled back, retrying (votes must be append-only: check for triggers or grants changed by hand)"
+    )]
+    BatchAnswer { what: String },
 }
 
 impl DbError {
@@ -135,7 +142,9 @@ impl DbError {
             }
             DbError::Query(E::BrokenTransactionManager) => true,
             DbError::Query(_) => false,
-            DbError::Migration(_) | DbError::MigrationNotPermitted { .. } => false,
+            DbError::Migration(_)
+            | DbError::MigrationNotPermitted { .. }
+            | DbError::BatchAnswer { .. } => false,
         }
     }
 }

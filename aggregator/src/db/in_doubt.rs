@@ -61,7 +61,7 @@ pub async fn resolve_in_doubt(
         .outcome
         .counted
         .iter()
-        .filter_map(|&i| batch.vote_ids.get(i as usize).copied())
+        .filter_map(|&i| batch.vote_id(i))
         .collect();
     let mut conn = checkout(pool, url).await?;
     let checked: Result<InDoubtCheck, _> = diesel::sql_query(

@@ -1,0 +1,301 @@
+//! The batch write, the heart of exactly-once counting: one batch in ONE transaction,
+//! committed or not as a whole; the caller acks the batch's deliveries only after
+//! [`write_batch_attempt`] returned `Ok`.
+//!
+//! For one batch (statements in [`batch_sql`](super::batch_sql)):
+//!
+//! 1. ONE statement (prepared once per session) inserts the first row of each UUID into
+//!    `votes` in `vote_id` order with `ON CONFLICT (vote_id) DO NOTHING RETURNING`: only
+//!    the returned rows are new; the same statement adds exactly those rows, per
+//!    (election, candidate), to ONE tally shard row each and, one row per election, to
+//!    the results outbox (`results_outbox`, see [`outbox`](super::outbox)), so the event
+//!    announcing them commits or rolls back with them;
+//! 2. only if some rows were not inserted (a UUID stored before, a redelivery, another
+//!    payload of a UUID in the batch), a second statement in the same transaction judges
+//!    them against the stored votes and records conflicts in `vote_conflicts`;
+//! 3. COMMIT.
+//!
+//! Invariant kept: within a committed transaction, the tally increment for a candidate
+//! equals the number of `votes` rows inserted for it and the increment its outbox event
+//! carries, so `sum(tally_shards.votes) = count(votes)` per candidate at every commit
+//! (checked by [`verify`](super::verify())), and the events of the committed transactions
+//! add up to the tallies.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use diesel::QueryableByName;
+use diesel::sql_types::{Array, BigInt, Int4, Nullable, Text, Timestamptz, Uuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, TransactionManager as _};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::batch_sql::{RESOLVE_CONFLICTS_SQL, WriteBatch};
+use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, checkout, tls};
+use crate::error::DbError;
+use crate::vote::Vote;
+
+/// One batch, as columns ready to bind. Built once per batch and reused across retries.
+#[derive(Debug, Default)]
+pub struct BatchColumns {
+    pub(super) vote_ids: Vec<uuid::Uuid>,
+    pub(super) election_ids: Vec<String>,
+    pub(super) candidate_ids: Vec<String>,
+    pub(super) precinct_ids: Vec<Option<String>>,
+    pub(super) cast_ats: Vec<chrono::DateTime<chrono::Utc>>,
+    /// First row of its UUID in this batch (the one offered for insertion); later rows of
+    /// the same UUID carry a different payload and are only judged for conflicts.
+    pub(super) is_first: Vec<bool>,
+    /// The earliest offered row of each UUID: the row a stored UUID stands for.
+    offered: HashMap<uuid::Uuid, i32>,
+}
+
+impl BatchColumns {
+    /// Adds a row. `is_first` is false for a later row of a UUID already in the batch.
+    pub fn push(&mut self, vote: &Vote, is_first: bool) {
+        if is_first {
+            let ord = self.vote_ids.len() as i32;
+            self.offered.entry(vote.vote_id).or_insert(ord);
+        }
+        self.vote_ids.push(vote.vote_id);
+        self.election_ids.push(vote.election_id.clone());
+        self.candidate_ids.push(vote.candidate_id.clone());
+        self.precinct_ids.push(vote.precinct_id.clone());
+        self.cast_ats.push(vote.cast_at);
+        self.is_first.push(is_first);
+    }
+
+    /// Rows in the batch.
+    pub fn len(&self) -> usize {
+        self.vote_ids.len()
+    }
+
+    /// Whether the batch has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.vote_ids.is_empty()
+    }
+
+    /// The UUID of row `ord`.
+    pub(super) fn vote_id(&self, ord: i32) -> Option<uuid::Uuid> {
+        self.vote_ids.get(usize::try_from(ord).ok()?).copied()
+    }
+
+    /// The rows at `indices`, in that order.
+    fn rows(&self, indices: &[i32]) -> BatchColumns {
+        let mut out = BatchColumns::default();
+        for &i in indices {
+            let i = i as usize;
+            out.vote_ids.push(self.vote_ids[i]);
+            out.election_ids.push(self.election_ids[i].clone());
+            out.candidate_ids.push(self.candidate_ids[i].clone());
+            out.precinct_ids.push(self.precinct_ids[i].clone());
+            out.cast_ats.push(self.cast_ats[i]);
+            out.is_first.push(self.is_first[i]);
+        }
+        out
+    }
+
+    fn ords(&self) -> Vec<i32> {
+        (0..self.len() as i32).collect()
+    }
+
+    /// The rows the stored UUIDs `inserted` stand for (ascending), and every other row.
+    ///
+    /// # Errors
+    /// [`DbError::BatchAnswer`] when a UUID is not one this batch offered.
+    fn split_inserted(&self, inserted: &[uuid::Uuid]) -> Result<(Vec<i32>, Vec<i32>), DbError> {
+        let mut counted = Vec::with_capacity(inserted.len());
+        for id in inserted {
+            let ord = self.offered.get(id).ok_or_else(|| DbError::BatchAnswer {
+                what: format!("vote {id} was stored but not offered"),
+            })?;
+            counted.push(*ord);
+        }
+        counted.sort_unstable();
+        let rest = (0..self.len() as i32)
+            .filter(|i| counted.binary_search(i).is_err())
+            .collect();
+        Ok((counted, rest))
+    }
+}
+
+/// What the database decided for a batch, by row index (as pushed).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Rows inserted and counted.
+    pub counted: Vec<i32>,
+    /// Rows whose UUID was already counted with another payload (recorded in
+    /// `vote_conflicts`). Every other row is a duplicate of a counted vote.
+    pub conflicting: Vec<i32>,
+}
+
+#[derive(QueryableByName)]
+struct WriteResult {
+    #[diesel(sql_type = Array<Uuid>)]
+    counted: Vec<uuid::Uuid>,
+    #[diesel(sql_type = BigInt)]
+    xid: i64,
+}
+
+#[derive(QueryableByName)]
+struct ConflictResult {
+    #[diesel(sql_type = Array<Int4>)]
+    conflicting: Vec<i32>,
+    #[diesel(sql_type = Array<Int4>)]
+    missing: Vec<i32>,
+}
+
+/// Why one attempt at a batch failed.
+#[derive(Debug)]
+pub struct WriteFailure {
+    /// The error (already redacted).
+    pub error: DbError,
+    /// Set when the failure came after COMMIT was sent (the outcome is unknown).
+    pub in_doubt: Option<InDoubt>,
+}
+
+/// How far one attempt got, kept outside the attempt's future so it survives a timeout.
+#[derive(Default)]
+struct Progress {
+    cancel: Option<tokio_postgres::CancelToken>,
+    commit_sent: Option<InDoubt>,
+}
+
+/// Writes one batch in one transaction, giving up after `attempt_timeout` (checkout,
+/// statement and COMMIT together). The caller acks the batch's deliveries only after this
+/// returns `Ok` (the commit happened).
+///
+/// On timeout the running statement is cancelled on the server (a cancel request), and
+/// the connection is discarded, so the abandoned attempt keeps no locks there; the
+/// session's own `statement_timeout`/`lock_timeout` (see [`session_url`](super::session_url)) normally end a
+/// stuck statement before that.
+///
+/// # Errors
+/// [`WriteFailure`]: nothing was committed, or (with [`WriteFailure::in_doubt`]) COMMIT
+/// was sent and its outcome is unknown.
+pub async fn write_batch_attempt(
+    pool: &PgPool,
+    url: &SecretString,
+    batch: &BatchColumns,
+    shard: i16,
+    attempt_timeout: Duration,
+) -> Result<BatchOutcome, WriteFailure> {
+    let mut progress = Progress::default();
+    let attempt = tokio::time::timeout(
+        attempt_timeout,
+        write_batch_once(pool, url, batch, shard, &mut progress),
+    )
+    .await;
+    match attempt {
+        Ok(result) => result.map_err(|error| WriteFailure {
+            error,
+            in_doubt: progress.commit_sent.take(),
+        }),
+        Err(_) => {
+            // Cancel the statement on the server, but never a COMMIT already sent (a
+            // cancelled wait for a synchronous standby would still commit locally).
+            if let (Some(token), None) = (progress.cancel, &progress.commit_sent) {
+                // Best effort, bounded: the server's own statement_timeout is the backstop.
+                let _ =
+                    tokio::time::timeout(CHECKOUT_TIMEOUT, tls::cancel(token, url.expose_secret()))
+                        .await;
+            }
+            Err(WriteFailure {
+                error: DbError::Timeout {
+                    ms: attempt_timeout.as_millis() as u64,
+                },
+                in_doubt: progress.commit_sent,
+            })
+        }
+    }
+}
+
+/// [`write_batch_attempt`] without a time limit or in-doubt details (tools and tests).
+///
+/// # Errors
+/// [`DbError`] when the batch was not (or not surely) committed.
+pub async fn write_batch(
+    pool: &PgPool,
+    url: &SecretString,
+    batch: &BatchColumns,
+    shard: i16,
+) -> Result<BatchOutcome, DbError> {
+    write_batch_once(pool, url, batch, shard, &mut Progress::default()).await
+}
+
+async fn write_batch_once(
+    pool: &PgPool,
+    url: &SecretString,
+    batch: &BatchColumns,
+    shard: i16,
+    progress: &mut Progress,
+) -> Result<BatchOutcome, DbError> {
+    type Tm = diesel_async::AnsiTransactionManager;
+    let mut conn = checkout(pool, url).await?;
+    progress.cancel = Some(conn.cancel_token());
+    // A failure (or a drop on timeout) between BEGIN and the end of COMMIT leaves the
+    // transaction manager "in a transaction", so the pool discards the connection.
+    Tm::begin_transaction(&mut *conn).await?;
+    let written = batch_statements(&mut conn, batch, shard).await;
+    let (outcome, xid) = match written {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = Tm::rollback_transaction(&mut *conn).await;
+            return Err(e);
+        }
+    };
+    if !outcome.counted.is_empty() {
+        progress.commit_sent = Some(InDoubt {
+            xid,
+            outcome: outcome.clone(),
+        });
+    }
+    Tm::commit_transaction(&mut *conn).await?;
+    progress.commit_sent = None;
+    Ok(outcome)
+}
+
+/// The batch's statements inside the open transaction: the write, then (only when some
+/// rows were not inserted) their judgement.
+async fn batch_statements(
+    conn: &mut AsyncPgConnection,
+    batch: &BatchColumns,
+    shard: i16,
+) -> Result<(BatchOutcome, i64), DbError> {
+    let ords = batch.ords();
+    let written: WriteResult = WriteBatch {
+        columns: batch,
+        ords: &ords,
+        shard,
+    }
+    .get_result(conn)
+    .await?;
+    let (counted, rest) = batch.split_inserted(&written.counted)?;
+    let mut outcome = BatchOutcome {
+        counted,
+        conflicting: Vec::new(),
+    };
+    if !rest.is_empty() {
+        let rows = batch.rows(&rest);
+        let judged: ConflictResult = diesel::sql_query(RESOLVE_CONFLICTS_SQL)
+            .bind::<Array<Uuid>, _>(&rows.vote_ids)
+            .bind::<Array<Text>, _>(&rows.election_ids)
+            .bind::<Array<Text>, _>(&rows.candidate_ids)
+            .bind::<Array<Nullable<Text>>, _>(&rows.precinct_ids)
+            .bind::<Array<Timestamptz>, _>(&rows.cast_ats)
+            .bind::<Array<Int4>, _>(&rest)
+            .get_result(conn)
+            .await?;
+        if let Some(ord) = judged.missing.iter().min() {
+            // Nothing is committed: the transaction is rolled back and the batch retried.
+            return Err(DbError::BatchAnswer {
+                what: format!(
+                    "{} rows were neither inserted nor found stored (row {ord} first)",
+                    judged.missing.len()
+                ),
+            });
+        }
+        outcome.conflicting = judged.conflicting;
+        outcome.conflicting.sort_unstable();
+    }
+    Ok((outcome, written.xid))
+}
