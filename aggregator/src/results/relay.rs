@@ -38,8 +38,11 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lower bound of the relay sessions' `idle_in_transaction_session_timeout`: the
 /// confirm wait plus a margin.
 const RELAY_IDLE_IN_TRANSACTION: Duration = Duration::from_secs(15);
-/// Pause after a round that found nothing to publish.
-const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Pause after a round that did not fill its batch (or found nothing): events gather for
+/// the next round, so a relay commits a few times a second under load instead of once
+/// per batch commit (every relay COMMIT is a WAL flush the batch commits share the disk
+/// with), and events follow their commit within about this long.
+const ROUND_PAUSE: Duration = Duration::from_millis(200);
 /// How often the pending gauges are refreshed.
 const GAUGE_EVERY: Duration = Duration::from_secs(2);
 
@@ -135,13 +138,18 @@ async fn session(
             break Ok(());
         }
         match round(config, &node.shown, metrics, pool, &channel).await {
-            Ok(0) => {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(IDLE_POLL) => {}
+            Ok(published) => {
+                if published > 0 {
+                    *backoff = retry_backoff();
+                }
+                // A full batch means a backlog: the next round starts at once.
+                if published < config.results_relay_batch {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(ROUND_PAUSE) => {}
+                    }
                 }
             }
-            Ok(_) => *backoff = retry_backoff(),
             Err(e) => break Err(e),
         }
     };
