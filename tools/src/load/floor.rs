@@ -28,7 +28,7 @@ use vote_aggregator::vote::{self, Vote};
 
 use vote_testkit::workload::Workload;
 
-use super::{LoadOptions, Servers, consume, fresh_bed, prefill};
+use super::{LoadOptions, Servers, consume, fresh_bed, prefill, stored_rate};
 
 /// The aggregator's commit pipeline depth (`consumer::pipeline`): batches committing at
 /// once while the next one fills.
@@ -74,8 +74,8 @@ impl Rows {
     }
 }
 
-/// Counted votes/s of the floor consumer draining the pre-filled workload, from its first
-/// delivery to its last COMMIT.
+/// Counted votes/s of the floor consumer draining the pre-filled workload (see
+/// [`stored_rate`]).
 ///
 /// # Errors
 /// When a server fails, a body does not decode (the load workload has no malformed
@@ -98,7 +98,6 @@ pub(super) async fn floor(
     let mut committing: FuturesOrdered<JoinHandle<anyhow::Result<(u64, u64)>>> =
         FuturesOrdered::new();
     let mut counted = 0u64;
-    let mut first: Option<Instant> = None;
     let mut last_progress = Instant::now();
     while counted < expected {
         // Acks go out as soon as the oldest commit is done, while reading goes on.
@@ -111,7 +110,6 @@ pub(super) async fn floor(
             next = tokio::time::timeout(BATCH_TIMEOUT, consumer.next()) => match next {
                 Ok(Some(delivery)) => {
                     let d = delivery?;
-                    first.get_or_insert_with(Instant::now);
                     let v = vote::decode(&d.data).map_err(|r| {
                         anyhow::anyhow!("floor consumer got an undecodable vote: {r:?}")
                     })?;
@@ -137,9 +135,8 @@ pub(super) async fn floor(
             anyhow::bail!("floor consumer stalled at {counted}/{expected}");
         }
     }
-    let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(1.0);
     let _ = conn.close(200, "done".into()).await;
-    Ok(counted as f64 / secs.max(0.001))
+    stored_rate(&bed).await
 }
 
 /// Acks a committed batch's deliveries with one `multiple` ack; returns the rows it

@@ -451,6 +451,33 @@ pub(super) async fn consume(
     Ok((conn, ch, consumer))
 }
 
+/// Votes per second of a finished drain, read from the database: the votes stored, over
+/// the span of their `recorded_at` (each row's own insert time). The floor and the
+/// aggregator are measured by this one clock and definition, and nothing is polled while
+/// they run.
+///
+/// # Errors
+/// When the database cannot be read.
+pub(super) async fn stored_rate(bed: &TestBed) -> anyhow::Result<f64> {
+    #[derive(diesel::QueryableByName)]
+    struct Span {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        secs: f64,
+    }
+    use diesel_async::RunQueryDsl as _;
+    let mut db = bed.db().await?;
+    let span: Span = diesel::sql_query(
+        "SELECT count(*)::bigint AS n, \
+         coalesce(EXTRACT(EPOCH FROM max(recorded_at) - min(recorded_at)), 0)::float8 AS secs \
+         FROM votes",
+    )
+    .get_result(db.connection())
+    .await?;
+    Ok(span.n as f64 / span.secs.max(0.001))
+}
+
 pub(super) async fn prefill(
     bed: &TestBed,
     workload: &Workload,
