@@ -209,6 +209,11 @@ async fn consume(
             },
             _ = tokio::time::sleep_until(deadline), if waits_for_deadline => {}
         }
+        // The consumer's stream is not a Tokio resource: with deliveries buffered it is
+        // always ready, and on this one-thread runtime the commit tasks (and the socket
+        // reads that end their COMMITs) would wait until the batch is full. This yields
+        // once Tokio's cooperative budget for this turn is spent.
+        tokio::task::consume_budget().await;
     }
 }
 
