@@ -42,7 +42,7 @@ chaos-cluster: fault-build ## the broker-cluster chaos scenarios (3 RabbitMQ nod
 
 load: ## capacity baselines vs this machine's broker and database ceilings (~10 min) -> target/load/report.{json,md}, throughput.png
 	cargo build --release --locked -p vote-aggregator -p vote-tools
-	$(CARGO_TARGET)/release/vote-tools load -n $(or $(VOTES),100000) --steady-seconds 8 --out target/load $(ARGS)
+	$(CARGO_TARGET)/release/vote-tools load -n $(or $(VOTES),200000) --steady-seconds 8 --out target/load $(ARGS)
 
 demo: ## start servers + 3 replicas, publish 20 000 votes with duplicates, show the results (ARGS=--keep to leave it running)
 	cargo build --workspace --locked

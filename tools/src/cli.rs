@@ -180,6 +180,11 @@ struct LoadArgs {
     /// (the old data path) instead of the host network: to show what it costs.
     #[arg(long)]
     via_port_proxy: bool,
+    /// Measure the whole matrix (ceilings, floor, configurations) this many times, one
+    /// round after the other; each configuration reports the round with its median ratio
+    /// to the floor, and the range over the rounds.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    rounds: u32,
 }
 
 #[derive(Args)]
@@ -365,6 +370,7 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
         seed: seed(args.seed),
         progress: true,
         via_port_proxy: args.via_port_proxy,
+        rounds: args.rounds as usize,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let report = crate::load::run(&options, command).await?;

@@ -52,7 +52,7 @@ pub fn table(report: &LoadReport) -> Table {
             c.batch_size.to_string(),
             format!("{:.0}", c.votes_per_second),
             format!("{:.0}", c.floor_votes_per_second),
-            format!("{:.2}", c.ratio_to_floor),
+            of_floor(c),
             format!("{:.0}", c.broker_ceiling_votes_per_second),
             format!("{:.0} %", c.ratio_to_broker_ceiling * 100.0),
             format!("{:.0}", c.db_ceiling_votes_per_second),
@@ -133,13 +133,13 @@ pub fn markdown_text(report: &LoadReport, chart: Option<&Path>) -> String {
     for c in &report.configs {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} % | {:.0} | {:.0} % | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} % | {:.0} | {:.0} % | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} | {} | {} | {} |",
             c.queue_type,
             c.replicas,
             c.batch_size,
             c.votes_per_second,
             c.floor_votes_per_second,
-            c.ratio_to_floor,
+            of_floor(c),
             c.broker_ceiling_votes_per_second,
             c.ratio_to_broker_ceiling * 100.0,
             c.db_ceiling_votes_per_second,
@@ -190,8 +190,8 @@ pub fn targets(report: &LoadReport) -> Vec<String> {
     for q in ["classic", "quorum"] {
         if let Some(c) = find(q, 1, 500) {
             out.push(format!(
-                "1 replica, batch 500, {q}: {:.2} of the floor ({:.0} of {:.0} votes/s; target ≥ {FLOOR_TARGET:.2}): {}",
-                c.ratio_to_floor,
+                "1 replica, batch 500, {q}: {} of the floor ({:.0} of {:.0} votes/s; target ≥ {FLOOR_TARGET:.2}): {}",
+                of_floor(c),
                 c.votes_per_second,
                 c.floor_votes_per_second,
                 verdict(c.ratio_to_floor >= FLOOR_TARGET)
@@ -423,4 +423,18 @@ fn chart(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// `ratio_to_floor`, with its range over the rounds when there were several: "0.91 (median
+/// of 3 rounds: 0.86–0.95)".
+fn of_floor(c: &ConfigResult) -> String {
+    if c.rounds > 1 {
+        let (lo, hi) = c.ratio_to_floor_range;
+        format!(
+            "{:.2} (median of {} rounds: {lo:.2}–{hi:.2})",
+            c.ratio_to_floor, c.rounds
+        )
+    } else {
+        format!("{:.2}", c.ratio_to_floor)
+    }
 }

@@ -190,6 +190,8 @@ pub(super) async fn measure_config(
         cpu_seconds_per_1000_votes: cpu / (total_counted.n.max(1) as f64 / 1000.0),
         peak_rss_mib: peak_rss_kib as f64 / 1024.0,
         limited_by: String::new(),
+        rounds: 1,
+        ratio_to_floor_range: (0.0, 0.0),
     })
 }
 

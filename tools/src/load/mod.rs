@@ -76,6 +76,9 @@ pub struct LoadOptions {
     /// the test kit's fault proxies, as before, instead of directly on the host network:
     /// only to show what that path costs.
     pub via_port_proxy: bool,
+    /// Times the whole matrix is measured; each configuration reports the round with its
+    /// median `ratio_to_floor`, and the range over the rounds.
+    pub rounds: usize,
 }
 
 /// The servers of a run: the private pair, and with [`LoadOptions::broker_cluster`] the
@@ -180,6 +183,17 @@ pub struct ConfigResult {
     pub cpu_bound_votes_per_second: Option<f64>,
     /// What bounded this configuration, judged from the ratios and CPU use.
     pub limited_by: String,
+    /// Rounds this configuration was measured in; the figures are those of the round
+    /// with the median `ratio_to_floor`.
+    #[serde(default = "one_round")]
+    pub rounds: usize,
+    /// Lowest and highest `ratio_to_floor` over the rounds.
+    #[serde(default)]
+    pub ratio_to_floor_range: (f64, f64),
+}
+
+fn one_round() -> usize {
+    1
 }
 
 /// A whole run.
@@ -257,6 +271,33 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
         seed: opts.seed,
     });
 
+    let mut rounds = Vec::with_capacity(opts.rounds);
+    for round in 1..=opts.rounds.max(1) {
+        if opts.rounds > 1 {
+            eprintln!("load: round {round}/{}", opts.rounds);
+        }
+        rounds.push(measure_round(&servers, &workload, opts).await?);
+    }
+    let configs = median_rounds(rounds);
+    Ok(LoadReport {
+        started_at,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        command,
+        votes: opts.votes,
+        duplicates: opts.duplicates,
+        steady_seconds: opts.steady.as_secs_f64(),
+        seed: opts.seed,
+        machine,
+        configs,
+    })
+}
+
+/// One round: every ceiling, floor and configuration of the matrix, in order.
+async fn measure_round(
+    servers: &Servers,
+    workload: &Workload,
+    opts: &LoadOptions,
+) -> anyhow::Result<Vec<ConfigResult>> {
     let mut broker_ceilings: HashMap<(String, usize), f64> = HashMap::new();
     let mut db_ceilings: HashMap<usize, f64> = HashMap::new();
     let mut floors: HashMap<(String, usize), f64> = HashMap::new();
@@ -267,7 +308,7 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
         for &batch in &opts.batch_sizes {
             let key = (queue_type.as_str().to_string(), batch);
             if !broker_ceilings.contains_key(&key) {
-                let c = broker_ceiling(&servers, &workload, queue_type, batch, opts).await?;
+                let c = broker_ceiling(servers, workload, queue_type, batch, opts).await?;
                 eprintln!(
                     "load: broker ceiling {} batch {batch}: {c:.0} deliveries/s",
                     queue_type.as_str()
@@ -275,7 +316,7 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
                 broker_ceilings.insert(key.clone(), c);
             }
             if !floors.contains_key(&key) {
-                let f = floor(&servers, &workload, queue_type, batch, opts).await?;
+                let f = floor(servers, workload, queue_type, batch, opts).await?;
                 eprintln!(
                     "load: floor {} batch {batch}: {f:.0} votes/s",
                     queue_type.as_str()
@@ -283,7 +324,7 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
                 floors.insert(key.clone(), f);
             }
             if let std::collections::hash_map::Entry::Vacant(e) = db_ceilings.entry(batch) {
-                let c = db_ceiling(&servers, &workload, batch).await?;
+                let c = db_ceiling(servers, workload, batch).await?;
                 eprintln!("load: database ceiling batch {batch}: {c:.0} votes/s");
                 e.insert(c);
             }
@@ -294,11 +335,12 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
                     queue_type.as_str()
                 );
                 let mut r =
-                    measure_config(&servers, &workload, queue_type, batch, replicas, opts).await?;
+                    measure_config(servers, workload, queue_type, batch, replicas, opts).await?;
                 r.broker_ceiling_votes_per_second = broker_ceilings[&key];
                 r.db_ceiling_votes_per_second = db_ceilings[&batch];
                 r.floor_votes_per_second = floors[&key];
                 r.ratio_to_floor = r.votes_per_second / r.floor_votes_per_second.max(1.0);
+                r.ratio_to_floor_range = (r.ratio_to_floor, r.ratio_to_floor);
                 r.ratio_to_broker_ceiling =
                     r.deliveries_per_second / r.broker_ceiling_votes_per_second.max(1.0);
                 r.ratio_to_db_ceiling = r.votes_per_second / r.db_ceiling_votes_per_second.max(1.0);
@@ -317,17 +359,37 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
             }
         }
     }
-    Ok(LoadReport {
-        started_at,
-        wall_seconds: started.elapsed().as_secs_f64(),
-        command,
-        votes: opts.votes,
-        duplicates: opts.duplicates,
-        steady_seconds: opts.steady.as_secs_f64(),
-        seed: opts.seed,
-        machine,
-        configs,
-    })
+    Ok(configs)
+}
+
+/// Per configuration (same position in every round), the round with the median
+/// `ratio_to_floor` (the lower middle one for an even count), with the round count and the
+/// ratio's range: on a shared, noisy machine one drain can be off by a tenth either way.
+fn median_rounds(rounds: Vec<Vec<ConfigResult>>) -> Vec<ConfigResult> {
+    let n = rounds.first().map_or(0, Vec::len);
+    let mut by_config: Vec<Vec<ConfigResult>> = (0..n).map(|_| Vec::new()).collect();
+    for round in rounds {
+        for (i, c) in round.into_iter().enumerate() {
+            if let Some(samples) = by_config.get_mut(i) {
+                samples.push(c);
+            }
+        }
+    }
+    by_config
+        .into_iter()
+        .filter_map(|mut samples| {
+            samples.sort_by(|a, b| a.ratio_to_floor.total_cmp(&b.ratio_to_floor));
+            let range = (
+                samples.first()?.ratio_to_floor,
+                samples.last()?.ratio_to_floor,
+            );
+            let count = samples.len();
+            let mut median = samples.swap_remove((count - 1) / 2);
+            median.rounds = count;
+            median.ratio_to_floor_range = range;
+            Some(median)
+        })
+        .collect()
 }
 
 /// A judgement, not a measurement: close to a ceiling means bounded by it; a machine

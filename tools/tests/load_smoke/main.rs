@@ -25,6 +25,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         progress: false,
         broker_cluster: false,
         via_port_proxy: false,
+        rounds: 2,
     };
     let report = load::run(&opts, "load smoke test".into()).await?;
     assert_eq!(report.configs.len(), 2);
@@ -40,6 +41,9 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         assert!(c.peak_rss_mib > 0.0);
         assert!(c.cpu_seconds_per_1000_votes > 0.0);
         assert!(!c.limited_by.is_empty());
+        assert_eq!(c.rounds, 2, "{c:?}");
+        let (lo, hi) = c.ratio_to_floor_range;
+        assert!(lo <= c.ratio_to_floor && c.ratio_to_floor <= hi, "{c:?}");
     }
     assert_eq!(
         report.machine.postgres_fsync, "on",
@@ -58,6 +62,8 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         "ratio_to_broker_ceiling",
         "floor_votes_per_second",
         "ratio_to_floor",
+        "rounds",
+        "ratio_to_floor_range",
         "latency_p50_ms",
         "latency_p99_ms",
         "cpu_seconds_per_1000_votes",
@@ -68,6 +74,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
     let md = std::fs::read_to_string(&written.markdown)?;
     assert!(md.contains("| classic | 1 | 100 |"), "{md}");
     assert!(md.contains("### Targets"));
+    assert!(md.contains("(median of 2 rounds: "), "{md}");
     let chart = written
         .chart
         .expect("chart drawn (fonts-dejavu-core is installed)");
