@@ -112,7 +112,7 @@ pub enum DbError {
     /// invariant, e.g. a stored vote removed): nothing is committed and the batch is
     /// retried, never acked on that answer.
     #[error(
-        "PostgreSQL's answer to a batch does not match it ({what}); rolled back, retrying (votes must be append-only: check for triggers or grants changed by hand)"
+        "PostgreSQL's answer to a batch does not match it ({what}); rolled back and retrying, nothing acked (check for triggers, rules or grants on votes changed by hand)"
     )]
     BatchAnswer { what: String },
 }

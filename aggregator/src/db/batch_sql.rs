@@ -1,5 +1,6 @@
-//! The batch write's two statements, and the first one as a query each session prepares
-//! once and reuses.
+//! The batch write's two statements, and the first one (run for every batch) as a query
+//! each session prepares once and reuses; the second (run only for batches with rows not
+//! inserted) is sent as plain SQL.
 //!
 //! `diesel::sql_query` is never kept in the statement cache (its text could change from
 //! call to call), so PostgreSQL would parse and plan the batch statement for every batch.
@@ -89,7 +90,9 @@ conflicts AS (
     INSERT INTO vote_conflicts (vote_id, election_id, candidate_id, precinct_id, cast_at)
     SELECT vote_id, election_id, candidate_id, precinct_id, cast_at
     FROM judged WHERE conflicting
-    ORDER BY vote_id
+    -- The whole payload key: two replicas recording two payloads of one UUID take the
+    -- key's locks in the same order.
+    ORDER BY vote_id, election_id, candidate_id, precinct_id, cast_at
     ON CONFLICT ON CONSTRAINT vote_conflicts_payload_key DO NOTHING
 )
 SELECT coalesce((SELECT array_agg(ord) FROM judged WHERE conflicting), '{}') AS conflicting,

@@ -397,6 +397,87 @@ async fn a_lock_held_elsewhere_never_leaks_backends_and_counting_resumes() -> an
     replica.stop().await
 }
 
+/// How another transaction that holds a batch's UUID, not yet committed, ends.
+#[derive(Debug, Clone, Copy)]
+enum Holder {
+    CommitsTheSamePayload,
+    CommitsAnotherPayload,
+    RollsBack,
+}
+
+#[tokio::test]
+async fn a_uuid_held_by_an_open_transaction_is_judged_once_that_transaction_ends()
+-> anyhow::Result<()> {
+    let bed = bed().await?;
+    let url = secrecy::SecretString::from(bed.database_url.clone());
+    db::run_migrations(&url).await?;
+    let pool = db::pool(&url, 1, &Default::default());
+    let mut watcher = bed.db().await?;
+    for holder in [
+        Holder::CommitsTheSamePayload,
+        Holder::CommitsAnotherPayload,
+        Holder::RollsBack,
+    ] {
+        let vote = votes::vote("held", "a");
+        let candidate = match holder {
+            Holder::CommitsAnotherPayload => "b",
+            _ => "a",
+        };
+        // Another writer (another replica's batch) has inserted the UUID, not committed.
+        let mut other = bed.db().await?;
+        other.batch_execute("BEGIN").await?;
+        other
+            .batch_execute(&format!(
+                "INSERT INTO votes (vote_id, election_id, candidate_id, precinct_id, cast_at) \
+                 VALUES ('{}', 'held', '{candidate}', 'p-1', '{}')",
+                vote.vote_id,
+                vote.cast_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            ))
+            .await?;
+        let mut columns = BatchColumns::default();
+        columns.push(&vote, true);
+        let (p, u) = (pool.clone(), url.clone());
+        let write = tokio::spawn(async move { db::write_batch(&p, &u, &columns, 0).await });
+        eventually(
+            "the batch waits for the other transaction",
+            Duration::from_secs(10),
+            async || {
+                Ok(watcher
+                    .scalar(
+                        "SELECT count(*)::bigint AS n FROM pg_stat_activity \
+                         WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                    )
+                    .await?
+                    >= 1)
+            },
+        )
+        .await?;
+        match holder {
+            Holder::RollsBack => other.batch_execute("ROLLBACK").await?,
+            _ => other.batch_execute("COMMIT").await?,
+        }
+        let outcome = write.await??;
+        let expected = match holder {
+            // Stored by the other transaction: a duplicate, neither counted nor a conflict.
+            Holder::CommitsTheSamePayload => (vec![], vec![]),
+            Holder::CommitsAnotherPayload => (vec![], vec![0]),
+            // The other transaction is gone: this batch stores and counts the vote.
+            Holder::RollsBack => (vec![0], vec![]),
+        };
+        assert_eq!(
+            (outcome.counted, outcome.conflicting),
+            expected,
+            "{holder:?}"
+        );
+    }
+    // Three stored votes: the two the other writer committed by hand (it bypassed the
+    // batch write, so they have no tally) and the one the batch counted, tallied once.
+    let report = db::verify(&url).await?;
+    assert_eq!((report.votes, report.tallied), (3, 1), "{report:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_in_doubt_commit_is_resolved_by_asking_the_server() -> anyhow::Result<()> {
     use vote_aggregator::db::{BatchOutcome, InDoubt, Resolution};

@@ -3,7 +3,7 @@
 //!
 //! A minimal consumer, in this process: receive with the aggregator's prefetch, decode
 //! each vote with the aggregator's own decoder, write each batch's full rows (the same
-//! columns as `votes`) with one `INSERT … ON CONFLICT (vote_id) DO NOTHING` in one
+//! columns as `votes`) with one prepared `INSERT … ON CONFLICT (vote_id) DO NOTHING` in one
 //! transaction, COMMIT (fsync on, like the load servers), ack the batch with one
 //! `multiple` ack, with the aggregator's commit pipeline depth (two batches committing
 //! while the next fills; acks strictly in delivery order). Nothing else: no tally, no
@@ -15,6 +15,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use diesel::QueryResult;
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid};
 use diesel_async::{AsyncConnection as _, RunQueryDsl as _};
 use futures_util::StreamExt as _;
@@ -39,14 +42,42 @@ const BATCH_TIMEOUT: Duration = Duration::from_millis(50);
 /// A drain that makes no progress for this long is an error, not a figure.
 const STALL_LIMIT: Duration = Duration::from_secs(300);
 
-/// Rows go in in `vote_id` order: two transactions in flight that share a UUID (a
-/// duplicate publish) then take their row locks in the same order and cannot deadlock
-/// (seen without it: "deadlock detected"). Correctness needs this, so the floor pays it.
-const INSERT_SQL: &str = "INSERT INTO votes (vote_id, election_id, candidate_id, precinct_id, cast_at) \
-     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) \
-     AS t(vote_id, election_id, candidate_id, precinct_id, cast_at) \
-     ORDER BY vote_id \
-     ON CONFLICT (vote_id) DO NOTHING";
+/// The batch's rows, inserted in `vote_id` order: two transactions in flight that share a
+/// UUID (a duplicate publish) then take their row locks in the same order and cannot
+/// deadlock (seen without it: "deadlock detected"). Correctness needs this, so the floor
+/// pays it. Like the aggregator's batch write, a statement each session prepares once
+/// (a static query id; `diesel::sql_query` is never kept prepared): the floor must not pay
+/// for planning that a correct implementation avoids.
+struct Insert<'a>(&'a Rows);
+
+impl QueryId for Insert<'_> {
+    type QueryId = Insert<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for Insert<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let r = self.0;
+        out.push_sql(
+            "INSERT INTO votes (vote_id, election_id, candidate_id, precinct_id, cast_at) \
+             SELECT * FROM unnest(",
+        );
+        out.push_bind_param::<Array<Uuid>, _>(&r.vote_ids)?;
+        out.push_sql("::uuid[], ");
+        out.push_bind_param::<Array<Text>, _>(&r.election_ids)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<Text>, _>(&r.candidate_ids)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&r.precinct_ids)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<Timestamptz>, _>(&r.cast_ats)?;
+        out.push_sql(
+            "::timestamptz[]) AS t(vote_id, election_id, candidate_id, precinct_id, cast_at) \
+             ORDER BY vote_id ON CONFLICT (vote_id) DO NOTHING",
+        );
+        Ok(())
+    }
+}
 
 /// One batch's rows as columns, and the delivery tag that acks all of it.
 #[derive(Default)]
@@ -156,16 +187,7 @@ async fn ack(
 async fn commit(pool: PgPool, rows: Rows) -> anyhow::Result<(u64, u64)> {
     let mut conn = pool.get().await.context("floor: database connection")?;
     let inserted = conn
-        .transaction::<_, diesel::result::Error, _>(async |c| {
-            diesel::sql_query(INSERT_SQL)
-                .bind::<Array<Uuid>, _>(&rows.vote_ids)
-                .bind::<Array<Text>, _>(&rows.election_ids)
-                .bind::<Array<Text>, _>(&rows.candidate_ids)
-                .bind::<Array<Nullable<Text>>, _>(&rows.precinct_ids)
-                .bind::<Array<Timestamptz>, _>(&rows.cast_ats)
-                .execute(c)
-                .await
-        })
+        .transaction::<_, diesel::result::Error, _>(async |c| Insert(&rows).execute(c).await)
         .await
         .context("floor: batch transaction")?;
     Ok((rows.last_tag, inserted as u64))

@@ -515,8 +515,9 @@ pub(super) async fn consume(
 
 /// Votes per second of a finished drain, read from the database: the votes stored, over
 /// the span of their `recorded_at` (each row's own insert time). The floor and the
-/// aggregator are measured by this one clock and definition, and nothing is polled while
-/// they run.
+/// aggregator are measured by this one clock and definition (the aggregator's drain also
+/// polls the replicas' metrics, every 100 ms, only to find its end and to place the CPU
+/// window).
 ///
 /// # Errors
 /// When the database cannot be read.
