@@ -21,7 +21,7 @@
 //! (checked by [`verify`](super::verify())), and the events of the committed transactions
 //! add up to the tallies.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::Duration;
 
 use diesel::QueryableByName;
@@ -45,17 +45,11 @@ pub struct BatchColumns {
     /// First row of its UUID in this batch (the one offered for insertion); later rows of
     /// the same UUID carry a different payload and are only judged for conflicts.
     pub(super) is_first: Vec<bool>,
-    /// The earliest offered row of each UUID: the row a stored UUID stands for.
-    offered: HashMap<uuid::Uuid, i32>,
 }
 
 impl BatchColumns {
     /// Adds a row. `is_first` is false for a later row of a UUID already in the batch.
     pub fn push(&mut self, vote: &Vote, is_first: bool) {
-        if is_first {
-            let ord = self.vote_ids.len() as i32;
-            self.offered.entry(vote.vote_id).or_insert(ord);
-        }
         self.vote_ids.push(vote.vote_id);
         self.election_ids.push(vote.election_id.clone());
         self.candidate_ids.push(vote.candidate_id.clone());
@@ -98,22 +92,27 @@ impl BatchColumns {
         (0..self.len() as i32).collect()
     }
 
-    /// The rows the stored UUIDs `inserted` stand for (ascending), and every other row.
+    /// The rows the stored UUIDs `inserted` stand for (the earliest offered row of each,
+    /// ascending), and every other row.
     ///
     /// # Errors
     /// [`DbError::BatchAnswer`] when a UUID is not one this batch offered.
     fn split_inserted(&self, inserted: &[uuid::Uuid]) -> Result<(Vec<i32>, Vec<i32>), DbError> {
+        let mut unclaimed: HashSet<uuid::Uuid> = inserted.iter().copied().collect();
         let mut counted = Vec::with_capacity(inserted.len());
-        for id in inserted {
-            let ord = self.offered.get(id).ok_or_else(|| DbError::BatchAnswer {
-                what: format!("vote {id} was stored but not offered"),
-            })?;
-            counted.push(*ord);
+        let mut rest = Vec::new();
+        for (ord, (id, first)) in self.vote_ids.iter().zip(&self.is_first).enumerate() {
+            if *first && unclaimed.remove(id) {
+                counted.push(ord as i32);
+            } else {
+                rest.push(ord as i32);
+            }
         }
-        counted.sort_unstable();
-        let rest = (0..self.len() as i32)
-            .filter(|i| counted.binary_search(i).is_err())
-            .collect();
+        if let Some(id) = unclaimed.iter().next() {
+            return Err(DbError::BatchAnswer {
+                what: format!("vote {id} was stored but not offered"),
+            });
+        }
         Ok((counted, rest))
     }
 }
