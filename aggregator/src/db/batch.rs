@@ -25,11 +25,13 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use diesel::QueryableByName;
-use diesel::sql_types::{Array, BigInt, Int4, Nullable, Text, Timestamptz, Uuid};
-use diesel_async::{AsyncPgConnection, RunQueryDsl, TransactionManager as _};
+use diesel::sql_types::{Array, BigInt, Int4, Uuid};
+use diesel_async::{
+    AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _, TransactionManager as _,
+};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::batch_sql::{RESOLVE_CONFLICTS_SQL, WriteBatch};
+use super::batch_sql::{Begin, JudgeRest, WriteBatch};
 use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, checkout, tls};
 use crate::error::DbError;
 use crate::vote::Vote;
@@ -231,14 +233,21 @@ async fn write_batch_once(
     type Tm = diesel_async::AnsiTransactionManager;
     let mut conn = checkout(pool, url).await?;
     progress.cancel = Some(conn.cancel_token());
-    // A failure (or a drop on timeout) between BEGIN and the end of COMMIT leaves the
-    // transaction manager "in a transaction", so the pool discards the connection.
-    Tm::begin_transaction(&mut *conn).await?;
-    let written = batch_statements(&mut conn, batch, shard).await;
+    // From BEGIN until COMMIT or ROLLBACK has answered, diesel's transaction manager calls
+    // this session broken: a failure (or a drop on timeout) in between makes the pool
+    // discard it rather than lend out a session with a transaction open. The transaction
+    // is run by hand, not by the manager, so BEGIN can share a flight with the write.
+    Tm::transaction_manager_status_mut(&mut *conn).set_in_error();
+    let written = match begin_and_write(&conn, batch, shard).await {
+        Ok(w) => judge_rest(&mut conn, batch, w).await,
+        Err(e) => Err(e),
+    };
     let (outcome, xid) = match written {
         Ok(w) => w,
         Err(e) => {
-            let _ = Tm::rollback_transaction(&mut *conn).await;
+            if conn.batch_execute("ROLLBACK").await.is_ok() {
+                *Tm::transaction_manager_status_mut(&mut *conn) = Default::default();
+            }
             return Err(e);
         }
     };
@@ -248,26 +257,44 @@ async fn write_batch_once(
             outcome: outcome.clone(),
         });
     }
-    Tm::commit_transaction(&mut *conn).await?;
+    conn.batch_execute("COMMIT").await?;
+    *Tm::transaction_manager_status_mut(&mut *conn) = Default::default();
     progress.commit_sent = None;
     Ok(outcome)
 }
 
-/// The batch's statements inside the open transaction: the write, then (only when some
-/// rows were not inserted) their judgement.
-async fn batch_statements(
-    conn: &mut AsyncPgConnection,
+/// BEGIN and the batch write in one flight (pipelined on the session: both are sent
+/// before the first answer comes back; the server runs them in order).
+///
+/// # Errors
+/// When either fails. If BEGIN failed and the write did not, the write ran on its own and
+/// committed by itself (it is one statement, so its votes, tallies and outbox row went in
+/// together): the batch is not acked, and its retry finds those votes stored.
+async fn begin_and_write(
+    conn: &AsyncPgConnection,
     batch: &BatchColumns,
     shard: i16,
-) -> Result<(BatchOutcome, i64), DbError> {
+) -> Result<WriteResult, DbError> {
     let ords = batch.ords();
-    let written: WriteResult = WriteBatch {
+    let begin = Begin.execute(&mut &*conn);
+    let write = WriteBatch {
         columns: batch,
         ords: &ords,
         shard,
     }
-    .get_result(conn)
-    .await?;
+    .get_result::<WriteResult>(&mut &*conn);
+    let (begun, written) = futures_util::join!(begin, write);
+    begun?;
+    Ok(written?)
+}
+
+/// Inside the open transaction, after the write: judges the rows it did not insert (only
+/// when there are some).
+async fn judge_rest(
+    conn: &mut AsyncPgConnection,
+    batch: &BatchColumns,
+    written: WriteResult,
+) -> Result<(BatchOutcome, i64), DbError> {
     let (counted, rest) = batch.split_inserted(&written.counted)?;
     let mut outcome = BatchOutcome {
         counted,
@@ -275,15 +302,12 @@ async fn batch_statements(
     };
     if !rest.is_empty() {
         let rows = batch.rows(&rest);
-        let judged: ConflictResult = diesel::sql_query(RESOLVE_CONFLICTS_SQL)
-            .bind::<Array<Uuid>, _>(&rows.vote_ids)
-            .bind::<Array<Text>, _>(&rows.election_ids)
-            .bind::<Array<Text>, _>(&rows.candidate_ids)
-            .bind::<Array<Nullable<Text>>, _>(&rows.precinct_ids)
-            .bind::<Array<Timestamptz>, _>(&rows.cast_ats)
-            .bind::<Array<Int4>, _>(&rest)
-            .get_result(conn)
-            .await?;
+        let judged: ConflictResult = JudgeRest {
+            rows: &rows,
+            ords: &rest,
+        }
+        .get_result(conn)
+        .await?;
         if let Some(ord) = judged.missing.iter().min() {
             // Nothing is committed: the transaction is rolled back and the batch retried.
             return Err(DbError::BatchAnswer {

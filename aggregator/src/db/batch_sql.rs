@@ -142,6 +142,63 @@ impl QueryFragment<Pg> for WriteBatch<'_> {
     }
 }
 
+/// [`RESOLVE_CONFLICTS_SQL`] with the rows to judge bound, prepared once per session like
+/// [`WriteBatch`]: unprepared, it would cost a round trip to prepare and a plan for
+/// every batch that has rows to judge.
+pub(super) struct JudgeRest<'a> {
+    /// The rows the write did not insert.
+    pub rows: &'a BatchColumns,
+    /// Their indices in the batch.
+    pub ords: &'a [i32],
+}
+
+impl QueryId for JudgeRest<'_> {
+    type QueryId = JudgeRest<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for JudgeRest<'_> {
+    type SqlType = Untyped;
+}
+
+impl QueryFragment<Pg> for JudgeRest<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let c = self.rows;
+        let mut sql = SqlText(RESOLVE_CONFLICTS_SQL);
+        sql.push_until_bind(&mut out);
+        out.push_bind_param::<Array<Uuid>, _>(&c.vote_ids)?;
+        sql.push_until_bind(&mut out);
+        out.push_bind_param::<Array<Text>, _>(&c.election_ids)?;
+        sql.push_until_bind(&mut out);
+        out.push_bind_param::<Array<Text>, _>(&c.candidate_ids)?;
+        sql.push_until_bind(&mut out);
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&c.precinct_ids)?;
+        sql.push_until_bind(&mut out);
+        out.push_bind_param::<Array<Timestamptz>, _>(&c.cast_ats)?;
+        sql.push_until_bind(&mut out);
+        out.push_bind_param::<Array<Int4>, _>(&self.ords)?;
+        out.push_sql(sql.0);
+        Ok(())
+    }
+}
+
+/// `BEGIN`, as a statement each session prepares once: so it can be sent in the same
+/// flight as [`WriteBatch`] (an unprepared statement would first wait for its own
+/// round trip to prepare, and hold the write behind it).
+pub(super) struct Begin;
+
+impl QueryId for Begin {
+    type QueryId = Begin;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for Begin {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("BEGIN");
+        Ok(())
+    }
+}
+
 /// What is left to push of a constant SQL text whose placeholders `$1`, `$2`, … each
 /// appear once and in order. diesel numbers the binds it pushes the same way, so the
 /// rendered text equals the constant (a test checks it).
