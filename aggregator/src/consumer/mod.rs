@@ -77,6 +77,10 @@ struct Consuming {
     _stop_monitor: DropGuard,
 }
 
+/// Turns of the consume loop between two yields to the runtime: a database answer waits
+/// at most this many deliveries' work (a few microseconds each) before it is read.
+const YIELD_EVERY: u32 = 4;
+
 /// Runs one session until shutdown (clean stop) or until the broker fails.
 ///
 /// # Errors
@@ -158,6 +162,7 @@ async fn consume(
     pipeline: &mut Pipeline,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
+    let mut turns: u32 = 0;
     loop {
         // Start the next commit as soon as a batch is due and the pipeline has room.
         if pipeline.has_room() && pipeline.due() {
@@ -210,10 +215,15 @@ async fn consume(
             _ = tokio::time::sleep_until(deadline), if waits_for_deadline => {}
         }
         // The consumer's stream is not a Tokio resource: with deliveries buffered it is
-        // always ready, and on this one-thread runtime the commit tasks (and the socket
-        // reads that end their COMMITs) would wait until the batch is full. This yields
-        // once Tokio's cooperative budget for this turn is spent.
-        tokio::task::consume_budget().await;
+        // always ready, and on this one-thread runtime the database's answers (read by the
+        // I/O driver, which runs only between tasks) would wait while this loop runs.
+        // `yield_now` resumes this task only after the driver has run and the tasks it
+        // woke (the commits) were polled; Tokio's cooperative budget alone yields only
+        // every 128 steps, which measured as a slower commit pipeline.
+        turns = turns.wrapping_add(1);
+        if turns.is_multiple_of(YIELD_EVERY) {
+            tokio::task::yield_now().await;
+        }
     }
 }
 

@@ -2,18 +2,23 @@
 //! committed or not as a whole; the caller acks the batch's deliveries only after
 //! [`write_batch_attempt`] returned `Ok`.
 //!
-//! For one batch (statements in [`batch_sql`](super::batch_sql)):
+//! For one batch (statements in [`batch_sql`](super::batch_sql), each prepared once per
+//! session):
 //!
-//! 1. ONE statement (prepared once per session; the only one most batches run) inserts the first row of each UUID into
+//! 1. BEGIN, sent in the same flight as the write (pipelined: one round trip for both);
+//! 2. ONE statement (the only one most batches run) inserts the first row of each UUID into
 //!    `votes` in `vote_id` order with `ON CONFLICT (vote_id) DO NOTHING RETURNING`: only
 //!    the returned rows are new; the same statement adds exactly those rows, per
 //!    (election, candidate), to ONE tally shard row each and, one row per election, to
 //!    the results outbox (`results_outbox`, see [`outbox`](super::outbox)), so the event
 //!    announcing them commits or rolls back with them;
-//! 2. only if some rows were not inserted (a UUID stored before, a redelivery, another
+//! 3. only if some rows were not inserted (a UUID stored before, a redelivery, another
 //!    payload of a UUID in the batch), a second statement in the same transaction judges
 //!    them against the stored votes and records conflicts in `vote_conflicts`;
-//! 3. COMMIT.
+//! 4. COMMIT.
+//!
+//! So a batch costs two round trips, three with rows to judge: the transaction is run by
+//! hand ([`txn`](super::txn)), so BEGIN need not wait for its own answer.
 //!
 //! Invariant kept: within a committed transaction, the tally increment for a candidate
 //! equals the number of `votes` rows inserted for it and the increment its outbox event
@@ -26,13 +31,11 @@ use std::time::Duration;
 
 use diesel::QueryableByName;
 use diesel::sql_types::{Array, BigInt, Int4, Uuid};
-use diesel_async::{
-    AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _, TransactionManager as _,
-};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::batch_sql::{Begin, JudgeRest, WriteBatch};
-use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, checkout, tls};
+use super::batch_sql::{JudgeRest, WriteBatch};
+use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, checkout, tls, txn};
 use crate::error::DbError;
 use crate::vote::Vote;
 
@@ -230,24 +233,27 @@ async fn write_batch_once(
     shard: i16,
     progress: &mut Progress,
 ) -> Result<BatchOutcome, DbError> {
-    type Tm = diesel_async::AnsiTransactionManager;
     let mut conn = checkout(pool, url).await?;
     progress.cancel = Some(conn.cancel_token());
-    // From BEGIN until COMMIT or ROLLBACK has answered, diesel's transaction manager calls
-    // this session broken: a failure (or a drop on timeout) in between makes the pool
-    // discard it rather than lend out a session with a transaction open. The transaction
-    // is run by hand, not by the manager, so BEGIN can share a flight with the write.
-    Tm::transaction_manager_status_mut(&mut *conn).set_in_error();
-    let written = match begin_and_write(&conn, batch, shard).await {
+    txn::mark_open(&mut conn);
+    let ords = batch.ords();
+    let write = WriteBatch {
+        columns: batch,
+        ords: &ords,
+        shard,
+    }
+    .get_result::<WriteResult>(&mut &*conn);
+    // If BEGIN failed and the write did not, the write committed on its own (one
+    // statement: votes, tallies and outbox together); the batch is not acked, and its
+    // retry finds those votes stored.
+    let written = match txn::begin_with(&conn, write).await {
         Ok(w) => judge_rest(&mut conn, batch, w).await,
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     };
     let (outcome, xid) = match written {
         Ok(w) => w,
         Err(e) => {
-            if conn.batch_execute("ROLLBACK").await.is_ok() {
-                *Tm::transaction_manager_status_mut(&mut *conn) = Default::default();
-            }
+            txn::rollback(&mut conn).await;
             return Err(e);
         }
     };
@@ -257,35 +263,9 @@ async fn write_batch_once(
             outcome: outcome.clone(),
         });
     }
-    conn.batch_execute("COMMIT").await?;
-    *Tm::transaction_manager_status_mut(&mut *conn) = Default::default();
+    txn::commit(&mut conn).await?;
     progress.commit_sent = None;
     Ok(outcome)
-}
-
-/// BEGIN and the batch write in one flight (pipelined on the session: both are sent
-/// before the first answer comes back; the server runs them in order).
-///
-/// # Errors
-/// When either fails. If BEGIN failed and the write did not, the write ran on its own and
-/// committed by itself (it is one statement, so its votes, tallies and outbox row went in
-/// together): the batch is not acked, and its retry finds those votes stored.
-async fn begin_and_write(
-    conn: &AsyncPgConnection,
-    batch: &BatchColumns,
-    shard: i16,
-) -> Result<WriteResult, DbError> {
-    let ords = batch.ords();
-    let begin = Begin.execute(&mut &*conn);
-    let write = WriteBatch {
-        columns: batch,
-        ords: &ords,
-        shard,
-    }
-    .get_result::<WriteResult>(&mut &*conn);
-    let (begun, written) = futures_util::join!(begin, write);
-    begun?;
-    Ok(written?)
 }
 
 /// Inside the open transaction, after the write: judges the rows it did not insert (only

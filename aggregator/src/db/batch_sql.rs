@@ -1,11 +1,12 @@
-//! The batch write's two statements, and the first one (run for every batch) as a query
-//! each session prepares once and reuses; the second (run only for batches with rows not
-//! inserted) is sent as plain SQL.
+//! The batch write's two statements (the write, run for every batch, and the judging,
+//! run only for batches with rows not inserted), each as a query a session prepares once
+//! and reuses.
 //!
 //! `diesel::sql_query` is never kept in the statement cache (its text could change from
-//! call to call), so PostgreSQL would parse and plan the batch statement for every batch.
-//! [`WriteBatch`] renders one constant text and says so to diesel (a static query id), so
-//! each session prepares it once.
+//! call to call), so PostgreSQL would parse and plan the statement for every batch, after
+//! a round trip of its own to prepare it. [`WriteBatch`] and [`JudgeRest`] render one
+//! constant text each and say so to diesel (a static query id), so each session prepares
+//! them once.
 
 use diesel::QueryResult;
 use diesel::pg::Pg;
@@ -182,23 +183,6 @@ impl QueryFragment<Pg> for JudgeRest<'_> {
     }
 }
 
-/// `BEGIN`, as a statement each session prepares once: so it can be sent in the same
-/// flight as [`WriteBatch`] (an unprepared statement would first wait for its own
-/// round trip to prepare, and hold the write behind it).
-pub(super) struct Begin;
-
-impl QueryId for Begin {
-    type QueryId = Begin;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl QueryFragment<Pg> for Begin {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql("BEGIN");
-        Ok(())
-    }
-}
-
 /// What is left to push of a constant SQL text whose placeholders `$1`, `$2`, … each
 /// appear once and in order. diesel numbers the binds it pushes the same way, so the
 /// rendered text equals the constant (a test checks it).
@@ -229,8 +213,15 @@ mod tests {
     use super::*;
     use crate::vote::Vote;
 
+    /// The text diesel renders for `query`, without the binds it lists after it.
+    fn rendered<Q: QueryFragment<Pg>>(query: &Q) -> String {
+        let rendered = diesel::debug_query::<Pg, _>(query).to_string();
+        let text = rendered.split(" -- binds:").next().unwrap_or_default();
+        text.to_string()
+    }
+
     #[test]
-    fn the_prepared_batch_write_renders_the_constant_text() {
+    fn the_prepared_batch_statements_render_their_constant_texts() {
         let mut columns = BatchColumns::default();
         let vote = Vote {
             vote_id: uuid::Uuid::nil(),
@@ -241,16 +232,20 @@ mod tests {
         };
         columns.push(&vote, true);
         let ords = [0];
-        let query = WriteBatch {
+        let write = WriteBatch {
             columns: &columns,
             ords: &ords,
             shard: 3,
         };
-        let rendered = diesel::debug_query::<Pg, _>(&query).to_string();
-        let text = rendered.split(" -- binds:").next().unwrap_or_default();
-        assert_eq!(text, WRITE_BATCH_SQL);
-        assert!(rendered.contains("binds: ["), "{rendered}");
-        assert_eq!(WriteBatch::query_id(), WriteBatch::query_id());
-        assert!(WriteBatch::query_id().is_some(), "cached under a static id");
+        assert_eq!(rendered(&write), WRITE_BATCH_SQL);
+        let judge = JudgeRest {
+            rows: &columns,
+            ords: &ords,
+        };
+        assert_eq!(rendered(&judge), RESOLVE_CONFLICTS_SQL);
+        for id in [WriteBatch::query_id(), JudgeRest::query_id()] {
+            assert!(id.is_some(), "cached under a static id");
+        }
+        assert_ne!(WriteBatch::query_id(), JudgeRest::query_id());
     }
 }

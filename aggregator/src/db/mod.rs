@@ -28,6 +28,7 @@ mod open_errors;
 pub mod outbox;
 pub mod schema;
 pub mod tls;
+pub mod txn;
 mod verify;
 
 pub use self::batch::{BatchColumns, BatchOutcome, WriteFailure, write_batch, write_batch_attempt};

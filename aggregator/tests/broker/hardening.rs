@@ -545,3 +545,40 @@ async fn an_in_doubt_commit_is_resolved_by_asking_the_server() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_transaction_abandoned_before_commit_never_rides_along_with_the_next_batch()
+-> anyhow::Result<()> {
+    use diesel_async::RunQueryDsl as _;
+    use vote_aggregator::db::txn;
+    let bed = bed().await?;
+    let url = secrecy::SecretString::from(bed.database_url.clone());
+    db::run_migrations(&url).await?;
+    // One session: if the abandoned one were lent out again, the next batch would run
+    // inside its open transaction, and that batch's COMMIT would store its row too.
+    let pool = db::pool(&url, 1, &Default::default());
+    let abandoned = votes::vote("e", "a");
+    {
+        let mut conn = pool.get().await?;
+        txn::mark_open(&mut conn);
+        let insert = diesel::sql_query(format!(
+            "INSERT INTO votes (vote_id, election_id, candidate_id, cast_at) \
+             VALUES ('{}', 'e', 'a', now())",
+            abandoned.vote_id
+        ))
+        .execute(&mut &*conn);
+        txn::begin_with(&conn, insert).await?;
+        // Dropped here, as a timed-out attempt is: no COMMIT, no ROLLBACK.
+    }
+    let next = votes::vote("e", "b");
+    let mut columns = BatchColumns::default();
+    columns.push(&next, true);
+    let outcome = db::write_batch(&pool, &url, &columns, 0).await?;
+    assert_eq!(outcome.counted, vec![0], "the next batch counts its vote");
+    assert_eq!(
+        bed.db().await?.vote_ids().await?,
+        vec![next.vote_id],
+        "only the next batch's vote is stored: the abandoned transaction's row did not ride along"
+    );
+    Ok(())
+}

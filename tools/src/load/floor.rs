@@ -4,7 +4,8 @@
 //! A minimal consumer, in this process: receive with the aggregator's prefetch, decode
 //! each vote with the aggregator's own decoder, write each batch's full rows (the same
 //! columns as `votes`) with one prepared `INSERT … ON CONFLICT (vote_id) DO NOTHING` in one
-//! transaction, COMMIT (fsync on, like the load servers), ack the batch with one
+//! transaction (BEGIN sent in the same flight as the INSERT, as the aggregator does),
+//! COMMIT (fsync on, like the load servers), ack the batch with one
 //! `multiple` ack, with the aggregator's commit pipeline depth (two batches committing
 //! while the next fills; acks strictly in delivery order). Nothing else: no tally, no
 //! conflict judging, no dead-lettering, no metrics, no retries (a failure ends the run).
@@ -19,14 +20,14 @@ use diesel::QueryResult;
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid};
-use diesel_async::{AsyncConnection as _, RunQueryDsl as _};
+use diesel_async::RunQueryDsl as _;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesOrdered;
 use lapin::options::BasicAckOptions;
 use secrecy::SecretString;
 use tokio::task::JoinHandle;
 use vote_aggregator::config::QueueType;
-use vote_aggregator::db::{self, PgPool};
+use vote_aggregator::db::{self, PgPool, txn};
 use vote_aggregator::vote::{self, Vote};
 
 use vote_testkit::workload::Workload;
@@ -182,13 +183,17 @@ async fn ack(
     Ok(inserted)
 }
 
-/// One transaction: the batch's INSERT, then COMMIT. Returns the tag to ack and the rows
-/// inserted (a vote stored before is not inserted again).
+/// One transaction: BEGIN and the batch's INSERT in one flight, then COMMIT, run the way
+/// the aggregator runs its batch transactions (`db::txn`), so the two pay the same round
+/// trips. Returns the tag to ack and the rows inserted (a vote stored before is not
+/// inserted again).
 async fn commit(pool: PgPool, rows: Rows) -> anyhow::Result<(u64, u64)> {
     let mut conn = pool.get().await.context("floor: database connection")?;
-    let inserted = conn
-        .transaction::<_, diesel::result::Error, _>(async |c| Insert(&rows).execute(c).await)
+    txn::mark_open(&mut conn);
+    let insert = Insert(&rows).execute(&mut &*conn);
+    let inserted = txn::begin_with(&conn, insert)
         .await
-        .context("floor: batch transaction")?;
+        .context("floor: batch insert")?;
+    txn::commit(&mut conn).await.context("floor: COMMIT")?;
     Ok((rows.last_tag, inserted as u64))
 }
