@@ -1,12 +1,12 @@
-//! The batch write's two statements (the write, run for every batch, and the judging,
-//! run only for batches with rows not inserted), each as a query a session prepares once
-//! and reuses.
+//! The batch write's two statements, and the first one (run for every batch) as a query
+//! each session prepares once and reuses; the second (run only for batches with rows not
+//! inserted) is sent as plain SQL: prepared, PostgreSQL's generic plan for it measured
+//! slower than planning it for its rows each time.
 //!
 //! `diesel::sql_query` is never kept in the statement cache (its text could change from
-//! call to call), so PostgreSQL would parse and plan the statement for every batch, after
-//! a round trip of its own to prepare it. [`WriteBatch`] and [`JudgeRest`] render one
-//! constant text each and say so to diesel (a static query id), so each session prepares
-//! them once.
+//! call to call), so PostgreSQL would parse and plan the batch statement for every batch.
+//! [`WriteBatch`] renders one constant text and says so to diesel (a static query id), so
+//! each session prepares it once.
 
 use diesel::QueryResult;
 use diesel::pg::Pg;
@@ -143,46 +143,6 @@ impl QueryFragment<Pg> for WriteBatch<'_> {
     }
 }
 
-/// [`RESOLVE_CONFLICTS_SQL`] with the rows to judge bound, prepared once per session like
-/// [`WriteBatch`]: unprepared, it would cost a round trip to prepare and a plan for
-/// every batch that has rows to judge.
-pub(super) struct JudgeRest<'a> {
-    /// The rows the write did not insert.
-    pub rows: &'a BatchColumns,
-    /// Their indices in the batch.
-    pub ords: &'a [i32],
-}
-
-impl QueryId for JudgeRest<'_> {
-    type QueryId = JudgeRest<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl Query for JudgeRest<'_> {
-    type SqlType = Untyped;
-}
-
-impl QueryFragment<Pg> for JudgeRest<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        let c = self.rows;
-        let mut sql = SqlText(RESOLVE_CONFLICTS_SQL);
-        sql.push_until_bind(&mut out);
-        out.push_bind_param::<Array<Uuid>, _>(&c.vote_ids)?;
-        sql.push_until_bind(&mut out);
-        out.push_bind_param::<Array<Text>, _>(&c.election_ids)?;
-        sql.push_until_bind(&mut out);
-        out.push_bind_param::<Array<Text>, _>(&c.candidate_ids)?;
-        sql.push_until_bind(&mut out);
-        out.push_bind_param::<Array<Nullable<Text>>, _>(&c.precinct_ids)?;
-        sql.push_until_bind(&mut out);
-        out.push_bind_param::<Array<Timestamptz>, _>(&c.cast_ats)?;
-        sql.push_until_bind(&mut out);
-        out.push_bind_param::<Array<Int4>, _>(&self.ords)?;
-        out.push_sql(sql.0);
-        Ok(())
-    }
-}
-
 /// What is left to push of a constant SQL text whose placeholders `$1`, `$2`, … each
 /// appear once and in order. diesel numbers the binds it pushes the same way, so the
 /// rendered text equals the constant (a test checks it).
@@ -221,7 +181,7 @@ mod tests {
     }
 
     #[test]
-    fn the_prepared_batch_statements_render_their_constant_texts() {
+    fn the_prepared_batch_write_renders_the_constant_text() {
         let mut columns = BatchColumns::default();
         let vote = Vote {
             vote_id: uuid::Uuid::nil(),
@@ -238,14 +198,6 @@ mod tests {
             shard: 3,
         };
         assert_eq!(rendered(&write), WRITE_BATCH_SQL);
-        let judge = JudgeRest {
-            rows: &columns,
-            ords: &ords,
-        };
-        assert_eq!(rendered(&judge), RESOLVE_CONFLICTS_SQL);
-        for id in [WriteBatch::query_id(), JudgeRest::query_id()] {
-            assert!(id.is_some(), "cached under a static id");
-        }
-        assert_ne!(WriteBatch::query_id(), JudgeRest::query_id());
+        assert!(WriteBatch::query_id().is_some(), "cached under a static id");
     }
 }
