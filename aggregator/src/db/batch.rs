@@ -5,8 +5,8 @@
 //! For one batch (statements in [`batch_sql`](super::batch_sql)):
 //!
 //! 1. BEGIN, sent in the same flight as the write (pipelined: one round trip for both);
-//! 2. ONE statement (prepared once per session; the only one most batches run) inserts the first row of each UUID into
-//!    `votes` in `vote_id` order with `ON CONFLICT (vote_id) DO NOTHING RETURNING`: only
+//! 2. ONE statement (prepared once per session; the only one most batches run) inserts
+//!    the first row of each UUID into `votes` in `vote_id` order with `ON CONFLICT (vote_id) DO NOTHING RETURNING`: only
 //!    the returned rows are new; the same statement adds exactly those rows, per
 //!    (election, candidate), to ONE tally shard row each and, one row per election, to
 //!    the results outbox (`results_outbox`, see [`outbox`](super::outbox)), so the event

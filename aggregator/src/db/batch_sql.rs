@@ -173,13 +173,6 @@ mod tests {
     use super::*;
     use crate::vote::Vote;
 
-    /// The text diesel renders for `query`, without the binds it lists after it.
-    fn rendered<Q: QueryFragment<Pg>>(query: &Q) -> String {
-        let rendered = diesel::debug_query::<Pg, _>(query).to_string();
-        let text = rendered.split(" -- binds:").next().unwrap_or_default();
-        text.to_string()
-    }
-
     #[test]
     fn the_prepared_batch_write_renders_the_constant_text() {
         let mut columns = BatchColumns::default();
@@ -192,12 +185,16 @@ mod tests {
         };
         columns.push(&vote, true);
         let ords = [0];
-        let write = WriteBatch {
+        let query = WriteBatch {
             columns: &columns,
             ords: &ords,
             shard: 3,
         };
-        assert_eq!(rendered(&write), WRITE_BATCH_SQL);
+        let rendered = diesel::debug_query::<Pg, _>(&query).to_string();
+        let text = rendered.split(" -- binds:").next().unwrap_or_default();
+        assert_eq!(text, WRITE_BATCH_SQL);
+        assert!(rendered.contains("binds: ["), "{rendered}");
+        assert_eq!(WriteBatch::query_id(), WriteBatch::query_id());
         assert!(WriteBatch::query_id().is_some(), "cached under a static id");
     }
 }

@@ -219,12 +219,20 @@ async fn readiness_turns_503_while_commits_fail_though_select_1_works() -> anyho
     replica.stop().await
 }
 
-#[tokio::test]
-async fn two_first_rows_of_one_uuid_never_add_two_to_a_tally() -> anyhow::Result<()> {
+/// A fresh bed with the schema applied, its URL, and a pool of ONE batch session (the
+/// batch-write tests call the database layer directly, without a replica).
+async fn migrated_bed_with_one_session()
+-> anyhow::Result<(TestBed, secrecy::SecretString, db::PgPool)> {
     let bed = bed().await?;
     let url = secrecy::SecretString::from(bed.database_url.clone());
     db::run_migrations(&url).await?;
     let pool = db::pool(&url, 1, &Default::default());
+    Ok((bed, url, pool))
+}
+
+#[tokio::test]
+async fn two_first_rows_of_one_uuid_never_add_two_to_a_tally() -> anyhow::Result<()> {
+    let (_bed, url, pool) = migrated_bed_with_one_session().await?;
     let first = votes::vote("e", "a");
     let mut second = first.clone();
     second.candidate_id = "b".into();
@@ -311,10 +319,7 @@ async fn a_dead_letter_copy_does_not_expire() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn reverting_the_schema_refuses_while_votes_are_counted() -> anyhow::Result<()> {
-    let bed = bed().await?;
-    let url = secrecy::SecretString::from(bed.database_url.clone());
-    db::run_migrations(&url).await?;
-    let pool = db::pool(&url, 1, &Default::default());
+    let (bed, url, pool) = migrated_bed_with_one_session().await?;
     let mut columns = BatchColumns::default();
     columns.push(&votes::vote("e", "a"), true);
     db::write_batch(&pool, &url, &columns, 0).await?;
@@ -408,10 +413,7 @@ enum Holder {
 #[tokio::test]
 async fn a_uuid_held_by_an_open_transaction_is_judged_once_that_transaction_ends()
 -> anyhow::Result<()> {
-    let bed = bed().await?;
-    let url = secrecy::SecretString::from(bed.database_url.clone());
-    db::run_migrations(&url).await?;
-    let pool = db::pool(&url, 1, &Default::default());
+    let (bed, url, pool) = migrated_bed_with_one_session().await?;
     let mut watcher = bed.db().await?;
     for holder in [
         Holder::CommitsTheSamePayload,
@@ -481,10 +483,7 @@ async fn a_uuid_held_by_an_open_transaction_is_judged_once_that_transaction_ends
 #[tokio::test]
 async fn an_in_doubt_commit_is_resolved_by_asking_the_server() -> anyhow::Result<()> {
     use vote_aggregator::db::{BatchOutcome, InDoubt, Resolution};
-    let bed = bed().await?;
-    let url = secrecy::SecretString::from(bed.database_url.clone());
-    db::run_migrations(&url).await?;
-    let pool = db::pool(&url, 1, &Default::default());
+    let (bed, url, pool) = migrated_bed_with_one_session().await?;
     let mut db = bed.db().await?;
     // Plays a batch transaction that counted `vote`, returning its id.
     async fn insert(db: &mut vote_testkit::inspect::Db, vote: &Vote) -> anyhow::Result<i64> {
@@ -551,12 +550,9 @@ async fn a_transaction_abandoned_before_commit_never_rides_along_with_the_next_b
 -> anyhow::Result<()> {
     use diesel_async::RunQueryDsl as _;
     use vote_aggregator::db::txn;
-    let bed = bed().await?;
-    let url = secrecy::SecretString::from(bed.database_url.clone());
-    db::run_migrations(&url).await?;
     // One session: if the abandoned one were lent out again, the next batch would run
     // inside its open transaction, and that batch's COMMIT would store its row too.
-    let pool = db::pool(&url, 1, &Default::default());
+    let (bed, url, pool) = migrated_bed_with_one_session().await?;
     let abandoned = votes::vote("e", "a");
     {
         let mut conn = pool.get().await?;
