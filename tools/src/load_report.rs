@@ -165,6 +165,7 @@ pub fn markdown_text(report: &LoadReport, chart: Option<&Path>) -> String {
     if let Some(chart) = chart {
         let _ = writeln!(s, "\nChart: `{}`", chart.display());
     }
+    s.push_str(&cost_against_floor(report));
     let _ = writeln!(s, "\n### Targets\n");
     for line in targets(report) {
         let _ = writeln!(s, "- {line}");
@@ -423,6 +424,59 @@ fn chart(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// Where the aggregator's extra cost over the floor goes: each component's CPU per 1000
+/// votes during the aggregator's drain and during the floor's, and the ratio the totals
+/// alone would give (close to `of floor` when the cores are what bounds both).
+fn cost_against_floor(report: &LoadReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n### CPU per 1000 votes: aggregator against floor\n\nCPU seconds per 1000 counted votes during each drain (the replicas' or the floor consumer's process; the RabbitMQ and PostgreSQL containers). `ratio of totals` = floor total ÷ aggregator total: the share of the floor a CPU-bound run can reach with these costs.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| queue | replicas | batch | consumer | RabbitMQ | PostgreSQL | total | ratio of totals |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let pair = |ours: f64, floor: Option<f64>| match floor {
+        Some(f) => format!("{ours:.4} / {f:.4}"),
+        None => format!("{ours:.4} / n/a"),
+    };
+    for c in &report.configs {
+        let (Some(broker), Some(database)) = (
+            c.drain_broker_cpu_seconds_per_1000_votes,
+            c.drain_database_cpu_seconds_per_1000_votes,
+        ) else {
+            continue;
+        };
+        let ours = c.drain_aggregator_cpu_seconds_per_1000_votes + broker + database;
+        let floor = c
+            .floor_consumer_cpu_seconds_per_1000_votes
+            .zip(c.floor_broker_cpu_seconds_per_1000_votes)
+            .zip(c.floor_database_cpu_seconds_per_1000_votes)
+            .map(|((a, b), d)| a + b + d);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            c.queue_type,
+            c.replicas,
+            c.batch_size,
+            pair(
+                c.drain_aggregator_cpu_seconds_per_1000_votes,
+                c.floor_consumer_cpu_seconds_per_1000_votes
+            ),
+            pair(broker, c.floor_broker_cpu_seconds_per_1000_votes),
+            pair(database, c.floor_database_cpu_seconds_per_1000_votes),
+            pair(ours, floor),
+            floor.map_or_else(|| "n/a".into(), |f| format!("{:.2}", f / ours.max(1e-9)))
+        );
+    }
+    s
 }
 
 /// `ratio_to_floor`, with its range over the rounds when there were several: "0.91 (median

@@ -11,7 +11,9 @@
 //! conflict judging, no dead-lettering, no metrics, no retries (a failure ends the run).
 //!
 //! `ratio_to_floor` = aggregator votes/s ÷ this: how much of the machine's real capacity
-//! for exactly-once ingest the design gives away.
+//! for exactly-once ingest the design gives away. The CPU its drain costs per vote (this
+//! process, RabbitMQ, PostgreSQL) is reported beside the aggregator's: where the extra
+//! cost goes.
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +34,7 @@ use vote_aggregator::vote::{self, Vote};
 
 use vote_testkit::workload::Workload;
 
+use super::measure::{CpuSample, DrainCpu};
 use super::{LoadOptions, Servers, consume, fresh_bed, prefill, stored_rate};
 
 /// The aggregator's commit pipeline depth (`consumer::pipeline`): batches committing at
@@ -106,8 +109,17 @@ impl Rows {
     }
 }
 
-/// Counted votes/s of the floor consumer draining the pre-filled workload (see
-/// [`stored_rate`]).
+/// What the floor achieved.
+pub(super) struct Floor {
+    /// Counted votes/s draining the pre-filled workload (see [`stored_rate`]).
+    pub votes_per_second: f64,
+    /// CPU per 1000 votes over the drain: of this process (the floor consumer: nothing
+    /// else runs in it meanwhile), of RabbitMQ and of PostgreSQL; beside the aggregator's,
+    /// where its extra cost goes.
+    pub cpu: DrainCpu,
+}
+
+/// The floor consumer draining the pre-filled workload.
 ///
 /// # Errors
 /// When a server fails, a body does not decode (the load workload has no malformed
@@ -118,13 +130,15 @@ pub(super) async fn floor(
     queue_type: QueueType,
     batch: usize,
     opts: &LoadOptions,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Floor> {
     let bed = fresh_bed(servers, queue_type).await?;
     let ledger = prefill(&bed, workload, opts).await?;
     let expected = ledger.votes.len() as u64;
     let url = SecretString::from(bed.database_url.clone());
     let pool = db::pool(&url, PIPELINE_DEPTH as u32, &Default::default());
     let (conn, ch, mut consumer) = consume(&bed, batch, opts, "floor").await?;
+    let me = [std::process::id()];
+    let (cpu_at_start, started) = (CpuSample::take(servers, &me), Instant::now());
 
     let mut filling = Rows::default();
     let mut committing: FuturesOrdered<JoinHandle<anyhow::Result<(u64, u64)>>> =
@@ -167,8 +181,16 @@ pub(super) async fn floor(
             anyhow::bail!("floor consumer stalled at {counted}/{expected}");
         }
     }
+    let cpu = CpuSample::take(servers, &me).costs_since(
+        &cpu_at_start,
+        counted,
+        started.elapsed().as_secs_f64(),
+    );
     let _ = conn.close(200, "done".into()).await;
-    stored_rate(&bed).await
+    Ok(Floor {
+        votes_per_second: stored_rate(&bed).await?,
+        cpu,
+    })
 }
 
 /// Acks a committed batch's deliveries with one `multiple` ack; returns the rows it

@@ -87,7 +87,7 @@ pub(super) async fn measure_config(
         progress.set(counted);
         if counted > 0 && first.is_none() {
             first = Some((Instant::now(), counted));
-            cpu_at_first = Some(CpuSample::take(servers, &fleet));
+            cpu_at_first = Some(CpuSample::take(servers, &fleet_pids(&fleet)));
         }
         if counted >= expected {
             let (t, c0) = first.unwrap_or((Instant::now(), 0));
@@ -100,9 +100,11 @@ pub(super) async fn measure_config(
     };
     progress.finish(expected);
     let drain_cpu = match cpu_at_first {
-        Some(start) => {
-            CpuSample::take(servers, &fleet).costs_since(&start, counted_in_window, drain_secs)
-        }
+        Some(start) => CpuSample::take(servers, &fleet_pids(&fleet)).costs_since(
+            &start,
+            counted_in_window,
+            drain_secs,
+        ),
         None => DrainCpu::default(),
     };
     // Throughput from the stored rows, like the floor's (the polls above only find the end
@@ -172,6 +174,9 @@ pub(super) async fn measure_config(
         broker_ceiling_votes_per_second: 0.0,
         db_ceiling_votes_per_second: 0.0,
         floor_votes_per_second: 0.0,
+        floor_consumer_cpu_seconds_per_1000_votes: None,
+        floor_broker_cpu_seconds_per_1000_votes: None,
+        floor_database_cpu_seconds_per_1000_votes: None,
         ratio_to_floor: 0.0,
         ratio_to_broker_ceiling: 0.0,
         ratio_to_db_ceiling: 0.0,
@@ -181,7 +186,7 @@ pub(super) async fn measure_config(
         latency_p99_ms: ms(0.99),
         latency_max_ms: hist.max() as f64 / 1000.0,
         latency_samples: hist.len(),
-        drain_aggregator_cpu_seconds_per_1000_votes: drain_cpu.aggregator,
+        drain_aggregator_cpu_seconds_per_1000_votes: drain_cpu.consumers,
         drain_broker_cpu_seconds_per_1000_votes: drain_cpu.broker,
         drain_database_cpu_seconds_per_1000_votes: drain_cpu.database,
         drain_machine_cpu_share: drain_cpu.machine_share,
@@ -217,32 +222,41 @@ async fn publish_steady(
     publish_messages(&bed.amqp_url, &bed.queue, &originals, &options, ledger).await
 }
 
-/// CPU seconds used so far by the replicas and the two server containers.
-struct CpuSample {
+/// The replica processes' pids.
+fn fleet_pids(fleet: &Fleet) -> Vec<u32> {
+    (0..fleet.len()).filter_map(|i| fleet.pid(i)).collect()
+}
+
+/// CPU seconds used so far by the consumer processes (the replicas, or this process for
+/// the floor) and the two server containers.
+pub(super) struct CpuSample {
     /// (busy, total) clock ticks of the whole machine.
     machine: Option<(u64, u64)>,
-    aggregator: f64,
+    consumers: f64,
     broker: Option<f64>,
     database: Option<f64>,
 }
 
 /// Per-1000-vote CPU costs over a drain.
 #[derive(Default)]
-struct DrainCpu {
-    aggregator: f64,
-    broker: Option<f64>,
-    database: Option<f64>,
+pub(super) struct DrainCpu {
+    /// Of the consumer processes (the replicas, or the floor's).
+    pub consumers: f64,
+    pub broker: Option<f64>,
+    pub database: Option<f64>,
     machine_share: Option<f64>,
     machine_busy: Option<f64>,
     cpu_bound: Option<f64>,
 }
 
 impl CpuSample {
-    fn take(servers: &Servers, fleet: &Fleet) -> Self {
+    /// Now, for the consumer processes `consumers`.
+    pub(super) fn take(servers: &Servers, consumers: &[u32]) -> Self {
         CpuSample {
             machine: procinfo::machine_ticks(),
-            aggregator: (0..fleet.len())
-                .filter_map(|i| fleet.pid(i).and_then(process_cpu_seconds))
+            consumers: consumers
+                .iter()
+                .filter_map(|&pid| process_cpu_seconds(pid))
                 .sum(),
             broker: servers
                 .broker_container_ids()
@@ -253,9 +267,10 @@ impl CpuSample {
         }
     }
 
-    fn costs_since(&self, start: &CpuSample, votes: u64, secs: f64) -> DrainCpu {
+    /// The costs per 1000 of `votes` counted over the `secs` since `start`.
+    pub(super) fn costs_since(&self, start: &CpuSample, votes: u64, secs: f64) -> DrainCpu {
         let per_1000 = |now: f64, then: f64| (now - then) / (votes.max(1) as f64 / 1000.0);
-        let aggregator = per_1000(self.aggregator, start.aggregator);
+        let consumers = per_1000(self.consumers, start.consumers);
         let broker = self.broker.zip(start.broker).map(|(n, t)| per_1000(n, t));
         let database = self
             .database
@@ -264,9 +279,9 @@ impl CpuSample {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1) as f64;
-        let total = broker.zip(database).map(|(b, d)| aggregator + b + d);
+        let total = broker.zip(database).map(|(b, d)| consumers + b + d);
         DrainCpu {
-            aggregator,
+            consumers,
             broker,
             database,
             machine_share: total.map(|t| t * votes as f64 / 1000.0 / (secs.max(0.001) * cores)),

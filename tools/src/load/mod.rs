@@ -177,6 +177,17 @@ pub struct ConfigResult {
     /// Share of the machine's CPU busy during the drain, whoever used it (from
     /// /proc/stat): above the previous figure when other work shares the machine.
     pub drain_machine_busy_share: Option<f64>,
+    /// The floor's drain, CPU seconds per 1000 votes of its consumer (one process, like one
+    /// replica) ...
+    #[serde(default)]
+    pub floor_consumer_cpu_seconds_per_1000_votes: Option<f64>,
+    /// ... of the RabbitMQ container ...
+    #[serde(default)]
+    pub floor_broker_cpu_seconds_per_1000_votes: Option<f64>,
+    /// ... and of the PostgreSQL container: beside the `drain_*` figures, where the
+    /// aggregator's extra cost over the floor goes.
+    #[serde(default)]
+    pub floor_database_cpu_seconds_per_1000_votes: Option<f64>,
     /// What the measured per-vote CPU costs allow on this many cores if nothing else
     /// waited: cores / (CPU seconds per vote, summed over the three). A ceiling for the
     /// whole pipeline on this machine.
@@ -300,7 +311,7 @@ async fn measure_round(
 ) -> anyhow::Result<Vec<ConfigResult>> {
     let mut broker_ceilings: HashMap<(String, usize), f64> = HashMap::new();
     let mut db_ceilings: HashMap<usize, f64> = HashMap::new();
-    let mut floors: HashMap<(String, usize), f64> = HashMap::new();
+    let mut floors: HashMap<(String, usize), floor::Floor> = HashMap::new();
     let mut configs = Vec::new();
     let total = opts.queue_types.len() * opts.batch_sizes.len() * opts.replicas.len();
     let mut n = 0;
@@ -318,8 +329,10 @@ async fn measure_round(
             if !floors.contains_key(&key) {
                 let f = floor(servers, workload, queue_type, batch, opts).await?;
                 eprintln!(
-                    "load: floor {} batch {batch}: {f:.0} votes/s",
-                    queue_type.as_str()
+                    "load: floor {} batch {batch}: {:.0} votes/s · {:.3} CPU s/1000 votes",
+                    queue_type.as_str(),
+                    f.votes_per_second,
+                    f.cpu.consumers
                 );
                 floors.insert(key.clone(), f);
             }
@@ -338,7 +351,11 @@ async fn measure_round(
                     measure_config(servers, workload, queue_type, batch, replicas, opts).await?;
                 r.broker_ceiling_votes_per_second = broker_ceilings[&key];
                 r.db_ceiling_votes_per_second = db_ceilings[&batch];
-                r.floor_votes_per_second = floors[&key];
+                let f = &floors[&key];
+                r.floor_votes_per_second = f.votes_per_second;
+                r.floor_consumer_cpu_seconds_per_1000_votes = Some(f.cpu.consumers);
+                r.floor_broker_cpu_seconds_per_1000_votes = f.cpu.broker;
+                r.floor_database_cpu_seconds_per_1000_votes = f.cpu.database;
                 r.ratio_to_floor = r.votes_per_second / r.floor_votes_per_second.max(1.0);
                 r.ratio_to_floor_range = (r.ratio_to_floor, r.ratio_to_floor);
                 r.ratio_to_broker_ceiling =

@@ -42,6 +42,8 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         assert!(c.cpu_seconds_per_1000_votes > 0.0);
         assert!(!c.limited_by.is_empty());
         assert_eq!(c.rounds, 2, "{c:?}");
+        let floor_consumer = c.floor_consumer_cpu_seconds_per_1000_votes;
+        assert!(floor_consumer.is_some_and(|x| x > 0.0), "{c:?}");
         let (lo, hi) = c.ratio_to_floor_range;
         assert!(lo <= c.ratio_to_floor && c.ratio_to_floor <= hi, "{c:?}");
     }
@@ -64,6 +66,9 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         "ratio_to_floor",
         "rounds",
         "ratio_to_floor_range",
+        "floor_consumer_cpu_seconds_per_1000_votes",
+        "floor_broker_cpu_seconds_per_1000_votes",
+        "floor_database_cpu_seconds_per_1000_votes",
         "latency_p50_ms",
         "latency_p99_ms",
         "cpu_seconds_per_1000_votes",
@@ -74,6 +79,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
     let md = std::fs::read_to_string(&written.markdown)?;
     assert!(md.contains("| classic | 1 | 100 |"), "{md}");
     assert!(md.contains("### Targets"));
+    assert!(md.contains("aggregator against floor"), "{md}");
     assert!(md.contains("(median of 2 rounds: "), "{md}");
     let chart = written
         .chart
