@@ -428,55 +428,67 @@ fn chart(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
 
 /// Where the aggregator's extra cost over the floor goes: each component's CPU per 1000
 /// votes during the aggregator's drain and during the floor's, and the ratio the totals
-/// alone would give (close to `of floor` when the cores are what bounds both).
+/// alone would give (consistent with `of floor` when the cores bound both drains).
 fn cost_against_floor(report: &LoadReport) -> String {
     let mut s = String::new();
+    let _ = writeln!(s, "\n### CPU per 1000 votes: aggregator against floor\n");
     let _ = writeln!(
         s,
-        "\n### CPU per 1000 votes: aggregator against floor\n\nCPU seconds per 1000 counted votes during each drain (the replicas' or the floor consumer's process; the RabbitMQ and PostgreSQL containers). `ratio of totals` = floor total ÷ aggregator total: the share of the floor a CPU-bound run can reach with these costs.\n"
+        "CPU seconds per 1000 counted votes during each drain, aggregator / floor: the \
+         consumer process (the replicas, or the load runner while only the floor consumer \
+         runs in it), the RabbitMQ and the PostgreSQL containers. `ratio of totals` = floor \
+         total ÷ aggregator total: the share of the floor a run bound by the cores can reach \
+         with these costs. `floor busy` = share of the machine busy during the floor's \
+         drain.\n"
     );
     let _ = writeln!(
         s,
-        "| queue | replicas | batch | consumer | RabbitMQ | PostgreSQL | total | ratio of totals |"
+        "| queue | replicas | batch | consumer | RabbitMQ | PostgreSQL | total | ratio of totals | floor busy |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    let pair = |ours: f64, floor: Option<f64>| match floor {
-        Some(f) => format!("{ours:.4} / {f:.4}"),
-        None => format!("{ours:.4} / n/a"),
-    };
     for c in &report.configs {
-        let (Some(broker), Some(database)) = (
-            c.drain_broker_cpu_seconds_per_1000_votes,
-            c.drain_database_cpu_seconds_per_1000_votes,
-        ) else {
-            continue;
-        };
-        let ours = c.drain_aggregator_cpu_seconds_per_1000_votes + broker + database;
-        let floor = c
-            .floor_consumer_cpu_seconds_per_1000_votes
-            .zip(c.floor_broker_cpu_seconds_per_1000_votes)
-            .zip(c.floor_database_cpu_seconds_per_1000_votes)
-            .map(|((a, b), d)| a + b + d);
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            c.queue_type,
-            c.replicas,
-            c.batch_size,
-            pair(
-                c.drain_aggregator_cpu_seconds_per_1000_votes,
-                c.floor_consumer_cpu_seconds_per_1000_votes
-            ),
-            pair(broker, c.floor_broker_cpu_seconds_per_1000_votes),
-            pair(database, c.floor_database_cpu_seconds_per_1000_votes),
-            pair(ours, floor),
-            floor.map_or_else(|| "n/a".into(), |f| format!("{:.2}", f / ours.max(1e-9)))
-        );
+        if let Some(row) = cost_row(c) {
+            let _ = writeln!(s, "{row}");
+        }
     }
     s
+}
+
+/// One configuration's row of [`cost_against_floor`]; `None` when the servers' CPU could
+/// not be read.
+fn cost_row(c: &ConfigResult) -> Option<String> {
+    let broker = c.drain_broker_cpu_seconds_per_1000_votes?;
+    let database = c.drain_database_cpu_seconds_per_1000_votes?;
+    let consumer = c.drain_aggregator_cpu_seconds_per_1000_votes;
+    let aggregator_total = consumer + broker + database;
+    let floor_total = c
+        .floor_consumer_cpu_seconds_per_1000_votes
+        .zip(c.floor_broker_cpu_seconds_per_1000_votes)
+        .zip(c.floor_database_cpu_seconds_per_1000_votes)
+        .map(|((a, b), d)| a + b + d);
+    let aggregator_vs_floor = |aggregator: f64, floor: Option<f64>| match floor {
+        Some(f) => format!("{aggregator:.4} / {f:.4}"),
+        None => format!("{aggregator:.4} / n/a"),
+    };
+    Some(format!(
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        c.queue_type,
+        c.replicas,
+        c.batch_size,
+        aggregator_vs_floor(consumer, c.floor_consumer_cpu_seconds_per_1000_votes),
+        aggregator_vs_floor(broker, c.floor_broker_cpu_seconds_per_1000_votes),
+        aggregator_vs_floor(database, c.floor_database_cpu_seconds_per_1000_votes),
+        aggregator_vs_floor(aggregator_total, floor_total),
+        floor_total.map_or_else(
+            || "n/a".into(),
+            |f| format!("{:.2}", f / aggregator_total.max(1e-9))
+        ),
+        c.floor_machine_busy_share
+            .map_or_else(|| "n/a".into(), |b| format!("{:.0} %", b * 100.0))
+    ))
 }
 
 /// `ratio_to_floor`, with its range over the rounds when there were several: "0.91 (median

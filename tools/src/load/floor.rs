@@ -34,7 +34,7 @@ use vote_aggregator::vote::{self, Vote};
 
 use vote_testkit::workload::Workload;
 
-use super::measure::{CpuSample, DrainCpu};
+use super::cpu::{CpuSample, DrainCpu};
 use super::{LoadOptions, Servers, consume, fresh_bed, prefill, stored_rate};
 
 /// The aggregator's commit pipeline depth (`consumer::pipeline`): batches committing at
@@ -113,10 +113,49 @@ impl Rows {
 pub(super) struct Floor {
     /// Counted votes/s draining the pre-filled workload (see [`stored_rate`]).
     pub votes_per_second: f64,
-    /// CPU per 1000 votes over the drain: of this process (the floor consumer: nothing
-    /// else runs in it meanwhile), of RabbitMQ and of PostgreSQL; beside the aggregator's,
-    /// where its extra cost goes.
+    /// CPU per 1000 votes over the drain, from its first delivery to its last ack: of this
+    /// process, of RabbitMQ and of PostgreSQL.
     pub cpu: DrainCpu,
+    /// `cpu.consumers` when it is the floor consumer's alone: `None` when the test kit's
+    /// proxies (`--via-port-proxy`, `--broker-cluster`) forward traffic in this process.
+    pub consumer_cpu: Option<f64>,
+}
+
+/// The floor's CPU window: opened at its first delivery, closed after its last ack.
+struct CpuWindow<'a> {
+    servers: &'a Servers,
+    runner_pid: [u32; 1],
+    opened: Option<(CpuSample, Instant)>,
+}
+
+impl<'a> CpuWindow<'a> {
+    fn new(servers: &'a Servers) -> Self {
+        CpuWindow {
+            servers,
+            runner_pid: [std::process::id()],
+            opened: None,
+        }
+    }
+
+    /// Opens the window, unless it is open already.
+    fn open_once(&mut self) {
+        if self.opened.is_none() {
+            let sample = CpuSample::take(self.servers, &self.runner_pid);
+            self.opened = Some((sample, Instant::now()));
+        }
+    }
+
+    /// The costs per 1000 of the `votes` counted since the window opened.
+    fn close(self, votes: u64) -> DrainCpu {
+        match &self.opened {
+            Some((start, at)) => CpuSample::take(self.servers, &self.runner_pid).costs_since(
+                start,
+                votes,
+                at.elapsed().as_secs_f64(),
+            ),
+            None => DrainCpu::default(),
+        }
+    }
 }
 
 /// The floor consumer draining the pre-filled workload.
@@ -137,8 +176,7 @@ pub(super) async fn floor(
     let url = SecretString::from(bed.database_url.clone());
     let pool = db::pool(&url, PIPELINE_DEPTH as u32, &Default::default());
     let (conn, ch, mut consumer) = consume(&bed, batch, opts, "floor").await?;
-    let me = [std::process::id()];
-    let (cpu_at_start, started) = (CpuSample::take(servers, &me), Instant::now());
+    let mut cpu_window = CpuWindow::new(servers);
 
     let mut filling = Rows::default();
     let mut committing: FuturesOrdered<JoinHandle<anyhow::Result<(u64, u64)>>> =
@@ -155,6 +193,7 @@ pub(super) async fn floor(
             }
             next = tokio::time::timeout(BATCH_TIMEOUT, consumer.next()) => match next {
                 Ok(Some(delivery)) => {
+                    cpu_window.open_once();
                     let d = delivery?;
                     let v = vote::decode(&d.data).map_err(|r| {
                         anyhow::anyhow!("floor consumer got an undecodable vote: {r:?}")
@@ -181,14 +220,12 @@ pub(super) async fn floor(
             anyhow::bail!("floor consumer stalled at {counted}/{expected}");
         }
     }
-    let cpu = CpuSample::take(servers, &me).costs_since(
-        &cpu_at_start,
-        counted,
-        started.elapsed().as_secs_f64(),
-    );
+    let cpu = cpu_window.close(counted);
     let _ = conn.close(200, "done".into()).await;
+    let proxies_in_process = opts.via_port_proxy || opts.broker_cluster;
     Ok(Floor {
         votes_per_second: stored_rate(&bed).await?,
+        consumer_cpu: (!proxies_in_process).then_some(cpu.consumers),
         cpu,
     })
 }

@@ -1,6 +1,6 @@
 //! Measuring one configuration: drain a pre-filled queue with real replica processes
 //! (capacity), publish at a steady rate (latency), and sample the replicas' and servers'
-//! CPU and memory (cost).
+//! CPU (see [`cpu`](super::cpu)) and memory (cost).
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use vote_testkit::publish::{PublishOptions, publish_messages};
 use vote_testkit::testbed::TestBed;
 use vote_testkit::workload::{Message, Workload};
 
+use super::cpu::{CpuSample, DrainCpu, process_cpu_seconds};
 use super::{ConfigResult, LoadOptions, Servers, fresh_bed, prefill, stored_rate};
 
 /// How often the replicas' metrics are read during a drain: often enough to place the CPU
@@ -177,6 +178,7 @@ pub(super) async fn measure_config(
         floor_consumer_cpu_seconds_per_1000_votes: None,
         floor_broker_cpu_seconds_per_1000_votes: None,
         floor_database_cpu_seconds_per_1000_votes: None,
+        floor_machine_busy_share: None,
         ratio_to_floor: 0.0,
         ratio_to_broker_ceiling: 0.0,
         ratio_to_db_ceiling: 0.0,
@@ -225,94 +227,4 @@ async fn publish_steady(
 /// The replica processes' pids.
 fn fleet_pids(fleet: &Fleet) -> Vec<u32> {
     (0..fleet.len()).filter_map(|i| fleet.pid(i)).collect()
-}
-
-/// CPU seconds used so far by the consumer processes (the replicas, or this process for
-/// the floor) and the two server containers.
-pub(super) struct CpuSample {
-    /// (busy, total) clock ticks of the whole machine.
-    machine: Option<(u64, u64)>,
-    consumers: f64,
-    broker: Option<f64>,
-    database: Option<f64>,
-}
-
-/// Per-1000-vote CPU costs over a drain.
-#[derive(Default)]
-pub(super) struct DrainCpu {
-    /// Of the consumer processes (the replicas, or the floor's).
-    pub consumers: f64,
-    pub broker: Option<f64>,
-    pub database: Option<f64>,
-    machine_share: Option<f64>,
-    machine_busy: Option<f64>,
-    cpu_bound: Option<f64>,
-}
-
-impl CpuSample {
-    /// Now, for the consumer processes `consumers`.
-    pub(super) fn take(servers: &Servers, consumers: &[u32]) -> Self {
-        CpuSample {
-            machine: procinfo::machine_ticks(),
-            consumers: consumers
-                .iter()
-                .filter_map(|&pid| process_cpu_seconds(pid))
-                .sum(),
-            broker: servers
-                .broker_container_ids()
-                .into_iter()
-                .map(container_cpu_seconds)
-                .sum(),
-            database: container_cpu_seconds(servers.pair.postgres_container_id()),
-        }
-    }
-
-    /// The costs per 1000 of `votes` counted over the `secs` since `start`.
-    pub(super) fn costs_since(&self, start: &CpuSample, votes: u64, secs: f64) -> DrainCpu {
-        let per_1000 = |now: f64, then: f64| (now - then) / (votes.max(1) as f64 / 1000.0);
-        let consumers = per_1000(self.consumers, start.consumers);
-        let broker = self.broker.zip(start.broker).map(|(n, t)| per_1000(n, t));
-        let database = self
-            .database
-            .zip(start.database)
-            .map(|(n, t)| per_1000(n, t));
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1) as f64;
-        let total = broker.zip(database).map(|(b, d)| consumers + b + d);
-        DrainCpu {
-            consumers,
-            broker,
-            database,
-            machine_share: total.map(|t| t * votes as f64 / 1000.0 / (secs.max(0.001) * cores)),
-            machine_busy: self.machine.zip(start.machine).and_then(|(n, t)| {
-                let total = n.1.checked_sub(t.1)?;
-                (total > 0).then(|| n.0.saturating_sub(t.0) as f64 / total as f64)
-            }),
-            cpu_bound: total.map(|t| cores * 1000.0 / t.max(1e-9)),
-        }
-    }
-}
-
-/// CPU seconds used by a Docker container so far, from its cgroup (v1 `cpuacct` or v2
-/// `cpu.stat`); `None` when neither can be read (e.g. a remote Docker host).
-fn container_cpu_seconds(id: &str) -> Option<f64> {
-    if let Ok(ns) =
-        std::fs::read_to_string(format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage"))
-    {
-        return ns.trim().parse::<f64>().ok().map(|ns| ns / 1e9);
-    }
-    let stat = std::fs::read_to_string(format!(
-        "/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat"
-    ))
-    .ok()?;
-    stat.lines()
-        .find_map(|l| l.strip_prefix("usage_usec "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|us| us / 1e6)
-}
-
-/// User + system CPU seconds of a live process.
-fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    procinfo::stat(pid).map(|s| s.cpu_seconds)
 }

@@ -39,6 +39,7 @@ use vote_testkit::testbed::TestBed;
 use vote_testkit::workload::{Workload, WorkloadSpec};
 
 mod ceilings;
+mod cpu;
 mod floor;
 mod measure;
 
@@ -177,17 +178,22 @@ pub struct ConfigResult {
     /// Share of the machine's CPU busy during the drain, whoever used it (from
     /// /proc/stat): above the previous figure when other work shares the machine.
     pub drain_machine_busy_share: Option<f64>,
-    /// The floor's drain, CPU seconds per 1000 votes of its consumer (one process, like one
-    /// replica) ...
+    /// During the floor's drain, CPU seconds per 1000 votes of the floor consumer's
+    /// process (the load runner, in which nothing else runs meanwhile; `None` when the
+    /// test kit's proxies run in it too: `--via-port-proxy`, `--broker-cluster`). Beside
+    /// `drain_aggregator_cpu_seconds_per_1000_votes`.
     #[serde(default)]
     pub floor_consumer_cpu_seconds_per_1000_votes: Option<f64>,
-    /// ... of the RabbitMQ container ...
+    /// During the floor's drain, CPU seconds per 1000 votes of the RabbitMQ container(s).
     #[serde(default)]
     pub floor_broker_cpu_seconds_per_1000_votes: Option<f64>,
-    /// ... and of the PostgreSQL container: beside the `drain_*` figures, where the
-    /// aggregator's extra cost over the floor goes.
+    /// During the floor's drain, CPU seconds per 1000 votes of the PostgreSQL container.
     #[serde(default)]
     pub floor_database_cpu_seconds_per_1000_votes: Option<f64>,
+    /// Share of the machine's CPU busy during the floor's drain, whoever used it: near 1
+    /// when the cores bounded the floor too.
+    #[serde(default)]
+    pub floor_machine_busy_share: Option<f64>,
     /// What the measured per-vote CPU costs allow on this many cores if nothing else
     /// waited: cores / (CPU seconds per vote, summed over the three). A ceiling for the
     /// whole pipeline on this machine.
@@ -329,10 +335,9 @@ async fn measure_round(
             if !floors.contains_key(&key) {
                 let f = floor(servers, workload, queue_type, batch, opts).await?;
                 eprintln!(
-                    "load: floor {} batch {batch}: {:.0} votes/s · {:.3} CPU s/1000 votes",
+                    "load: floor {} batch {batch}: {:.0} votes/s",
                     queue_type.as_str(),
-                    f.votes_per_second,
-                    f.cpu.consumers
+                    f.votes_per_second
                 );
                 floors.insert(key.clone(), f);
             }
@@ -353,9 +358,10 @@ async fn measure_round(
                 r.db_ceiling_votes_per_second = db_ceilings[&batch];
                 let f = &floors[&key];
                 r.floor_votes_per_second = f.votes_per_second;
-                r.floor_consumer_cpu_seconds_per_1000_votes = Some(f.cpu.consumers);
+                r.floor_consumer_cpu_seconds_per_1000_votes = f.consumer_cpu;
                 r.floor_broker_cpu_seconds_per_1000_votes = f.cpu.broker;
                 r.floor_database_cpu_seconds_per_1000_votes = f.cpu.database;
+                r.floor_machine_busy_share = f.cpu.machine_busy;
                 r.ratio_to_floor = r.votes_per_second / r.floor_votes_per_second.max(1.0);
                 r.ratio_to_floor_range = (r.ratio_to_floor, r.ratio_to_floor);
                 r.ratio_to_broker_ceiling =

@@ -1,0 +1,107 @@
+//! CPU accounting of a drain: what the consumer processes (the replicas, or the load
+//! runner while only the floor consumer runs in it), the RabbitMQ container(s) and the
+//! PostgreSQL container spent per 1000 counted votes, and the machine's busy share, from
+//! `/proc` and the containers' cgroups. The aggregator's and the floor's drains are
+//! measured the same way, so their costs can be set side by side.
+
+use vote_testkit::procinfo;
+
+use super::Servers;
+
+/// CPU seconds used so far by the consumer processes (the replicas, or this process for
+/// the floor) and the two server containers.
+pub(super) struct CpuSample {
+    /// (busy, total) clock ticks of the whole machine.
+    machine: Option<(u64, u64)>,
+    /// User + system CPU seconds of the consumer processes.
+    consumers: f64,
+    /// CPU seconds of the RabbitMQ container(s); `None` when a cgroup cannot be read.
+    broker: Option<f64>,
+    /// CPU seconds of the PostgreSQL container; `None` when its cgroup cannot be read.
+    database: Option<f64>,
+}
+
+/// Per-1000-vote CPU costs over a drain.
+#[derive(Default)]
+pub(super) struct DrainCpu {
+    /// Of the consumer processes (the replicas, or the floor's).
+    pub consumers: f64,
+    /// Of the RabbitMQ container(s).
+    pub broker: Option<f64>,
+    /// Of the PostgreSQL container.
+    pub database: Option<f64>,
+    /// Share of the machine's CPU (all cores) that the consumers and the servers used.
+    pub machine_share: Option<f64>,
+    /// Share of the machine's CPU busy during the drain, whoever used it.
+    pub machine_busy: Option<f64>,
+    /// Votes/s these costs allow when the cores are the only limit.
+    pub cpu_bound: Option<f64>,
+}
+
+impl CpuSample {
+    /// Now, for the consumer processes `consumers`.
+    pub(super) fn take(servers: &Servers, consumers: &[u32]) -> Self {
+        CpuSample {
+            machine: procinfo::machine_ticks(),
+            consumers: consumers
+                .iter()
+                .filter_map(|&pid| process_cpu_seconds(pid))
+                .sum(),
+            broker: servers
+                .broker_container_ids()
+                .into_iter()
+                .map(container_cpu_seconds)
+                .sum(),
+            database: container_cpu_seconds(servers.pair.postgres_container_id()),
+        }
+    }
+
+    /// The costs per 1000 of `votes` counted over the `secs` since `start`.
+    pub(super) fn costs_since(&self, start: &CpuSample, votes: u64, secs: f64) -> DrainCpu {
+        let per_1000 = |now: f64, then: f64| (now - then) / (votes.max(1) as f64 / 1000.0);
+        let consumers = per_1000(self.consumers, start.consumers);
+        let broker = self.broker.zip(start.broker).map(|(n, t)| per_1000(n, t));
+        let database = self
+            .database
+            .zip(start.database)
+            .map(|(n, t)| per_1000(n, t));
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        let total = broker.zip(database).map(|(b, d)| consumers + b + d);
+        DrainCpu {
+            consumers,
+            broker,
+            database,
+            machine_share: total.map(|t| t * votes as f64 / 1000.0 / (secs.max(0.001) * cores)),
+            machine_busy: self.machine.zip(start.machine).and_then(|(n, t)| {
+                let total = n.1.checked_sub(t.1)?;
+                (total > 0).then(|| n.0.saturating_sub(t.0) as f64 / total as f64)
+            }),
+            cpu_bound: total.map(|t| cores * 1000.0 / t.max(1e-9)),
+        }
+    }
+}
+
+/// CPU seconds used by a Docker container so far, from its cgroup (v1 `cpuacct` or v2
+/// `cpu.stat`); `None` when neither can be read (e.g. a remote Docker host).
+fn container_cpu_seconds(id: &str) -> Option<f64> {
+    if let Ok(ns) =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage"))
+    {
+        return ns.trim().parse::<f64>().ok().map(|ns| ns / 1e9);
+    }
+    let stat = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat"
+    ))
+    .ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|us| us / 1e6)
+}
+
+/// User + system CPU seconds of a live process.
+pub(super) fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    procinfo::stat(pid).map(|s| s.cpu_seconds)
+}
