@@ -71,6 +71,7 @@ pub(super) async fn measure_config(
         })
         .collect();
     let fleet = Fleet::start(FleetOptions::new(&log_dir, base_env)?, specs).await?;
+    let replica_pids: Vec<u32> = (0..fleet.len()).filter_map(|i| fleet.pid(i)).collect();
 
     // Drain: wait until every vote is counted, sampling CPU from the first counted one.
     let progress = Progress::new("draining", expected, opts.progress);
@@ -88,7 +89,7 @@ pub(super) async fn measure_config(
         progress.set(counted);
         if counted > 0 && first.is_none() {
             first = Some((Instant::now(), counted));
-            cpu_at_first = Some(CpuSample::take(servers, &fleet_pids(&fleet)));
+            cpu_at_first = Some(CpuSample::take(servers, &replica_pids));
         }
         if counted >= expected {
             let (t, c0) = first.unwrap_or((Instant::now(), 0));
@@ -101,7 +102,7 @@ pub(super) async fn measure_config(
     };
     progress.finish(expected);
     let drain_cpu = match cpu_at_first {
-        Some(start) => CpuSample::take(servers, &fleet_pids(&fleet)).costs_since(
+        Some(start) => CpuSample::take(servers, &replica_pids).costs_since(
             &start,
             counted_in_window,
             drain_secs,
@@ -155,11 +156,9 @@ pub(super) async fn measure_config(
     // Cost: CPU and peak memory of each replica process.
     let mut cpu = 0.0;
     let mut peak_rss_kib = 0u64;
-    for i in 0..fleet.len() {
-        if let Some(pid) = fleet.pid(i) {
-            cpu += process_cpu_seconds(pid).unwrap_or(0.0);
-            peak_rss_kib = peak_rss_kib.max(procinfo::peak_rss_kib(pid).unwrap_or(0));
-        }
+    for &pid in &replica_pids {
+        cpu += process_cpu_seconds(pid).unwrap_or(0.0);
+        peak_rss_kib = peak_rss_kib.max(procinfo::peak_rss_kib(pid).unwrap_or(0));
     }
     let total_counted: CountRow = diesel::sql_query("SELECT count(*)::bigint AS n FROM votes")
         .get_result(db_view.connection())
@@ -222,9 +221,4 @@ async fn publish_steady(
         ..PublishOptions::default()
     };
     publish_messages(&bed.amqp_url, &bed.queue, &originals, &options, ledger).await
-}
-
-/// The replica processes' pids.
-fn fleet_pids(fleet: &Fleet) -> Vec<u32> {
-    (0..fleet.len()).filter_map(|i| fleet.pid(i)).collect()
 }
