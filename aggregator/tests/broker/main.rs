@@ -398,6 +398,10 @@ async fn two_replicas_with_duplicate_publishes_keep_all_four_invariants() -> any
     );
     a?;
     b?;
+    // The conflicting copies go out only once every original is stored: the first payload
+    // STORED for a UUID is the counted one, and a confirmed original can still sit in the
+    // other replica's uncommitted batch while a later copy is committed.
+    wait_stored(&bed, originals.len() as i64).await?;
     second.publish_votes(&conflicts).await?;
     for i in 0..10 {
         publisher
@@ -407,7 +411,6 @@ async fn two_replicas_with_duplicate_publishes_keep_all_four_invariants() -> any
             )
             .await?;
     }
-    wait_stored(&bed, originals.len() as i64).await?;
     let broker = bed.broker().await?;
     eventually("queue drained", WAIT, async || {
         let m1 = r1.running.metrics();
