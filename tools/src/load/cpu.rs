@@ -4,13 +4,15 @@
 //! `/proc` and the containers' cgroups. The aggregator's and the floor's drains are
 //! measured the same way, so their costs can be set side by side.
 
+use std::time::Instant;
+
 use vote_testkit::procinfo;
 
 use super::Servers;
 
 /// CPU seconds used so far by the consumer processes (the replicas, or this process for
 /// the floor) and the two server containers.
-pub(super) struct CpuSample {
+struct CpuSample {
     /// (busy, total) clock ticks of the whole machine.
     machine: Option<(u64, u64)>,
     /// User + system CPU seconds of the consumer processes.
@@ -40,7 +42,7 @@ pub(super) struct DrainCpu {
 
 impl CpuSample {
     /// Now, for the consumer processes `consumers`.
-    pub(super) fn take(servers: &Servers, consumers: &[u32]) -> Self {
+    fn take(servers: &Servers, consumers: &[u32]) -> Self {
         CpuSample {
             machine: procinfo::machine_ticks(),
             consumers: consumers
@@ -57,7 +59,7 @@ impl CpuSample {
     }
 
     /// The costs per 1000 of `votes` counted over the `secs` since `start`.
-    pub(super) fn costs_since(&self, start: &CpuSample, votes: u64, secs: f64) -> DrainCpu {
+    fn costs_since(&self, start: &CpuSample, votes: u64, secs: f64) -> DrainCpu {
         let per_1000 = |now: f64, then: f64| (now - then) / (votes.max(1) as f64 / 1000.0);
         let consumers = per_1000(self.consumers, start.consumers);
         let broker = self.broker.zip(start.broker).map(|(n, t)| per_1000(n, t));
@@ -79,6 +81,45 @@ impl CpuSample {
                 (total > 0).then(|| n.0.saturating_sub(t.0) as f64 / total as f64)
             }),
             cpu_bound: total.map(|t| cores * 1000.0 / t.max(1e-9)),
+        }
+    }
+}
+
+/// The CPU window of one drain: opened at its first sign of progress, closed at its end.
+pub(super) struct CpuWindow<'a> {
+    servers: &'a Servers,
+    consumers: Vec<u32>,
+    opened: Option<(CpuSample, Instant)>,
+}
+
+impl<'a> CpuWindow<'a> {
+    /// A window for the consumer processes `consumers`, not yet open.
+    pub(super) fn new(servers: &'a Servers, consumers: Vec<u32>) -> Self {
+        CpuWindow {
+            servers,
+            consumers,
+            opened: None,
+        }
+    }
+
+    /// Opens the window, unless it is open already.
+    pub(super) fn open_once(&mut self) {
+        if self.opened.is_none() {
+            let sample = CpuSample::take(self.servers, &self.consumers);
+            self.opened = Some((sample, Instant::now()));
+        }
+    }
+
+    /// The costs per 1000 of the `votes` counted since the window opened (zero when it
+    /// never opened).
+    pub(super) fn close(self, votes: u64) -> DrainCpu {
+        match &self.opened {
+            Some((start, at)) => CpuSample::take(self.servers, &self.consumers).costs_since(
+                start,
+                votes,
+                at.elapsed().as_secs_f64(),
+            ),
+            None => DrainCpu::default(),
         }
     }
 }

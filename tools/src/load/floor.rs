@@ -34,7 +34,7 @@ use vote_aggregator::vote::{self, Vote};
 
 use vote_testkit::workload::Workload;
 
-use super::cpu::{CpuSample, DrainCpu};
+use super::cpu::{CpuWindow, DrainCpu};
 use super::{LoadOptions, Servers, consume, fresh_bed, prefill, stored_rate};
 
 /// The aggregator's commit pipeline depth (`consumer::pipeline`): batches committing at
@@ -121,43 +121,6 @@ pub(super) struct Floor {
     pub consumer_cpu: Option<f64>,
 }
 
-/// The floor's CPU window: opened at its first delivery, closed after its last ack.
-struct CpuWindow<'a> {
-    servers: &'a Servers,
-    runner_pid: [u32; 1],
-    opened: Option<(CpuSample, Instant)>,
-}
-
-impl<'a> CpuWindow<'a> {
-    fn new(servers: &'a Servers) -> Self {
-        CpuWindow {
-            servers,
-            runner_pid: [std::process::id()],
-            opened: None,
-        }
-    }
-
-    /// Opens the window, unless it is open already.
-    fn open_once(&mut self) {
-        if self.opened.is_none() {
-            let sample = CpuSample::take(self.servers, &self.runner_pid);
-            self.opened = Some((sample, Instant::now()));
-        }
-    }
-
-    /// The costs per 1000 of the `votes` counted since the window opened.
-    fn close(self, votes: u64) -> DrainCpu {
-        match &self.opened {
-            Some((start, at)) => CpuSample::take(self.servers, &self.runner_pid).costs_since(
-                start,
-                votes,
-                at.elapsed().as_secs_f64(),
-            ),
-            None => DrainCpu::default(),
-        }
-    }
-}
-
 /// The floor consumer draining the pre-filled workload.
 ///
 /// # Errors
@@ -176,7 +139,8 @@ pub(super) async fn floor(
     let url = SecretString::from(bed.database_url.clone());
     let pool = db::pool(&url, PIPELINE_DEPTH as u32, &Default::default());
     let (conn, ch, mut consumer) = consume(&bed, batch, opts, "floor").await?;
-    let mut cpu_window = CpuWindow::new(servers);
+    // Opened at the first delivery, closed after the last ack; this process is the consumer.
+    let mut cpu_window = CpuWindow::new(servers, vec![std::process::id()]);
 
     let mut filling = Rows::default();
     let mut committing: FuturesOrdered<JoinHandle<anyhow::Result<(u64, u64)>>> =

@@ -19,7 +19,7 @@ use vote_testkit::publish::{PublishOptions, publish_messages};
 use vote_testkit::testbed::TestBed;
 use vote_testkit::workload::{Message, Workload};
 
-use super::cpu::{CpuSample, DrainCpu, process_cpu_seconds};
+use super::cpu::{CpuWindow, process_cpu_seconds};
 use super::{ConfigResult, LoadOptions, Servers, fresh_bed, prefill, stored_rate};
 
 /// How often the replicas' metrics are read during a drain: often enough to place the CPU
@@ -75,10 +75,10 @@ pub(super) async fn measure_config(
 
     // Drain: wait until every vote is counted, sampling CPU from the first counted one.
     let progress = Progress::new("draining", expected, opts.progress);
-    let mut first: Option<(Instant, u64)> = None;
-    let mut cpu_at_first: Option<CpuSample> = None;
+    let mut first_counted: Option<u64> = None;
+    let mut cpu_window = CpuWindow::new(servers, replica_pids.clone());
     let deadline = Instant::now() + Duration::from_secs(600);
-    let (drain_secs, counted_in_window) = loop {
+    let counted_in_window = loop {
         let counted: u64 = fleet
             .scrape_all()
             .await
@@ -87,28 +87,20 @@ pub(super) async fn measure_config(
             .map(|s| s.counted())
             .sum();
         progress.set(counted);
-        if counted > 0 && first.is_none() {
-            first = Some((Instant::now(), counted));
-            cpu_at_first = Some(CpuSample::take(servers, &replica_pids));
+        if counted > 0 && first_counted.is_none() {
+            first_counted = Some(counted);
+            cpu_window.open_once();
         }
         if counted >= expected {
-            let (t, c0) = first.unwrap_or((Instant::now(), 0));
-            break (t.elapsed().as_secs_f64(), counted - c0);
+            break counted - first_counted.unwrap_or(0);
         }
         if Instant::now() > deadline {
             anyhow::bail!("drain did not finish in 10 minutes ({counted}/{expected})");
         }
         tokio::time::sleep(DRAIN_POLL).await;
     };
+    let drain_cpu = cpu_window.close(counted_in_window);
     progress.finish(expected);
-    let drain_cpu = match cpu_at_first {
-        Some(start) => CpuSample::take(servers, &replica_pids).costs_since(
-            &start,
-            counted_in_window,
-            drain_secs,
-        ),
-        None => DrainCpu::default(),
-    };
     // Throughput from the stored rows, like the floor's (the polls above only find the end
     // of the drain and the CPU window).
     let votes_per_second = stored_rate(&bed).await?;
