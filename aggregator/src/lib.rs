@@ -149,6 +149,9 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
             config.db_pool_size,
             &config.db_timeouts,
         ),
+        recent: Arc::new(db::RecentlyStored::new(
+            db::recent::BATCHES_REMEMBERED * config.batch_size,
+        )),
         config: Arc::new(config),
         metrics: metrics.clone(),
     };

@@ -45,7 +45,7 @@ pub(super) fn spawn_commit(
     tokio::spawn(commit(ctx.clone(), batch, session_gone.clone()).in_current_span())
 }
 
-async fn commit(ctx: Ctx, batch: Batch, session_gone: CancellationToken) -> Committed {
+async fn commit(ctx: Ctx, mut batch: Batch, session_gone: CancellationToken) -> Committed {
     let mut backoff = retry_backoff();
     // Set while an earlier attempt's COMMIT has no known outcome.
     let mut in_doubt: Option<db::InDoubt> = None;
@@ -60,6 +60,10 @@ async fn commit(ctx: Ctx, batch: Batch, session_gone: CancellationToken) -> Comm
                 ctx.metrics.commits_failing.set(0);
                 ctx.metrics.set_up(DEP_POSTGRES, true);
                 record_outcome(&ctx.metrics, &batch, &outcome);
+                // Committed: its counted rows are stored for good (`votes` is
+                // append-only), so later copies of them need no judging statement.
+                let columns = std::mem::take(&mut batch.columns);
+                ctx.recent.remember(columns, &outcome.counted);
                 return Committed { batch, done: true };
             }
             Err(error) => {
@@ -118,7 +122,8 @@ async fn attempt(
             db::Resolution::NotCommitted => *in_doubt = None,
         }
     }
-    db::write_batch_attempt(pool, url, &batch.columns, batch.shard, limit)
+    let recent = Some(&*ctx.recent);
+    db::write_batch_attempt(pool, url, &batch.columns, batch.shard, limit, recent)
         .await
         .map_err(|failure| {
             if failure.in_doubt.is_some() {
@@ -166,6 +171,7 @@ fn record_outcome(m: &Metrics, batch: &Batch, outcome: &BatchOutcome) {
         deliveries = batch.deliveries,
         counted = outcome.counted.len(),
         conflicting = outcome.conflicting.len(),
+        known_duplicates = outcome.known_duplicates,
         "batch committed"
     );
 }

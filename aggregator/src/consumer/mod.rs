@@ -46,7 +46,7 @@ use uuid::Uuid;
 use self::pipeline::{Joined, Pipeline};
 use crate::broker::{self, Session};
 use crate::config::Config;
-use crate::db::PgPool;
+use crate::db::{PgPool, RecentlyStored};
 use crate::error::BrokerError;
 use crate::metrics::{DEP_RABBITMQ, Metrics};
 use crate::vote;
@@ -57,6 +57,9 @@ pub(crate) struct Ctx {
     pub config: Arc<Config>,
     pub pool: PgPool,
     pub metrics: Metrics,
+    /// Votes this replica stored recently: their copies are judged duplicates without a
+    /// statement (see [`db::RecentlyStored`](crate::db::RecentlyStored)).
+    pub recent: Arc<RecentlyStored>,
 }
 
 /// How a session ended.

@@ -13,7 +13,10 @@
 //!    announcing them commits or rolls back with them;
 //! 3. only if some rows were not inserted (a UUID stored before, a redelivery, another
 //!    payload of a UUID in the batch), a second statement in the same transaction judges
-//!    them against the stored votes and records conflicts in `vote_conflicts`;
+//!    them against the stored votes and records conflicts in `vote_conflicts`; except
+//!    the rows that are exact copies of votes this process stored itself, recently
+//!    ([`RecentlyStored`]): those are duplicates, and when every such row is one, the
+//!    statement is not sent;
 //! 4. COMMIT.
 //!
 //! So a batch costs two round trips, three with rows to judge: the transaction is run by
@@ -34,6 +37,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::batch_sql::{RESOLVE_CONFLICTS_SQL, WriteBatch};
+use super::recent::RecentlyStored;
 use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, checkout, tls, txn};
 use crate::error::DbError;
 use crate::vote::Vote;
@@ -129,6 +133,9 @@ pub struct BatchOutcome {
     /// Rows whose UUID was already counted with another payload (recorded in
     /// `vote_conflicts`). Every other row is a duplicate of a counted vote.
     pub conflicting: Vec<i32>,
+    /// How many of the duplicate rows were recognised as copies of votes this process
+    /// stored ([`RecentlyStored`]) instead of being judged by the database.
+    pub known_duplicates: usize,
 }
 
 #[derive(QueryableByName)]
@@ -181,11 +188,12 @@ pub async fn write_batch_attempt(
     batch: &BatchColumns,
     shard: i16,
     attempt_timeout: Duration,
+    recent: Option<&RecentlyStored>,
 ) -> Result<BatchOutcome, WriteFailure> {
     let mut progress = Progress::default();
     let attempt = tokio::time::timeout(
         attempt_timeout,
-        write_batch_once(pool, url, batch, shard, &mut progress),
+        write_batch_once(pool, url, batch, shard, recent, &mut progress),
     )
     .await;
     match attempt {
@@ -222,7 +230,7 @@ pub async fn write_batch(
     batch: &BatchColumns,
     shard: i16,
 ) -> Result<BatchOutcome, DbError> {
-    write_batch_once(pool, url, batch, shard, &mut Progress::default()).await
+    write_batch_once(pool, url, batch, shard, None, &mut Progress::default()).await
 }
 
 async fn write_batch_once(
@@ -230,6 +238,7 @@ async fn write_batch_once(
     url: &SecretString,
     batch: &BatchColumns,
     shard: i16,
+    recent: Option<&RecentlyStored>,
     progress: &mut Progress,
 ) -> Result<BatchOutcome, DbError> {
     let mut conn = checkout(pool, url).await?;
@@ -246,7 +255,7 @@ async fn write_batch_once(
     // statement: votes, tallies and outbox together); the batch is not acked, and its
     // retry finds those votes stored.
     let written = match txn::begin_with(&conn, write).await {
-        Ok(w) => judge_rest(&mut conn, batch, w).await,
+        Ok(w) => judge_rest(&mut conn, batch, w, recent).await,
         Err(e) => Err(e.into()),
     };
     let (outcome, xid) = match written {
@@ -268,16 +277,22 @@ async fn write_batch_once(
 }
 
 /// Inside the open transaction, after the write: judges the rows it did not insert (only
-/// when there are some).
+/// when there are some), in the database unless `recent` knows them as duplicates.
 async fn judge_rest(
     conn: &mut AsyncPgConnection,
     batch: &BatchColumns,
     written: WriteResult,
+    recent: Option<&RecentlyStored>,
 ) -> Result<(BatchOutcome, i64), DbError> {
-    let (counted, rest) = batch.split_inserted(&written.counted)?;
+    let (counted, mut rest) = batch.split_inserted(&written.counted)?;
+    let before = rest.len();
+    if let Some(recent) = recent {
+        rest.retain(|&ord| !recent.is_duplicate(batch, ord as usize));
+    }
     let mut outcome = BatchOutcome {
         counted,
         conflicting: Vec::new(),
+        known_duplicates: before - rest.len(),
     };
     if !rest.is_empty() {
         let rows = batch.rows(&rest);

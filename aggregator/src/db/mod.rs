@@ -1,5 +1,6 @@
 //! PostgreSQL: the connection pool, migrations and the batch write; in-doubt COMMIT
-//! resolution (`in_doubt`), the `verify` check ([`verify()`]), TLS ([`tls`]: every
+//! resolution (`in_doubt`), the votes this process stored recently (`recent`, so a batch
+//! can tell their duplicates without asking), the `verify` check ([`verify()`]), TLS ([`tls`]: every
 //! session is opened there) and the schema's state before consuming ([`schema`]: pending
 //! migrations, the runtime role) in submodules.
 //!
@@ -26,6 +27,7 @@ pub mod drift_check;
 mod in_doubt;
 mod open_errors;
 pub mod outbox;
+pub mod recent;
 pub mod schema;
 pub mod tls;
 pub mod txn;
@@ -33,6 +35,7 @@ mod verify;
 
 pub use self::batch::{BatchColumns, BatchOutcome, WriteFailure, write_batch, write_batch_attempt};
 pub use self::in_doubt::{InDoubt, Resolution, resolve_in_doubt};
+pub use self::recent::RecentlyStored;
 pub use self::tls::{PgConnector, SslMode};
 pub use self::verify::{TallyDrift, VerifyReport, verify};
 

@@ -221,7 +221,7 @@ async fn readiness_turns_503_while_commits_fail_though_select_1_works() -> anyho
 
 /// A fresh bed with the schema applied, its URL, and a pool of ONE batch session (the
 /// batch-write tests call the database layer directly, without a replica).
-async fn migrated_bed_with_one_session()
+pub(crate) async fn migrated_bed_with_one_session()
 -> anyhow::Result<(TestBed, secrecy::SecretString, db::PgPool)> {
     let bed = bed().await?;
     let url = secrecy::SecretString::from(bed.database_url.clone());
@@ -504,7 +504,7 @@ async fn an_in_doubt_commit_is_resolved_by_asking_the_server() -> anyhow::Result
         columns.push(vote, true);
         let outcome = BatchOutcome {
             counted: vec![0],
-            conflicting: vec![],
+            ..BatchOutcome::default()
         };
         (columns, InDoubt { xid, outcome })
     };

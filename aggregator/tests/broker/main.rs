@@ -26,6 +26,7 @@ use vote_testkit::votes;
 mod hardening;
 mod monitoring;
 mod nodes;
+mod recent;
 mod results;
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -414,7 +414,8 @@ async fn a_timed_out_batch_is_cancelled_on_the_server_over_tls() -> anyhow::Resu
     for vote in votes::spread(5, &["e"], &["a"]) {
         batch.push(&vote, true);
     }
-    let attempt = db::write_batch_attempt(&pool, &url, &batch, 0, Duration::from_secs(1)).await;
+    let attempt =
+        db::write_batch_attempt(&pool, &url, &batch, 0, Duration::from_secs(1), None).await;
     let failure = attempt.expect_err("the lock is held");
     assert!(
         matches!(
