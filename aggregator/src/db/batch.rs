@@ -285,14 +285,11 @@ async fn judge_rest(
     recent: Option<&RecentlyStored>,
 ) -> Result<(BatchOutcome, i64), DbError> {
     let (counted, mut rest) = batch.split_inserted(&written.counted)?;
-    let before = rest.len();
-    if let Some(recent) = recent {
-        rest.retain(|&ord| !recent.is_duplicate(batch, ord as usize));
-    }
+    let known_duplicates = recent.map_or(0, |r| r.drop_duplicates(batch, &mut rest));
     let mut outcome = BatchOutcome {
         counted,
         conflicting: Vec::new(),
-        known_duplicates: before - rest.len(),
+        known_duplicates,
     };
     if !rest.is_empty() {
         let rows = batch.rows(&rest);
