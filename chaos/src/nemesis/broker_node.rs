@@ -4,13 +4,13 @@
 //! - kill: SIGKILL the node that LEADS the votes queue (the broker is asked which), hold
 //!   it down, start it again;
 //! - partition: disconnect a node from the cluster's network (its clients' port stays)
-//!   until its peers see it gone, hold, reconnect;
+//!   until its peers see it gone and it paused itself, hold, reconnect;
 //! - restart: stop the next node in turn gracefully and start it again, as one step of a
 //!   rolling upgrade (successive strikes walk the nodes round).
 //!
 //! Each is VERIFIED: the container exited (kill, restart) and the two other nodes report
 //! the node not running (all three); for a kill, the queue's leader moved to another
-//! node. Each heals fully before it returns: the node runs, every node sees all three
+//! node; for a partition, the cut node paused itself (`pause_minority`). Each heals fully before it returns: the node runs, every node sees all three
 //! running, and the queue has all three members online with a leader (so the next fault
 //! never strikes a cluster that is still short of a node).
 
@@ -141,18 +141,28 @@ impl BrokerNodeNemesis {
         let t = Instant::now();
         let evidence = async {
             brokers.isolate_node(i).await?;
-            let seen = seen_gone(brokers, i).await;
+            // Both sides must see the partition before it heals: the others see the node
+            // gone, and the node itself pauses (a partition healed before that may leave
+            // the cluster split for good).
+            let seen = match seen_gone(brokers, i).await {
+                Ok(gone) => brokers
+                    .wait_paused(i, SEEN_GONE_TIMEOUT)
+                    .await
+                    .map(|_| (gone, t.elapsed())),
+                Err(e) => Err(e),
+            };
             // Heal even when the partition was not seen, or the cluster stays split.
             if seen.is_ok() {
                 tokio::time::sleep(hold).await;
             }
             let reconnected = brokers.reconnect_node(i).await;
-            let seen = seen?;
+            let (gone, paused) = seen?;
             reconnected?;
             healed(brokers, queue).await?;
             Ok(format!(
-                "{name} cut from the cluster network (its AMQP port kept); the others saw it gone after {:.1}s; reconnected, all 3 running with 3/3 members online {:.1}s after the cut",
-                seen.as_secs_f64(),
+                "{name} cut from the cluster network (its AMQP port kept); the others saw it gone after {:.1}s, it paused itself by {:.1}s; reconnected, all 3 running with 3/3 members online {:.1}s after the cut",
+                gone.as_secs_f64(),
+                paused.as_secs_f64(),
                 t.elapsed().as_secs_f64(),
             ))
         }

@@ -473,6 +473,44 @@ impl BrokerCluster {
         Ok(())
     }
 
+    /// Whether node `i` runs the broker (`rabbitmq-diagnostics check_running`): false
+    /// while it is paused as a minority (its Erlang node up, the broker stopped) or booting.
+    ///
+    /// # Errors
+    /// When the command fails for another reason (Docker, the container not running).
+    pub async fn broker_running(&self, i: usize) -> anyhow::Result<bool> {
+        match self
+            .exec(i, &["rabbitmq-diagnostics", "-q", "check_running"])
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if format!("{e:#}").contains("is not running") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits until node `i`, cut from its peers, has seen them gone and paused itself
+    /// (`pause_minority`); returns how long that took. Its peers may see it gone a few
+    /// seconds before it sees them gone (each side times out the other on its own): a
+    /// partition healed in between is never seen by the minority, which then never
+    /// pauses, and the cluster can stay split for good.
+    ///
+    /// # Errors
+    /// When it still runs the broker after `timeout`, or cannot be asked.
+    pub async fn wait_paused(&self, i: usize, timeout: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        while self.broker_running(i).await? {
+            if started.elapsed() >= timeout {
+                bail!(
+                    "{} still runs the broker {timeout:?} after being cut from its peers",
+                    self.node_name(i)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(started.elapsed())
+    }
+
     /// Waits until `queue` has all [`CLUSTER_NODES`] members online (asked of any node
     /// that answers).
     ///
@@ -550,7 +588,8 @@ impl BrokerCluster {
     }
 
     /// Disconnects node `i` from the cluster's private network: its peers become
-    /// unreachable, its published port stays.
+    /// unreachable, its published port stays. Before reconnecting, wait until both sides
+    /// saw the partition ([`BrokerCluster::wait_paused`]).
     ///
     /// # Errors
     /// When Docker refuses.

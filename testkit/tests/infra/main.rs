@@ -370,7 +370,7 @@ async fn a_finished_or_dropped_test_bed_leaves_no_database_behind() -> anyhow::R
 
 /// Three nodes form one cluster from configuration, the votes queue the service declares
 /// gets a member on every node, and a node cut from the cluster network is seen
-/// unreachable by the others and rejoins when reconnected.
+/// unreachable by the others, pauses itself, and rejoins when reconnected.
 #[tokio::test]
 async fn a_broker_cluster_forms_and_the_votes_queue_lives_on_every_node() -> anyhow::Result<()> {
     let cluster = infra::start_broker_cluster().await?;
@@ -407,6 +407,10 @@ async fn a_broker_cluster_forms_and_the_votes_queue_lives_on_every_node() -> any
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     println!("partition seen after {:?}", cut.elapsed());
+    // The cut node pauses itself (pause_minority); heal only once it did, or the
+    // partition may end before it saw it, and the cluster stay split.
+    cluster.wait_paused(2, Duration::from_secs(60)).await?;
+    println!("node 2 paused after {:?}", cut.elapsed());
     cluster.reconnect_node(2).await?;
     cluster.wait_formed(Duration::from_secs(120)).await?;
     cluster
