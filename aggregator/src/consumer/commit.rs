@@ -25,6 +25,8 @@ pub(super) type CommitTask = tokio::task::JoinHandle<Committed>;
 
 /// A batch after its commit task ended.
 pub(super) struct Committed {
+    /// The batch; after a commit, its columns are empty (moved into the replica's memory
+    /// of recently stored votes).
     pub batch: Batch,
     /// False when the session ended before the batch could be committed (the broker
     /// redelivers its deliveries; nothing may be acked).
@@ -63,7 +65,7 @@ async fn commit(ctx: Ctx, mut batch: Batch, session_gone: CancellationToken) -> 
                 // Committed: its counted rows are stored for good (`votes` is
                 // append-only), so later copies of them need no judging statement.
                 let columns = std::mem::take(&mut batch.columns);
-                ctx.recent.remember(columns, &outcome.counted);
+                ctx.recent.remember(columns, &outcome);
                 return Committed { batch, done: true };
             }
             Err(error) => {
@@ -159,6 +161,8 @@ fn record_outcome(m: &Metrics, batch: &Batch, outcome: &BatchOutcome) {
     }
     m.votes_counted.inc_by(outcome.counted.len() as u64);
     m.votes_conflicting.inc_by(outcome.conflicting.len() as u64);
+    m.duplicates_from_memory
+        .inc_by(outcome.known_duplicates as u64);
     m.votes_duplicate
         .with_label_values(&["true"])
         .inc_by(dup_re);
@@ -171,7 +175,6 @@ fn record_outcome(m: &Metrics, batch: &Batch, outcome: &BatchOutcome) {
         deliveries = batch.deliveries,
         counted = outcome.counted.len(),
         conflicting = outcome.conflicting.len(),
-        known_duplicates = outcome.known_duplicates,
         "batch committed"
     );
 }

@@ -37,7 +37,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::batch_sql::{RESOLVE_CONFLICTS_SQL, WriteBatch};
-use super::recent::RecentlyStored;
+use super::recent::{RecentlyStored, StoreIdentity};
 use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, checkout, tls, txn};
 use crate::error::DbError;
 use crate::vote::Vote;
@@ -136,6 +136,8 @@ pub struct BatchOutcome {
     /// How many of the duplicate rows were recognised as copies of votes this process
     /// stored ([`RecentlyStored`]) instead of being judged by the database.
     pub known_duplicates: usize,
+    /// Which stored state the batch was written to.
+    pub store: StoreIdentity,
 }
 
 #[derive(QueryableByName)]
@@ -144,6 +146,8 @@ struct WriteResult {
     counted: Vec<uuid::Uuid>,
     #[diesel(sql_type = BigInt)]
     xid: i64,
+    #[diesel(sql_type = Text)]
+    store: String,
 }
 
 #[derive(QueryableByName)]
@@ -285,11 +289,13 @@ async fn judge_rest(
     recent: Option<&RecentlyStored>,
 ) -> Result<(BatchOutcome, i64), DbError> {
     let (counted, mut rest) = batch.split_inserted(&written.counted)?;
-    let known_duplicates = recent.map_or(0, |r| r.drop_duplicates(batch, &mut rest));
+    let store = StoreIdentity::new(written.store);
+    let known_duplicates = recent.map_or(0, |r| r.drop_duplicates(&store, batch, &mut rest));
     let mut outcome = BatchOutcome {
         counted,
         conflicting: Vec::new(),
         known_duplicates,
+        store,
     };
     if !rest.is_empty() {
         let rows = batch.rows(&rest);

@@ -17,7 +17,8 @@ use super::batch::BatchColumns;
 
 /// The batch write: inserts the offered rows (the first row of each UUID in the batch)
 /// and, in the same statement, adds exactly the inserted rows to ONE tally shard and to
-/// the results outbox. Returns the UUIDs it inserted and the transaction's id.
+/// the results outbox. Returns the UUIDs it inserted, the transaction's id and which
+/// stored state it wrote to ([`StoreIdentity`](super::StoreIdentity)).
 ///
 /// - Rows go in in `vote_id` order, so two transactions that share a UUID take their row
 ///   locks in the same order and cannot deadlock; `ord` breaks ties, so of two offered
@@ -65,7 +66,8 @@ outbox AS (
     GROUP BY election_id
 )
 SELECT coalesce((SELECT array_agg(vote_id) FROM ins), '{}') AS counted,
-       pg_current_xact_id()::text::bigint AS xid
+       pg_current_xact_id()::text::bigint AS xid,
+       pg_postmaster_start_time()::text || ' votes=' || 'votes'::regclass::oid::text AS store
 "#;
 
 /// Judges the rows the batch write did not insert, against the stored vote of their

@@ -35,7 +35,7 @@ mod verify;
 
 pub use self::batch::{BatchColumns, BatchOutcome, WriteFailure, write_batch, write_batch_attempt};
 pub use self::in_doubt::{InDoubt, Resolution, resolve_in_doubt};
-pub use self::recent::RecentlyStored;
+pub use self::recent::{RecentlyStored, StoreIdentity};
 pub use self::tls::{PgConnector, SslMode};
 pub use self::verify::{TallyDrift, VerifyReport, verify};
 

@@ -12,16 +12,18 @@
 //!
 //! Invariants:
 //! - Only rows of COMMITTED transactions are remembered, and only the ones the database
-//!   reported inserted ([`BatchOutcome::counted`](super::BatchOutcome::counted)).
+//!   reported inserted ([`BatchOutcome::counted`]).
 //! - Memory never decides whether a row is STORED: every row still goes through the
 //!   batch write, and only a row the database refused as already stored is looked up
 //!   here. A vote missing from the database (a restore from an older backup) is
-//!   therefore inserted again, never dropped. Its classification is another matter:
-//!   if the database loses committed rows while the replica runs (a restore without
-//!   stopping the replicas, a failover to a standby that was behind) and then stores
-//!   another payload of a remembered UUID, a copy of the remembered payload is taken
-//!   for a duplicate instead of a conflict. Restart the replicas after a restore or a
-//!   failover.
+//!   therefore inserted again, never dropped.
+//! - Memory is used only for the stored state it was filled from ([`StoreIdentity`]:
+//!   the server's run and the `votes` table, reported by every batch write). Committed
+//!   rows can be lost only across a change of it (a restore from an older backup or a
+//!   failover to a standby that was behind starts another server run; a logical restore
+//!   makes another table), and a batch written to another stored state neither uses nor
+//!   keeps what was remembered before: a copy of a lost vote is judged by the database,
+//!   so another payload stored since is recorded as a conflict.
 //! - Anything not found with an identical payload (another payload: a conflict, which
 //!   must be recorded; a UUID stored by another replica; one forgotten) is judged by the
 //!   database, as before.
@@ -34,13 +36,26 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::BatchColumns;
+use super::{BatchColumns, BatchOutcome};
 
 /// Batches of `BATCH_SIZE` votes a replica remembers (the capacity is this many times
 /// `BATCH_SIZE` votes): the last committed ones, where a publisher's immediate retry or a
 /// batch boundary puts most duplicates. Measured at batch 500, it added about 2 MiB to a
 /// replica's peak RSS; a duplicate that arrives later is judged by the database.
 pub const BATCHES_REMEMBERED: usize = 8;
+
+/// Which stored state a batch write went to: the PostgreSQL server's run (its start time)
+/// and the `votes` table (its OID), as the write statement reports them. Rows committed
+/// under one identity stay stored as long as writes report the same one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreIdentity(String);
+
+impl StoreIdentity {
+    /// The identity as the batch write reported it.
+    pub(super) fn new(reported: String) -> Self {
+        StoreIdentity(reported)
+    }
+}
 
 /// A stored vote's payload (everything but its UUID).
 #[derive(Debug, PartialEq, Eq)]
@@ -53,12 +68,19 @@ struct Payload {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Where every remembered vote was stored (`None`: nothing remembered yet).
+    store: Option<StoreIdentity>,
     by_id: HashMap<Uuid, Payload>,
     /// The UUIDs each remembered batch added, oldest first.
     batches: VecDeque<Vec<Uuid>>,
 }
 
 impl Inner {
+    /// Whether what is remembered was stored in `store`.
+    fn is_of(&self, store: &StoreIdentity) -> bool {
+        self.store.as_ref() == Some(store)
+    }
+
     /// Row `i` of `columns` is remembered with exactly its payload.
     fn holds(&self, columns: &BatchColumns, i: usize) -> bool {
         let Some(stored) = columns.vote_ids.get(i).and_then(|id| self.by_id.get(id)) else {
@@ -103,10 +125,12 @@ impl RecentlyStored {
         self.len() == 0
     }
 
-    /// Remembers the rows `counted` (indices into `columns`) of a batch whose
+    /// Remembers the rows `outcome` counted (indices into `columns`) of a batch whose
     /// transaction COMMITTED, taking their payloads out of `columns` (a committed batch
-    /// needs them no more); forgets the oldest batches beyond the capacity.
-    pub fn remember(&self, mut columns: BatchColumns, counted: &[i32]) {
+    /// needs them no more); forgets the oldest batches beyond the capacity, and
+    /// everything remembered of another stored state than the outcome's.
+    pub fn remember(&self, mut columns: BatchColumns, outcome: &BatchOutcome) {
+        let counted = &outcome.counted;
         let mut added = Vec::with_capacity(counted.len());
         let mut payloads = Vec::with_capacity(counted.len());
         for &ord in counted {
@@ -124,6 +148,12 @@ impl RecentlyStored {
             payloads.push(payload);
         }
         let mut inner = self.lock();
+        if !inner.is_of(&outcome.store) {
+            *inner = Inner {
+                store: Some(outcome.store.clone()),
+                ..Inner::default()
+            };
+        }
         for (&id, payload) in added.iter().zip(payloads) {
             inner.by_id.insert(id, payload);
         }
@@ -137,16 +167,26 @@ impl RecentlyStored {
         }
     }
 
-    /// Whether row `i` of `columns` is known stored with exactly its payload (so it is a
-    /// duplicate of a counted vote).
-    pub fn is_duplicate(&self, columns: &BatchColumns, i: usize) -> bool {
-        self.lock().holds(columns, i)
+    /// Whether row `i` of `columns`, written to `store`, is known stored there with
+    /// exactly its payload (so it is a duplicate of a counted vote).
+    pub fn is_duplicate(&self, store: &StoreIdentity, columns: &BatchColumns, i: usize) -> bool {
+        let inner = self.lock();
+        inner.is_of(store) && inner.holds(columns, i)
     }
 
-    /// Drops from `rows` (indices into `columns`) every row known stored with exactly its
-    /// payload, under one lock; returns how many it dropped.
-    pub fn drop_duplicates(&self, columns: &BatchColumns, rows: &mut Vec<i32>) -> usize {
+    /// Drops from `rows` (indices into `columns`, a batch written to `store`) every row
+    /// known stored there with exactly its payload, under one lock; returns how many it
+    /// dropped. Nothing is dropped when memory was filled from another stored state.
+    pub fn drop_duplicates(
+        &self,
+        store: &StoreIdentity,
+        columns: &BatchColumns,
+        rows: &mut Vec<i32>,
+    ) -> usize {
         let inner = self.lock();
+        if !inner.is_of(store) {
+            return 0;
+        }
         let before = rows.len();
         rows.retain(|&ord| !usize::try_from(ord).is_ok_and(|i| inner.holds(columns, i)));
         before - rows.len()
@@ -184,37 +224,119 @@ mod tests {
         c
     }
 
+    fn store(name: &str) -> StoreIdentity {
+        StoreIdentity::new(name.into())
+    }
+
+    /// What a committed batch written to `at` reported: rows `counted` inserted.
+    fn committed(at: &str, counted: &[i32]) -> BatchOutcome {
+        BatchOutcome {
+            counted: counted.to_vec(),
+            store: store(at),
+            ..BatchOutcome::default()
+        }
+    }
+
     #[test]
     fn a_committed_row_makes_the_same_payload_a_duplicate_and_no_other() {
         let recent = RecentlyStored::new(100);
-        recent.remember(columns(&[vote(1, "alice"), vote(2, "bob")]), &[0]);
-        let later = columns(&[vote(1, "alice"), vote(1, "bob"), vote(2, "bob")]);
-        assert!(recent.is_duplicate(&later, 0), "same UUID and payload");
-        assert!(
-            !recent.is_duplicate(&later, 1),
-            "another payload is a conflict"
+        let stored = vote(1, "alice");
+        recent.remember(
+            columns(&[stored.clone(), vote(2, "bob")]),
+            &committed("s", &[0]),
         );
+        let at = store("s");
+        let copy = columns(std::slice::from_ref(&stored));
+        assert!(recent.is_duplicate(&at, &copy, 0));
         assert!(
-            !recent.is_duplicate(&later, 2),
+            !recent.is_duplicate(&at, &columns(&[vote(2, "bob")]), 0),
             "row 1 of the first batch was not counted by it: not known stored"
         );
-        assert!(!recent.is_duplicate(&later, 9), "no such row");
+        assert!(!recent.is_duplicate(&at, &copy, 9), "no such row");
+
+        // Every field of the payload counts: another value of any one is a conflict.
+        let mut others: Vec<(&str, Vote)> = Vec::new();
+        let mut v = stored.clone();
+        v.election_id = "f".into();
+        others.push(("election", v));
+        let mut v = stored.clone();
+        v.candidate_id = "bob".into();
+        others.push(("candidate", v));
+        let mut v = stored.clone();
+        v.precinct_id = Some("q".into());
+        others.push(("precinct", v));
+        let mut v = stored.clone();
+        v.precinct_id = None;
+        others.push(("no precinct", v));
+        let mut v = stored.clone();
+        v.cast_at += chrono::Duration::microseconds(1);
+        others.push(("cast_at", v));
+        for (field, other) in others {
+            assert!(
+                !recent.is_duplicate(&at, &columns(&[other]), 0),
+                "another {field} is not a duplicate"
+            );
+        }
+    }
+
+    #[test]
+    fn dropping_duplicates_keeps_every_row_memory_cannot_vouch_for() {
+        let recent = RecentlyStored::new(100);
+        recent.remember(
+            columns(&[vote(1, "a"), vote(2, "a")]),
+            &committed("s", &[0, 1]),
+        );
+        let later = columns(&[vote(1, "a"), vote(1, "b"), vote(3, "a"), vote(2, "a")]);
+        let mut rows = vec![0, 1, 2, 3, -1, 99];
+        assert_eq!(recent.drop_duplicates(&store("s"), &later, &mut rows), 2);
+        assert_eq!(rows, vec![1, 2, -1, 99], "order kept, unknown rows kept");
+    }
+
+    #[test]
+    fn memory_of_another_stored_state_is_neither_used_nor_kept() {
+        let recent = RecentlyStored::new(100);
+        recent.remember(columns(&[vote(1, "a")]), &committed("before", &[0]));
+        let copy = columns(&[vote(1, "a")]);
+        assert!(recent.is_duplicate(&store("before"), &copy, 0));
+        let mut rows = vec![0];
+        assert_eq!(
+            recent.drop_duplicates(&store("after"), &copy, &mut rows),
+            0,
+            "a write to another stored state is judged by the database"
+        );
+        assert_eq!(rows, vec![0]);
+
+        recent.remember(columns(&[vote(2, "a")]), &committed("after", &[0]));
+        assert_eq!(recent.len(), 1, "what was remembered before is forgotten");
+        assert!(!recent.is_duplicate(&store("after"), &copy, 0));
+        assert!(recent.is_duplicate(&store("after"), &columns(&[vote(2, "a")]), 0));
+        assert!(
+            !recent.is_duplicate(&store("before"), &columns(&[vote(2, "a")]), 0),
+            "nor is the new memory used for the old state"
+        );
     }
 
     #[test]
     fn the_oldest_batches_are_forgotten_beyond_the_capacity() {
         let recent = RecentlyStored::new(3);
-        recent.remember(columns(&[vote(1, "a"), vote(2, "a")]), &[0, 1]);
-        recent.remember(columns(&[vote(3, "a"), vote(4, "a")]), &[0, 1]);
+        let at = store("s");
+        recent.remember(
+            columns(&[vote(1, "a"), vote(2, "a")]),
+            &committed("s", &[0, 1]),
+        );
+        recent.remember(
+            columns(&[vote(3, "a"), vote(4, "a")]),
+            &committed("s", &[0, 1]),
+        );
         assert_eq!(recent.len(), 2, "the first batch is forgotten whole");
-        assert!(!recent.is_duplicate(&columns(&[vote(1, "a")]), 0));
-        assert!(recent.is_duplicate(&columns(&[vote(4, "a")]), 0));
+        assert!(!recent.is_duplicate(&at, &columns(&[vote(1, "a")]), 0));
+        assert!(recent.is_duplicate(&at, &columns(&[vote(4, "a")]), 0));
         // One batch larger than the capacity is still kept until the next one.
         recent.remember(
             columns(&[vote(5, "a"), vote(6, "a"), vote(7, "a"), vote(8, "a")]),
-            &[0, 1, 2, 3],
+            &committed("s", &[0, 1, 2, 3]),
         );
         assert_eq!(recent.len(), 4);
-        assert!(recent.is_duplicate(&columns(&[vote(8, "a")]), 0));
+        assert!(recent.is_duplicate(&at, &columns(&[vote(8, "a")]), 0));
     }
 }

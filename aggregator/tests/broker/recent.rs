@@ -32,14 +32,18 @@ async fn copies_of_votes_this_process_stored_are_duplicates_without_asking_and_t
     let outcome = db::write_batch_attempt(&pool, &url, &first, 0, limit, Some(&recent)).await;
     let outcome = outcome.map_err(|f| f.error)?;
     assert_eq!(outcome.counted, vec![0, 1, 2]);
-    recent.remember(first, &outcome.counted);
+    recent.remember(first, &outcome);
 
     // Stored by someone else (this process never remembered it).
     let theirs = votes::vote("e", "c");
     db::write_batch(&pool, &url, &columns(&[&theirs]), 1).await?;
     // Remembered, but not in the database (as after a restore from an older backup).
     let lost = votes::vote("e", "a");
-    recent.remember(columns(&[&lost]), &[0]);
+    let lost_outcome = db::BatchOutcome {
+        counted: vec![0],
+        ..outcome.clone()
+    };
+    recent.remember(columns(&[&lost]), &lost_outcome);
 
     let mut conflict = ours[1].clone();
     conflict.candidate_id = "z".into();
@@ -69,4 +73,47 @@ async fn copies_of_votes_this_process_stored_are_duplicates_without_asking_and_t
     assert_eq!((report.votes, report.tallied), (6, 6), "{report:?}");
     assert!(report.drift.is_empty(), "{report:?}");
     Ok(())
+}
+
+/// A replica remembers what it commits: copies of its own votes, published again, are
+/// duplicates judged from memory (and counted as such), while a conflicting copy is still
+/// recorded by the database.
+#[tokio::test]
+async fn a_replica_judges_republished_copies_of_its_own_votes_from_memory() -> anyhow::Result<()> {
+    let bed = bed().await?;
+    let mut config = bed.config("r1");
+    config.batch_size = 50;
+    config.prefetch_count = 100;
+    let replica = Replica::start(config).await?;
+    let publisher = eventually_publisher(&bed).await?;
+    let originals = votes::spread(120, &["e"], &["a", "b"]);
+    publisher.publish_votes(&originals).await?;
+    wait_stored(&bed, originals.len() as i64).await?;
+
+    let conflict = votes::conflicting(&originals[7], "z");
+    publisher.publish_votes(&originals).await?;
+    publisher
+        .publish_votes(std::slice::from_ref(&conflict))
+        .await?;
+    let m = replica.running.metrics().clone();
+    let duplicates = || {
+        ["true", "false"]
+            .iter()
+            .map(|f| m.votes_duplicate.with_label_values(&[f]).get())
+            .sum::<u64>()
+    };
+    eventually("every copy judged", WAIT, async || {
+        Ok(duplicates() == originals.len() as u64 && m.votes_conflicting.get() == 1)
+    })
+    .await?;
+    assert_eq!(
+        m.duplicates_from_memory.get(),
+        originals.len() as u64,
+        "all 120 copies are of votes among its last 8 batches of 50"
+    );
+    assert_eq!(m.votes_counted.get(), originals.len() as u64);
+    let mut db = bed.db().await?;
+    assert_eq!(db.conflicting_ids().await?, vec![conflict.vote_id]);
+    assert_eq!(db.tallies().await?, expected(&originals));
+    replica.stop().await
 }

@@ -11,6 +11,7 @@ use vote_testkit::inspect::{eventually, http_get};
 use vote_testkit::testbed::TestBed;
 use vote_testkit::votes;
 
+mod memory;
 mod retention;
 
 const WAIT: Duration = Duration::from_secs(90);
