@@ -245,10 +245,11 @@ metrics! {
     /// lost ack, "false" for a duplicate publish).
     votes_duplicate: IntCounterVec = VOTES_DUPLICATE_TOTAL "vote_aggregator_votes_duplicate_total",
         Shape::label(&[labels::REDELIVERED]);
-    /// Of `votes_duplicate_total`, the duplicates of votes this replica had itself stored
-    /// recently, recognised from memory without a judging statement (its share of the
-    /// duplicates is how well the memory serves the workload).
-    duplicates_from_memory: IntCounter = DUPLICATES_FROM_MEMORY_TOTAL "vote_aggregator_duplicates_from_memory_total";
+    /// Of `votes_duplicate_total`, the copies of votes this replica had itself stored
+    /// recently, recognised from memory without a judging statement. The rest of the
+    /// duplicates are judged by the database, except copies within one batch (dropped
+    /// before the write, counted in `votes_duplicate_total` only).
+    votes_duplicate_from_memory: IntCounter = VOTES_DUPLICATE_FROM_MEMORY_TOTAL "vote_aggregator_votes_duplicate_from_memory_total";
     /// Votes not counted because their UUID was already counted with another payload;
     /// each is recorded in `vote_conflicts`.
     votes_conflicting: IntCounter = VOTES_CONFLICTING_TOTAL "vote_aggregator_votes_conflicting_total";

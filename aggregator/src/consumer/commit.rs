@@ -161,7 +161,7 @@ fn record_outcome(m: &Metrics, batch: &Batch, outcome: &BatchOutcome) {
     }
     m.votes_counted.inc_by(outcome.counted.len() as u64);
     m.votes_conflicting.inc_by(outcome.conflicting.len() as u64);
-    m.duplicates_from_memory
+    m.votes_duplicate_from_memory
         .inc_by(outcome.known_duplicates as u64);
     m.votes_duplicate
         .with_label_values(&["true"])
@@ -175,6 +175,7 @@ fn record_outcome(m: &Metrics, batch: &Batch, outcome: &BatchOutcome) {
         deliveries = batch.deliveries,
         counted = outcome.counted.len(),
         conflicting = outcome.conflicting.len(),
+        known_duplicates = outcome.known_duplicates,
         "batch committed"
     );
 }

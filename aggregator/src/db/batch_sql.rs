@@ -67,7 +67,11 @@ outbox AS (
 )
 SELECT coalesce((SELECT array_agg(vote_id) FROM ins), '{}') AS counted,
        pg_current_xact_id()::text::bigint AS xid,
-       pg_postmaster_start_time()::text || ' votes=' || 'votes'::regclass::oid::text AS store
+       -- Which stored state this is (see StoreIdentity): the server's run, the
+       -- database, the table; in a form no session setting changes.
+       extract(epoch FROM pg_postmaster_start_time())::text
+         || ' db=' || (SELECT oid FROM pg_database WHERE datname = current_database())::text
+         || ' votes=' || 'votes'::regclass::oid::text AS store
 "#;
 
 /// Judges the rows the batch write did not insert, against the stored vote of their

@@ -18,12 +18,16 @@
 //!   here. A vote missing from the database (a restore from an older backup) is
 //!   therefore inserted again, never dropped.
 //! - Memory is used only for the stored state it was filled from ([`StoreIdentity`]:
-//!   the server's run and the `votes` table, reported by every batch write). Committed
-//!   rows can be lost only across a change of it (a restore from an older backup or a
-//!   failover to a standby that was behind starts another server run; a logical restore
-//!   makes another table), and a batch written to another stored state neither uses nor
-//!   keeps what was remembered before: a copy of a lost vote is judged by the database,
-//!   so another payload stored since is recorded as a conflict.
+//!   the server's run, the database and the `votes` table, reported by every batch
+//!   write), and a batch written to another stored state neither uses nor keeps what was
+//!   remembered before: a copy of a lost vote is judged by the database, so another
+//!   payload stored since is recorded as a conflict. That covers the usual ways
+//!   committed rows get lost: a restore from an older backup or a failover to a standby
+//!   that was behind (another server run), a database restored or swapped in under the
+//!   same name (another database), a table restored by dropping it (another table). It
+//!   does not cover rows deleted from the same table with its triggers disabled (only
+//!   the table's owner can), or reloaded into it: restart the replicas after that, as
+//!   `make restore` does.
 //! - Anything not found with an identical payload (another payload: a conflict, which
 //!   must be recorded; a UUID stored by another replica; one forgotten) is judged by the
 //!   database, as before.
@@ -44,9 +48,10 @@ use super::{BatchColumns, BatchOutcome};
 /// replica's peak RSS; a duplicate that arrives later is judged by the database.
 pub const BATCHES_REMEMBERED: usize = 8;
 
-/// Which stored state a batch write went to: the PostgreSQL server's run (its start time)
-/// and the `votes` table (its OID), as the write statement reports them. Rows committed
-/// under one identity stay stored as long as writes report the same one.
+/// Which stored state a batch write went to: the PostgreSQL server's run (its start
+/// time), the database and the `votes` table (their OIDs), as the write statement reports
+/// them. Rows committed under one identity stay stored as long as writes report the same
+/// one, short of the table's owner deleting rows with its triggers disabled.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreIdentity(String);
 
@@ -153,6 +158,9 @@ impl RecentlyStored {
                 store: Some(outcome.store.clone()),
                 ..Inner::default()
             };
+        }
+        if added.is_empty() {
+            return;
         }
         for (&id, payload) in added.iter().zip(payloads) {
             inner.by_id.insert(id, payload);

@@ -75,6 +75,65 @@ async fn copies_of_votes_this_process_stored_are_duplicates_without_asking_and_t
     Ok(())
 }
 
+/// A database made from a copy of another (`CREATE DATABASE … TEMPLATE`, as when a
+/// restored copy is swapped in under the old name) has the same `votes` table OID on the
+/// same server run: memory filled from the original is not used for the copy, so a copy
+/// of a remembered vote whose UUID the copy stored with another payload is a conflict.
+#[tokio::test]
+async fn memory_of_one_database_is_not_used_for_a_copy_of_it() -> anyhow::Result<()> {
+    let (bed, url, pool) = migrated_bed_with_one_session().await?;
+    let admin_url = infra::shared().await?.admin_database_url();
+    let copy_name = format!("{}_copy", bed.database_name());
+    let mut admin = vote_testkit::inspect::Db::connect(&admin_url).await?;
+    admin
+        .batch_execute(&format!(
+            r#"CREATE DATABASE "{copy_name}" TEMPLATE "{}""#,
+            bed.database_name()
+        ))
+        .await?;
+    let copy_url = secrecy::SecretString::from(format!(
+        "{}/{copy_name}",
+        bed.database_url
+            .rsplit_once('/')
+            .map_or("", |(server, _)| server)
+    ));
+    let copy_pool = db::pool(&copy_url, 1, &Default::default());
+    let checked = async {
+        let limit = Duration::from_secs(10);
+        let recent = RecentlyStored::new(100);
+        let ours = votes::vote("e", "a");
+        let stored =
+            db::write_batch_attempt(&pool, &url, &columns(&[&ours]), 0, limit, Some(&recent))
+                .await
+                .map_err(|f| f.error)?;
+        recent.remember(columns(&[&ours]), &stored);
+
+        let mut other = ours.clone();
+        other.candidate_id = "b".into();
+        db::write_batch(&copy_pool, &copy_url, &columns(&[&other]), 0).await?;
+        let copy = columns(&[&ours]);
+        let judged = db::write_batch_attempt(&copy_pool, &copy_url, &copy, 1, limit, Some(&recent))
+            .await
+            .map_err(|f| f.error)?;
+        assert_ne!(
+            judged.store, stored.store,
+            "another database, another identity"
+        );
+        assert_eq!(
+            (judged.conflicting, judged.known_duplicates),
+            (vec![0], 0),
+            "the copy's own payload of the UUID decides: a conflict"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    drop(copy_pool);
+    admin
+        .batch_execute(&format!(r#"DROP DATABASE "{copy_name}" WITH (FORCE)"#))
+        .await?;
+    checked
+}
+
 /// A replica remembers what it commits: copies of its own votes, published again, are
 /// duplicates judged from memory (and counted as such), while a conflicting copy is still
 /// recorded by the database.
@@ -107,9 +166,9 @@ async fn a_replica_judges_republished_copies_of_its_own_votes_from_memory() -> a
     })
     .await?;
     assert_eq!(
-        m.duplicates_from_memory.get(),
+        m.votes_duplicate_from_memory.get(),
         originals.len() as u64,
-        "all 120 copies are of votes among its last 8 batches of 50"
+        "all 120 copies are of votes it stored, within its memory of 8 × 50 votes"
     );
     assert_eq!(m.votes_counted.get(), originals.len() as u64);
     let mut db = bed.db().await?;

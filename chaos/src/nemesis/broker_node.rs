@@ -10,9 +10,10 @@
 //!
 //! Each is VERIFIED: the container exited (kill, restart) and the two other nodes report
 //! the node not running (all three); for a kill, the queue's leader moved to another
-//! node; for a partition, the cut node paused itself (`pause_minority`). Each heals fully before it returns: the node runs, every node sees all three
-//! running, and the queue has all three members online with a leader (so the next fault
-//! never strikes a cluster that is still short of a node).
+//! node; for a partition, the cut node paused itself (`pause_minority`). Each heals
+//! fully before it returns: the node runs, every node sees all three running, and the
+//! queue has all three members online with a leader (so the next fault never strikes a
+//! cluster that is still short of a node).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -24,8 +25,8 @@ use vote_testkit::infra::BrokerCluster;
 
 use super::{Clock, Fault, FaultKind, between, not_attempted, one_line};
 
-/// How long the others may take to see a node gone (a partition is noticed after about
-/// `net_ticktime`, 10 s on the test cluster).
+/// How long the others may take to see a node gone, and a cut node to pause itself (a
+/// partition is noticed after about `net_ticktime`, 10 s on the test cluster).
 const SEEN_GONE_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// How long a node may take to rejoin and the queue to get its members back.
@@ -129,7 +130,8 @@ impl BrokerNodeNemesis {
         struck(&name, evidence)
     }
 
-    /// Cuts node `i` from the cluster network, verifies its peers see it gone, heals.
+    /// Cuts node `i` from the cluster network, verifies its peers see it gone and it
+    /// paused itself, heals.
     async fn partition(
         &self,
         brokers: &BrokerCluster,
@@ -143,24 +145,28 @@ impl BrokerNodeNemesis {
             brokers.isolate_node(i).await?;
             // Both sides must see the partition before it heals: the others see the node
             // gone, and the node itself pauses (a partition healed before that may leave
-            // the cluster split for good).
-            let seen = match seen_gone(brokers, i).await {
-                Ok(gone) => brokers
-                    .wait_paused(i, SEEN_GONE_TIMEOUT)
-                    .await
-                    .map(|_| (gone, t.elapsed())),
-                Err(e) => Err(e),
-            };
-            // Heal even when the partition was not seen, or the cluster stays split.
+            // the cluster split for good). Both times are from the cut.
+            let seen = async {
+                seen_gone(brokers, i).await?;
+                let gone = t.elapsed();
+                brokers.wait_paused(i, SEEN_GONE_TIMEOUT).await?;
+                anyhow::Ok((gone, t.elapsed()))
+            }
+            .await;
             if seen.is_ok() {
                 tokio::time::sleep(hold).await;
             }
+            // Reconnect and heal fully even when the partition was not seen as expected:
+            // the next fault must never strike a split cluster.
             let reconnected = brokers.reconnect_node(i).await;
+            let rejoined = match reconnected {
+                Ok(()) => healed(brokers, queue).await,
+                Err(e) => Err(e),
+            };
             let (gone, paused) = seen?;
-            reconnected?;
-            healed(brokers, queue).await?;
+            rejoined?;
             Ok(format!(
-                "{name} cut from the cluster network (its AMQP port kept); the others saw it gone after {:.1}s, it paused itself by {:.1}s; reconnected, all 3 running with 3/3 members online {:.1}s after the cut",
+                "{name} cut from the cluster network (its AMQP port kept); the others saw it gone {:.1}s after the cut, it paused itself by {:.1}s; reconnected, all 3 running with 3/3 members online {:.1}s after the cut",
                 gone.as_secs_f64(),
                 paused.as_secs_f64(),
                 t.elapsed().as_secs_f64(),

@@ -56,6 +56,13 @@ pub const CLUSTER_NODES: usize = 3;
 /// Seconds `docker stop` waits for a node's graceful shutdown before SIGKILL.
 const STOP_TIMEOUT_SECS: i32 = 30;
 
+/// How long one `rabbitmq-diagnostics` check inside a node may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What `check_running` says of a reachable node whose broker is stopped (paused or
+/// booting); an unreachable node or a stopped container says something else.
+const NOT_BOOTED: &str = "has not fully booted yet";
+
 /// How long the cluster may take to form, or a node to boot and rejoin.
 const FORM_TIMEOUT: Duration = Duration::from_secs(150);
 
@@ -477,14 +484,23 @@ impl BrokerCluster {
     /// while it is paused as a minority (its Erlang node up, the broker stopped) or booting.
     ///
     /// # Errors
-    /// When the command fails for another reason (Docker, the container not running).
+    /// When the command fails for another reason (Docker, the container or the Erlang
+    /// node not running) or takes longer than 20 s.
     pub async fn broker_running(&self, i: usize) -> anyhow::Result<bool> {
-        match self
-            .exec(i, &["rabbitmq-diagnostics", "-q", "check_running"])
+        let check = self.exec(i, &["rabbitmq-diagnostics", "-q", "check_running"]);
+        let answer = tokio::time::timeout(CHECK_TIMEOUT, check)
             .await
-        {
+            .with_context(|| {
+                format!(
+                    "check_running on {} took over {CHECK_TIMEOUT:?}",
+                    self.node_name(i)
+                )
+            })?;
+        match answer {
             Ok(_) => Ok(true),
-            Err(e) if format!("{e:#}").contains("is not running") => Ok(false),
+            // The one answer of a reachable node whose broker is stopped: "RabbitMQ on
+            // node … is not running or has not fully booted yet".
+            Err(e) if format!("{e:#}").contains(NOT_BOOTED) => Ok(false),
             Err(e) => Err(e),
         }
     }

@@ -394,6 +394,10 @@ async fn a_broker_cluster_forms_and_the_votes_queue_lives_on_every_node() -> any
     assert_eq!(q.leader, Some(cluster.node_name(leader)));
 
     // Cut node 2 from its peers: the others stop seeing it; reconnect: it rejoins.
+    assert!(
+        cluster.broker_running(2).await?,
+        "node 2 runs before the cut"
+    );
     cluster.isolate_node(2).await?;
     let cut = tokio::time::Instant::now();
     loop {
