@@ -31,8 +31,8 @@
 //! - Anything not found with an identical payload (another payload: a conflict, which
 //!   must be recorded; a UUID stored by another replica; one forgotten) is judged by the
 //!   database, as before.
-//! - Bounded: the newest [`RecentlyStored::capacity`] votes, forgotten a whole batch at a
-//!   time, oldest first.
+//! - Bounded: the newest `capacity` votes ([`RecentlyStored::new`]), forgotten a
+//!   whole batch at a time, oldest first.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -115,21 +115,6 @@ impl RecentlyStored {
         }
     }
 
-    /// How many votes it keeps.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Votes remembered now.
-    pub fn len(&self) -> usize {
-        self.lock().by_id.len()
-    }
-
-    /// Whether nothing is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Remembers the rows `outcome` counted (indices into `columns`) of a batch whose
     /// transaction COMMITTED, taking their payloads out of `columns` (a committed batch
     /// needs them no more); forgets the oldest batches beyond the capacity, and
@@ -175,13 +160,6 @@ impl RecentlyStored {
         }
     }
 
-    /// Whether row `i` of `columns`, written to `store`, is known stored there with
-    /// exactly its payload (so it is a duplicate of a counted vote).
-    pub fn is_duplicate(&self, store: &StoreIdentity, columns: &BatchColumns, i: usize) -> bool {
-        let inner = self.lock();
-        inner.is_of(store) && inner.holds(columns, i)
-    }
-
     /// Drops from `rows` (indices into `columns`, a batch written to `store`) every row
     /// known stored there with exactly its payload, under one lock; returns how many it
     /// dropped. Nothing is dropped when memory was filled from another stored state.
@@ -198,6 +176,20 @@ impl RecentlyStored {
         let before = rows.len();
         rows.retain(|&ord| !usize::try_from(ord).is_ok_and(|i| inner.holds(columns, i)));
         before - rows.len()
+    }
+
+    /// Votes remembered now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().by_id.len()
+    }
+
+    /// Whether row `i` of `columns`, written to `store`, is known stored there with
+    /// exactly its payload (so it is a duplicate of a counted vote).
+    #[cfg(test)]
+    fn is_duplicate(&self, store: &StoreIdentity, columns: &BatchColumns, i: usize) -> bool {
+        let inner = self.lock();
+        inner.is_of(store) && inner.holds(columns, i)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use secrecy::ExposeSecret as _;
+
 use vote_aggregator::db::RecentlyStored;
 
 use super::hardening::migrated_bed_with_one_session;
@@ -82,21 +84,8 @@ async fn copies_of_votes_this_process_stored_are_duplicates_without_asking_and_t
 #[tokio::test]
 async fn memory_of_one_database_is_not_used_for_a_copy_of_it() -> anyhow::Result<()> {
     let (bed, url, pool) = migrated_bed_with_one_session().await?;
-    let admin_url = infra::shared().await?.admin_database_url();
-    let copy_name = format!("{}_copy", bed.database_name());
-    let mut admin = vote_testkit::inspect::Db::connect(&admin_url).await?;
-    admin
-        .batch_execute(&format!(
-            r#"CREATE DATABASE "{copy_name}" TEMPLATE "{}""#,
-            bed.database_name()
-        ))
-        .await?;
-    let copy_url = secrecy::SecretString::from(format!(
-        "{}/{copy_name}",
-        bed.database_url
-            .rsplit_once('/')
-            .map_or("", |(server, _)| server)
-    ));
+    let servers = infra::shared().await?;
+    let copy_url = secrecy::SecretString::from(servers.copy_database(&bed.database_url).await?);
     let copy_pool = db::pool(&copy_url, 1, &Default::default());
     let checked = async {
         let limit = Duration::from_secs(10);
@@ -128,9 +117,7 @@ async fn memory_of_one_database_is_not_used_for_a_copy_of_it() -> anyhow::Result
     }
     .await;
     drop(copy_pool);
-    admin
-        .batch_execute(&format!(r#"DROP DATABASE "{copy_name}" WITH (FORCE)"#))
-        .await?;
+    servers.drop_database(copy_url.expose_secret()).await?;
     checked
 }
 

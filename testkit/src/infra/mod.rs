@@ -171,13 +171,31 @@ impl Infra {
     /// are run. The caller drops it with [`Infra::drop_database`] (a
     /// [`crate::testbed::TestBed`] does so itself); leftovers go away with the container.
     pub async fn fresh_database(&self) -> anyhow::Result<String> {
+        self.create_database("").await
+    }
+
+    /// Creates a database `votes_test_<random>` as a copy of `template` (the URL or name
+    /// of one made by [`Infra::fresh_database`], with no session connected to it), as
+    /// `CREATE DATABASE … TEMPLATE` copies it: the same schema, rows and object ids.
+    /// Returns its URL; drop it like a fresh one.
+    ///
+    /// # Errors
+    /// When `template` is not a database `fresh_database` makes, or PostgreSQL refuses
+    /// (a session still connected to the template).
+    pub async fn copy_database(&self, template: &str) -> anyhow::Result<String> {
+        let template = made_by_fresh_database(template)?;
+        self.create_database(&format!(" TEMPLATE {template}")).await
+    }
+
+    /// `CREATE DATABASE votes_test_<random><options>`; returns its URL.
+    async fn create_database(&self, options: &str) -> anyhow::Result<String> {
         use diesel_async::RunQueryDsl as _;
         let name = format!("votes_test_{:016x}", rand::random::<u64>());
         let mut conn = self.admin_connection().await?;
-        diesel::sql_query(format!("CREATE DATABASE {name}"))
+        diesel::sql_query(format!("CREATE DATABASE {name}{options}"))
             .execute(&mut conn)
             .await
-            .with_context(|| format!("CREATE DATABASE {name} on {}", self.postgres))?;
+            .with_context(|| format!("CREATE DATABASE {name}{options} on {}", self.postgres))?;
         let mut url = self.admin_url.clone();
         url.set_path(&format!("/{name}"));
         Ok(url.to_string())
@@ -247,17 +265,27 @@ pub struct ContainerState {
     pub exit_code: i64,
 }
 
-/// [`Infra::drop_database`] without an [`Infra`]: `admin_url` is its admin URL.
-pub(crate) async fn drop_database(admin_url: &str, url_or_name: &str) -> anyhow::Result<()> {
-    use diesel_async::RunQueryDsl as _;
+/// The database name in `url_or_name` (its last path segment), if it is one
+/// [`Infra::fresh_database`] makes: only such names go into SQL, unquoted.
+///
+/// # Errors
+/// When it is any other name.
+fn made_by_fresh_database(url_or_name: &str) -> anyhow::Result<&str> {
     let name = url_or_name.rsplit('/').next().unwrap_or_default();
-    // Only names `fresh_database` makes: the name goes into SQL unquoted.
     let well_formed = name
         .strip_prefix("votes_test_")
         .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_hexdigit()));
-    if !well_formed {
-        anyhow::bail!("refusing to drop `{name}`: not a database made by fresh_database");
-    }
+    anyhow::ensure!(
+        well_formed,
+        "`{name}` is not a database made by fresh_database"
+    );
+    Ok(name)
+}
+
+/// [`Infra::drop_database`] without an [`Infra`]: `admin_url` is its admin URL.
+pub(crate) async fn drop_database(admin_url: &str, url_or_name: &str) -> anyhow::Result<()> {
+    use diesel_async::RunQueryDsl as _;
+    let name = made_by_fresh_database(url_or_name).context("refusing to drop it")?;
     let mut conn = AsyncPgConnection::establish(admin_url)
         .await
         .with_context(|| format!("connecting to PostgreSQL to drop {name}"))?;
