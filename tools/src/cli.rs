@@ -180,6 +180,12 @@ struct LoadArgs {
     /// (the old data path) instead of the host network: to show what it costs.
     #[arg(long)]
     via_port_proxy: bool,
+    /// Also measure a second floor that writes each batch with the aggregator's own batch
+    /// write (tally, results outbox, conflict judging, memory of recent votes) instead of
+    /// the bare INSERT: splits the gap to the floor into that write and the replica's
+    /// process.
+    #[arg(long)]
+    floor_with_aggregator_write: bool,
     /// Measure the whole matrix (ceilings, floor, configurations) this many times, one
     /// round after the other; each configuration reports the round with its median ratio
     /// to the floor, and the range over the rounds.
@@ -370,6 +376,7 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
         seed: seed(args.seed),
         progress: true,
         via_port_proxy: args.via_port_proxy,
+        floor_with_aggregator_write: args.floor_with_aggregator_write,
         rounds: args.rounds as usize,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");

@@ -10,7 +10,7 @@ use anyhow::Context;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use plotters::prelude::*;
 
-use crate::load::{ConfigResult, LoadReport};
+use crate::load::{ConfigResult, LoadReport, WriteFloor};
 
 /// One replica at batch 500 must reach this share of the floor measured in the same run.
 pub const FLOOR_TARGET: f64 = 0.90;
@@ -166,6 +166,7 @@ pub fn markdown_text(report: &LoadReport, chart: Option<&Path>) -> String {
         let _ = writeln!(s, "\nChart: `{}`", chart.display());
     }
     s.push_str(&cost_against_floor(report));
+    s.push_str(&gap_split(report));
     let _ = writeln!(s, "\n### Targets\n");
     for line in targets(report) {
         let _ = writeln!(s, "- {line}");
@@ -489,6 +490,82 @@ fn cost_row(c: &ConfigResult) -> Option<String> {
         c.floor_machine_busy_share
             .map_or_else(|| "n/a".into(), |b| format!("{:.0} %", b * 100.0))
     ))
+}
+
+/// With `--floor-with-aggregator-write`: the gap to the floor split into what the
+/// aggregator's batch write costs (bare floor against the floor that uses that write) and
+/// what the replica's process costs beyond it (that floor against the aggregator), with
+/// each drain's CPU per 1000 votes. Empty without that floor.
+fn gap_split(report: &LoadReport) -> String {
+    let rows: Vec<String> = report
+        .configs
+        .iter()
+        .filter_map(|c| Some(split_row(c, c.floor_with_aggregator_write.as_ref()?)))
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n### The gap split: the aggregator's batch write, then the replica's process\n"
+    );
+    let _ = writeln!(
+        s,
+        "`with write` = a second floor, measured in the same round: the floor consumer \
+         writing each batch with the aggregator's own batch write (tally, results outbox, \
+         conflict judging, memory of recent votes) instead of the bare INSERT. `write` = \
+         its votes/s ÷ the floor's (what that write costs), `process` = the aggregator's \
+         ÷ its (what the replica's process costs beyond the write: consume loop, metrics, \
+         results relay, one thread); their product is `of floor`. CPU ms per 1000 votes \
+         during each drain, floor / with write / aggregator.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| queue | replicas | batch | floor | with write | aggregator | write | process | consumer CPU | RabbitMQ CPU | PostgreSQL CPU |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for row in rows {
+        let _ = writeln!(s, "{row}");
+    }
+    s
+}
+
+/// One configuration's row of [`gap_split`].
+fn split_row(c: &ConfigResult, w: &WriteFloor) -> String {
+    let ms = |x: Option<f64>| x.map_or_else(|| "n/a".to_string(), |v| format!("{:.1}", v * 1000.0));
+    let three = |floor: Option<f64>, with_write: Option<f64>, aggregator: Option<f64>| {
+        format!("{} / {} / {}", ms(floor), ms(with_write), ms(aggregator))
+    };
+    format!(
+        "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+        c.queue_type,
+        c.replicas,
+        c.batch_size,
+        c.floor_votes_per_second,
+        w.votes_per_second,
+        c.votes_per_second,
+        w.votes_per_second / c.floor_votes_per_second.max(1.0),
+        c.votes_per_second / w.votes_per_second.max(1.0),
+        three(
+            c.floor_consumer_cpu_seconds_per_1000_votes,
+            w.consumer_cpu_seconds_per_1000_votes,
+            Some(c.drain_aggregator_cpu_seconds_per_1000_votes)
+        ),
+        three(
+            c.floor_broker_cpu_seconds_per_1000_votes,
+            w.broker_cpu_seconds_per_1000_votes,
+            c.drain_broker_cpu_seconds_per_1000_votes
+        ),
+        three(
+            c.floor_database_cpu_seconds_per_1000_votes,
+            w.database_cpu_seconds_per_1000_votes,
+            c.drain_database_cpu_seconds_per_1000_votes
+        ),
+    )
 }
 
 /// `ratio_to_floor`, with its range over the rounds when there were several: "0.91 (median

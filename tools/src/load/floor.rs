@@ -11,10 +11,19 @@
 //! conflict judging, no dead-lettering, no metrics, no retries (a failure ends the run).
 //!
 //! `ratio_to_floor` = aggregator votes/s ÷ this: how much of the machine's real capacity
-//! for exactly-once ingest the design gives away. The CPU its drain costs per vote (this
+//! for exactly-once ingest the design gives away.
+//!
+//! With `--floor-with-aggregator-write` a second floor is measured: the same consumer,
+//! writing each batch with the aggregator's own batch write instead
+//! (`db::write_batch_attempt`: tally, results outbox, conflict judging, the memory of
+//! recent votes, in-batch copies dropped first, as a replica does). The bare floor against
+//! it is what that write costs; it against the aggregator, what the replica's process
+//! (consume loop, metrics, results relay, one thread) costs beyond the write. The CPU its drain costs per vote (this
 //! process, RabbitMQ, PostgreSQL) is reported beside the aggregator's: where the extra
 //! cost goes.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -29,13 +38,13 @@ use lapin::options::BasicAckOptions;
 use secrecy::SecretString;
 use tokio::task::JoinHandle;
 use vote_aggregator::config::QueueType;
-use vote_aggregator::db::{self, PgPool, txn};
+use vote_aggregator::db::{self, BatchColumns, PgPool, RecentlyStored, txn};
 use vote_aggregator::vote::{self, Vote};
 
 use vote_testkit::workload::Workload;
 
 use super::cpu::{CpuWindow, DrainCpu};
-use super::{LoadOptions, Servers, consume, fresh_bed, prefill, stored_rate};
+use super::{LoadOptions, Servers, WriteFloor, consume, fresh_bed, prefill, stored_rate};
 
 /// The aggregator's commit pipeline depth (`consumer::pipeline`): batches committing at
 /// once while the next one fills.
@@ -45,6 +54,11 @@ const PIPELINE_DEPTH: usize = 2;
 const BATCH_TIMEOUT: Duration = Duration::from_millis(50);
 /// A drain that makes no progress for this long is an error, not a figure.
 const STALL_LIMIT: Duration = Duration::from_secs(300);
+/// The aggregator's default `TALLY_SHARDS`, for the floor that uses its batch write.
+const TALLY_SHARDS: i16 = 16;
+/// Longest one batch write may take in the floor that uses the aggregator's (there, a
+/// failure ends the run: the floor does not retry).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The batch's rows, inserted in `vote_id` order: two transactions in flight that share a
 /// UUID (a duplicate publish) then take their row locks in the same order and cannot
@@ -91,21 +105,50 @@ struct Rows {
     candidate_ids: Vec<String>,
     precinct_ids: Vec<Option<String>>,
     cast_ats: Vec<chrono::DateTime<chrono::Utc>>,
+    /// For the aggregator's batch write: its columns, filled as a replica fills them
+    /// (the bare INSERT's columns above stay empty).
+    aggregator: Option<AggregatorRows>,
+    deliveries: usize,
     last_tag: u64,
 }
 
+/// A batch as a replica fills it: copies of a vote already in the batch with the same
+/// payload dropped, a later payload of a UUID kept for judging.
+#[derive(Default)]
+struct AggregatorRows {
+    columns: BatchColumns,
+    seen: HashMap<uuid::Uuid, Vec<Vote>>,
+}
+
 impl Rows {
+    fn new(write: FloorWrite) -> Self {
+        Rows {
+            aggregator: (write == FloorWrite::Aggregator).then(AggregatorRows::default),
+            ..Rows::default()
+        }
+    }
+
     fn push(&mut self, v: Vote, tag: u64) {
+        self.deliveries += 1;
+        self.last_tag = tag;
+        if let Some(a) = &mut self.aggregator {
+            let earlier = a.seen.entry(v.vote_id).or_default();
+            if !earlier.iter().any(|e| e.same_payload(&v)) {
+                a.columns.push(&v, earlier.is_empty());
+                earlier.push(v);
+            }
+            return;
+        }
         self.vote_ids.push(v.vote_id);
         self.election_ids.push(v.election_id);
         self.candidate_ids.push(v.candidate_id);
         self.precinct_ids.push(v.precinct_id);
         self.cast_ats.push(v.cast_at);
-        self.last_tag = tag;
     }
 
+    /// Deliveries in the batch.
     fn len(&self) -> usize {
-        self.vote_ids.len()
+        self.deliveries
     }
 }
 
@@ -121,6 +164,18 @@ pub(super) struct Floor {
     pub consumer_cpu: Option<f64>,
 }
 
+impl Floor {
+    /// This floor's figures, as the second floor beside the bare one.
+    pub(super) fn as_write_floor(&self) -> WriteFloor {
+        WriteFloor {
+            votes_per_second: self.votes_per_second,
+            consumer_cpu_seconds_per_1000_votes: self.consumer_cpu,
+            broker_cpu_seconds_per_1000_votes: self.cpu.broker,
+            database_cpu_seconds_per_1000_votes: self.cpu.database,
+        }
+    }
+}
+
 /// The floor consumer draining the pre-filled workload.
 ///
 /// # Errors
@@ -131,6 +186,7 @@ pub(super) async fn floor(
     workload: &Workload,
     queue_type: QueueType,
     batch: usize,
+    write: FloorWrite,
     opts: &LoadOptions,
 ) -> anyhow::Result<Floor> {
     let bed = fresh_bed(servers, queue_type).await?;
@@ -142,7 +198,10 @@ pub(super) async fn floor(
     // Opened at the first delivery, closed after the last ack; this process is the consumer.
     let mut cpu_window = CpuWindow::new(servers, vec![std::process::id()]);
 
-    let mut filling = Rows::default();
+    // Shared by this drain's commit tasks, as by a replica's.
+    let recent = Arc::new(RecentlyStored::new(db::recent::BATCHES_REMEMBERED * batch));
+    let mut next_shard: i16 = 0;
+    let mut filling = Rows::new(write);
     let mut committing: FuturesOrdered<JoinHandle<anyhow::Result<(u64, u64)>>> =
         FuturesOrdered::new();
     let mut counted = 0u64;
@@ -177,8 +236,16 @@ pub(super) async fn floor(
                     last_progress = Instant::now();
                 }
             }
-            let rows = std::mem::take(&mut filling);
-            committing.push_back(tokio::spawn(commit(pool.clone(), rows)));
+            let rows = std::mem::replace(&mut filling, Rows::new(write));
+            let task = match &write {
+                FloorWrite::Insert => tokio::spawn(commit(pool.clone(), rows)),
+                FloorWrite::Aggregator => {
+                    next_shard = (next_shard + 1) % TALLY_SHARDS;
+                    let (pool, url, recent) = (pool.clone(), url.clone(), recent.clone());
+                    tokio::spawn(write_as_aggregator(pool, url, recent, rows, next_shard))
+                }
+            };
+            committing.push_back(task);
         }
         if last_progress.elapsed() > STALL_LIMIT {
             anyhow::bail!("floor consumer stalled at {counted}/{expected}");
@@ -219,4 +286,34 @@ async fn commit(pool: PgPool, rows: Rows) -> anyhow::Result<(u64, u64)> {
         .context("floor: batch insert")?;
     txn::commit(&mut conn).await.context("floor: COMMIT")?;
     Ok((rows.last_tag, inserted as u64))
+}
+
+/// How the floor writes a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FloorWrite {
+    /// The bare `INSERT … ON CONFLICT DO NOTHING` ([`commit`]).
+    Insert,
+    /// The aggregator's own batch write ([`write_as_aggregator`]).
+    Aggregator,
+}
+
+/// One batch written as a replica writes it: `db::write_batch_attempt` (one transaction
+/// with the tally, the outbox and conflict judging, duplicates of recent votes judged
+/// from memory), then the counted rows remembered. Returns the tag to ack and the rows
+/// counted.
+async fn write_as_aggregator(
+    pool: PgPool,
+    url: SecretString,
+    recent: Arc<RecentlyStored>,
+    rows: Rows,
+    shard: i16,
+) -> anyhow::Result<(u64, u64)> {
+    let columns = rows.aggregator.map(|a| a.columns).unwrap_or_default();
+    let outcome =
+        db::write_batch_attempt(&pool, &url, &columns, shard, WRITE_TIMEOUT, Some(&recent))
+            .await
+            .map_err(|f| anyhow::anyhow!("floor: batch write: {}", f.error))?;
+    let counted = outcome.counted.len() as u64;
+    recent.remember(columns, &outcome);
+    Ok((rows.last_tag, counted))
 }

@@ -44,7 +44,7 @@ mod floor;
 mod measure;
 
 use ceilings::{broker_ceiling, db_ceiling};
-use floor::floor;
+use floor::{FloorWrite, floor};
 use measure::measure_config;
 
 /// What to measure.
@@ -77,6 +77,11 @@ pub struct LoadOptions {
     /// the test kit's fault proxies, as before, instead of directly on the host network:
     /// only to show what that path costs.
     pub via_port_proxy: bool,
+    /// Also measure a second floor whose consumer writes each batch with the aggregator's
+    /// own batch write (tally, results outbox, conflict judging, memory of recent votes)
+    /// instead of the bare INSERT: the gap to the floor then splits into what that write
+    /// costs and what the replica's process (consume loop, metrics, results relay) costs.
+    pub floor_with_aggregator_write: bool,
     /// Times the whole matrix is measured; each configuration reports the round with its
     /// median `ratio_to_floor`, and the range over the rounds.
     pub rounds: usize,
@@ -207,6 +212,26 @@ pub struct ConfigResult {
     /// Lowest and highest `ratio_to_floor` over the rounds.
     #[serde(default)]
     pub ratio_to_floor_range: (f64, f64),
+    /// With `--floor-with-aggregator-write`: the second floor, measured in the same round.
+    #[serde(default)]
+    pub floor_with_aggregator_write: Option<WriteFloor>,
+}
+
+/// The floor whose consumer writes each batch with the aggregator's own batch write
+/// (`--floor-with-aggregator-write`), measured beside the bare floor: the bare floor's
+/// rate against it is what that write costs, and it against the aggregator what the
+/// replica's process costs beyond the write.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteFloor {
+    /// Counted votes/s of its drain.
+    pub votes_per_second: f64,
+    /// CPU seconds per 1000 votes of its consumer's process during the drain (`None` when
+    /// the test kit's proxies run in it too).
+    pub consumer_cpu_seconds_per_1000_votes: Option<f64>,
+    /// CPU seconds per 1000 votes of the RabbitMQ container(s) during its drain.
+    pub broker_cpu_seconds_per_1000_votes: Option<f64>,
+    /// CPU seconds per 1000 votes of the PostgreSQL container during its drain.
+    pub database_cpu_seconds_per_1000_votes: Option<f64>,
 }
 
 fn one_round() -> usize {
@@ -318,6 +343,7 @@ async fn measure_round(
     let mut broker_ceilings: HashMap<(String, usize), f64> = HashMap::new();
     let mut db_ceilings: HashMap<usize, f64> = HashMap::new();
     let mut floors: HashMap<(String, usize), floor::Floor> = HashMap::new();
+    let mut write_floors: HashMap<(String, usize), WriteFloor> = HashMap::new();
     let mut configs = Vec::new();
     let total = opts.queue_types.len() * opts.batch_sizes.len() * opts.replicas.len();
     let mut n = 0;
@@ -333,13 +359,24 @@ async fn measure_round(
                 broker_ceilings.insert(key.clone(), c);
             }
             if !floors.contains_key(&key) {
-                let f = floor(servers, workload, queue_type, batch, opts).await?;
+                let write = FloorWrite::Insert;
+                let f = floor(servers, workload, queue_type, batch, write, opts).await?;
                 eprintln!(
                     "load: floor {} batch {batch}: {:.0} votes/s",
                     queue_type.as_str(),
                     f.votes_per_second
                 );
                 floors.insert(key.clone(), f);
+            }
+            if opts.floor_with_aggregator_write && !write_floors.contains_key(&key) {
+                let write = FloorWrite::Aggregator;
+                let f = floor(servers, workload, queue_type, batch, write, opts).await?;
+                eprintln!(
+                    "load: floor with the aggregator's write {} batch {batch}: {:.0} votes/s",
+                    queue_type.as_str(),
+                    f.votes_per_second
+                );
+                write_floors.insert(key.clone(), f.as_write_floor());
             }
             if let std::collections::hash_map::Entry::Vacant(e) = db_ceilings.entry(batch) {
                 let c = db_ceiling(servers, workload, batch).await?;
@@ -362,6 +399,7 @@ async fn measure_round(
                 r.floor_broker_cpu_seconds_per_1000_votes = f.cpu.broker;
                 r.floor_database_cpu_seconds_per_1000_votes = f.cpu.database;
                 r.floor_machine_busy_share = f.cpu.machine_busy;
+                r.floor_with_aggregator_write = write_floors.get(&key).cloned();
                 r.ratio_to_floor = r.votes_per_second / r.floor_votes_per_second.max(1.0);
                 r.ratio_to_floor_range = (r.ratio_to_floor, r.ratio_to_floor);
                 r.ratio_to_broker_ceiling =

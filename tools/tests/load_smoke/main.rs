@@ -25,6 +25,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         progress: false,
         broker_cluster: false,
         via_port_proxy: false,
+        floor_with_aggregator_write: true,
         rounds: 2,
     };
     let report = load::run(&opts, "load smoke test".into()).await?;
@@ -46,6 +47,14 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         assert!(floor_consumer.is_some_and(|x| x > 0.0), "{c:?}");
         let (lo, hi) = c.ratio_to_floor_range;
         assert!(lo <= c.ratio_to_floor && c.ratio_to_floor <= hi, "{c:?}");
+        // The second floor drained every vote through the aggregator's own batch write.
+        let with_write = c.floor_with_aggregator_write.as_ref();
+        assert!(
+            with_write.is_some_and(
+                |w| w.votes_per_second > 0.0 && w.database_cpu_seconds_per_1000_votes.is_some()
+            ),
+            "{c:?}"
+        );
     }
     assert_eq!(
         report.machine.postgres_fsync, "on",
@@ -69,6 +78,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         "floor_consumer_cpu_seconds_per_1000_votes",
         "floor_broker_cpu_seconds_per_1000_votes",
         "floor_database_cpu_seconds_per_1000_votes",
+        "floor_with_aggregator_write",
         "latency_p50_ms",
         "latency_p99_ms",
         "cpu_seconds_per_1000_votes",
@@ -81,6 +91,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
     assert!(md.contains("### Targets"));
     assert!(md.contains("aggregator against floor"), "{md}");
     assert!(md.contains("(median of 2 rounds: "), "{md}");
+    assert!(md.contains("The gap split"), "{md}");
     let chart = written
         .chart
         .expect("chart drawn (fonts-dejavu-core is installed)");
