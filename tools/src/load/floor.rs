@@ -18,9 +18,10 @@
 //! (`db::write_batch_attempt`: tally, results outbox, conflict judging, the memory of
 //! recent votes, in-batch copies dropped first, as a replica does). The bare floor against
 //! it is what that write costs; it against the aggregator, what the replica's process
-//! (consume loop, metrics, results relay, one thread) costs beyond the write. The CPU its drain costs per vote (this
-//! process, RabbitMQ, PostgreSQL) is reported beside the aggregator's: where the extra
-//! cost goes.
+//! (consume loop, metrics, results relay, one thread) costs beyond the write.
+//!
+//! The CPU each floor's drain costs per vote (this process, RabbitMQ, PostgreSQL) is
+//! reported beside the aggregator's: where the extra cost goes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -199,7 +200,7 @@ pub(super) async fn floor(
     let mut cpu_window = CpuWindow::new(servers, vec![std::process::id()]);
 
     // Shared by this drain's commit tasks, as by a replica's.
-    let recent = Arc::new(RecentlyStored::new(db::recent::BATCHES_REMEMBERED * batch));
+    let recent = Arc::new(RecentlyStored::new(db::recent::VOTES_REMEMBERED));
     let mut next_shard: i16 = 0;
     let mut filling = Rows::new(write);
     let mut committing: FuturesOrdered<JoinHandle<anyhow::Result<(u64, u64)>>> =
@@ -240,9 +241,10 @@ pub(super) async fn floor(
             let task = match &write {
                 FloorWrite::Insert => tokio::spawn(commit(pool.clone(), rows)),
                 FloorWrite::Aggregator => {
+                    let shard = next_shard;
                     next_shard = (next_shard + 1) % TALLY_SHARDS;
                     let (pool, url, recent) = (pool.clone(), url.clone(), recent.clone());
-                    tokio::spawn(write_as_aggregator(pool, url, recent, rows, next_shard))
+                    tokio::spawn(write_as_aggregator(pool, url, recent, rows, shard))
                 }
             };
             committing.push_back(task);
