@@ -149,9 +149,10 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
             config.db_pool_size,
             &config.db_timeouts,
         ),
-        recent: Arc::new(db::RecentlyStored::new(
-            db::recent::BATCHES_REMEMBERED * config.batch_size,
-        )),
+        recent: Arc::new(
+            db::RecentlyStored::new(db::recent::VOTES_REMEMBERED)
+                .waiting_at_most(db::recent::wait_limit(&config.db_timeouts)),
+        ),
         config: Arc::new(config),
         metrics: metrics.clone(),
     };

@@ -61,11 +61,12 @@ async fn commit(ctx: Ctx, mut batch: Batch, session_gone: CancellationToken) -> 
                     .observe(started.elapsed().as_secs_f64());
                 ctx.metrics.commits_failing.set(0);
                 ctx.metrics.set_up(DEP_POSTGRES, true);
-                record_outcome(&ctx.metrics, &batch, &outcome);
                 // Committed: its counted rows are stored for good (`votes` is
-                // append-only), so later copies of them need no judging statement.
+                // append-only), so later copies of them need no judging statement. First,
+                // so batches waiting for this one to be remembered go on at once.
                 let columns = std::mem::take(&mut batch.columns);
                 ctx.recent.remember(columns, &outcome);
+                record_outcome(&ctx.metrics, &batch, &outcome);
                 return Committed { batch, done: true };
             }
             Err(error) => {

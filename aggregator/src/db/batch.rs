@@ -15,8 +15,9 @@
 //!    payload of a UUID in the batch), a second statement in the same transaction judges
 //!    them against the stored votes and records conflicts in `vote_conflicts`; except
 //!    the rows that are exact copies of votes this process stored itself, recently
-//!    ([`RecentlyStored`]): those are duplicates, and when every such row is one, the
-//!    statement is not sent;
+//!    ([`RecentlyStored`]; first waiting, bounded, for this process's batches still
+//!    between their write and being remembered): those are duplicates, and when every
+//!    such row is one, the statement is not sent;
 //! 4. COMMIT.
 //!
 //! So a batch costs two round trips, three with rows to judge: the transaction is run by
@@ -37,7 +38,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::batch_sql::{RESOLVE_CONFLICTS_SQL, WriteBatch};
-use super::recent::{RecentlyStored, StoreIdentity};
+use super::recent::{EarlierCommits, RecentlyStored, StoreIdentity};
 use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, checkout, tls, txn};
 use crate::error::DbError;
 use crate::vote::Vote;
@@ -74,6 +75,11 @@ impl BatchColumns {
     /// Whether the batch has no rows.
     pub fn is_empty(&self) -> bool {
         self.vote_ids.is_empty()
+    }
+
+    /// Whether row `ord` is the first of its UUID in the batch.
+    fn is_first(&self, ord: i32) -> bool {
+        usize::try_from(ord).is_ok_and(|i| self.is_first.get(i) == Some(&true))
     }
 
     /// The UUID of row `ord`.
@@ -138,6 +144,11 @@ pub struct BatchOutcome {
     pub known_duplicates: usize,
     /// Which stored state the batch was written to.
     pub store: StoreIdentity,
+    /// Set on a batch committed with a [`RecentlyStored`]: its ticket among the batches
+    /// committing, which [`RecentlyStored::remember`] releases; pass the outcome to it
+    /// (until then, batches with rows left to judge wait for it, up to their limit; see
+    /// [`recent`](super::recent)).
+    pub commit_ticket: Option<u64>,
 }
 
 #[derive(QueryableByName)]
@@ -275,8 +286,14 @@ async fn write_batch_once(
             outcome: outcome.clone(),
         });
     }
+    // Released when this attempt fails or is dropped; on success, once remembered.
+    let ticket = recent
+        .filter(|_| !outcome.counted.is_empty())
+        .map(RecentlyStored::commit_ticket);
     txn::commit(&mut conn).await?;
     progress.commit_sent = None;
+    let mut outcome = outcome;
+    outcome.commit_ticket = ticket.and_then(|t| t.hand_over());
     Ok(outcome)
 }
 
@@ -290,12 +307,23 @@ async fn judge_rest(
 ) -> Result<(BatchOutcome, i64), DbError> {
     let (counted, mut rest) = batch.split_inserted(&written.counted)?;
     let store = StoreIdentity::new(written.store);
-    let known_duplicates = recent.map_or(0, |r| r.drop_duplicates(&store, batch, &mut rest));
+    let mut known_duplicates = recent.map_or(0, |r| r.drop_duplicates(&store, batch, &mut rest));
+    // A first row of its UUID left may be a copy of a vote in a batch of this process
+    // whose COMMIT let this write go on but which is not remembered yet: wait for those
+    // batches, then look again. (A later payload of a UUID is left only beside its first
+    // row, or when this batch stored that UUID: memory cannot vouch for it alone.)
+    let memory_may_know = rest.iter().any(|&ord| batch.is_first(ord));
+    if let Some(r) = recent.filter(|_| memory_may_know)
+        && r.wait_for_earlier_commits().await != EarlierCommits::None
+    {
+        known_duplicates += r.drop_duplicates(&store, batch, &mut rest);
+    }
     let mut outcome = BatchOutcome {
         counted,
         conflicting: Vec::new(),
         known_duplicates,
         store,
+        commit_ticket: None,
     };
     if !rest.is_empty() {
         let rows = batch.rows(&rest);

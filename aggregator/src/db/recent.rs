@@ -7,8 +7,8 @@
 //! `votes` is append-only (a trigger refuses UPDATE, DELETE and TRUNCATE), so the
 //! payload stored is the one it inserted. A row with exactly that payload is then a
 //! duplicate, and needs no judging statement. This is the usual duplicate by far: a
-//! publisher's retry or a redelivery arriving a batch or two after its original, which
-//! the same replica counted.
+//! publisher's retry or a redelivery arriving shortly after its original, which the same
+//! replica counted.
 //!
 //! Invariants:
 //! - Only rows of COMMITTED transactions are remembered, and only the ones the database
@@ -33,20 +33,64 @@
 //!   database, as before.
 //! - Bounded: the newest `capacity` votes ([`RecentlyStored::new`]), forgotten a
 //!   whole batch at a time, oldest first.
+//! - A row whose original is in one of this process's batches still committing is
+//!   refused by the write once that COMMIT ended (`ON CONFLICT` waits for it), and its
+//!   answer can come back before that batch was remembered. So a batch with a row left
+//!   to judge that memory could still vouch for (the first row of its UUID in the batch)
+//!   first waits, bounded ([`RecentlyStored::waiting_at_most`]), for the batches of this
+//!   process that hold a commit ticket ([`RecentlyStored::commit_ticket`], taken after a
+//!   batch's last statement, released once it is remembered or has failed), and looks
+//!   again. It never waits for a batch still running statements (that one may be waiting
+//!   for this batch's locks), only for ones past them, whose COMMIT waits for no other
+//!   batch.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{BatchColumns, BatchOutcome};
+use crate::config::SessionTimeouts;
 
-/// Batches of `BATCH_SIZE` votes a replica remembers (the capacity is this many times
-/// `BATCH_SIZE` votes): the last committed ones, where a publisher's immediate retry or a
-/// batch boundary puts most duplicates. Measured at batch 500, it added about 2 MiB to a
-/// replica's peak RSS; a duplicate that arrives later is judged by the database.
-pub const BATCHES_REMEMBERED: usize = 8;
+/// Votes a replica remembers (whole batches; at least the newest batch, whatever its
+/// size): the last ones it committed, where a publisher's retry or a copy racing its
+/// original on another connection puts most duplicates. Counted in votes, not batches:
+/// how far a copy lands from its original depends on the traffic, not on `BATCH_SIZE`.
+/// In `make load`, where copies race their originals on four publisher connections,
+/// 4 000 votes recognised about half of the copies the write refused and this many nearly
+/// all; it costs about 9 MiB of RSS. A duplicate that arrives later is judged by the
+/// database.
+pub const VOTES_REMEMBERED: usize = 16_384;
+
+/// Longest a batch with rows left to judge waits, by default, for this process's batches
+/// that are committing to be remembered, before it judges those rows by statement. A
+/// COMMIT takes milliseconds; this bounds the wait when the database is slow (the batch
+/// holds its locks meanwhile; see [`wait_limit`]).
+pub const EARLIER_COMMITS_WAIT: Duration = Duration::from_millis(500);
+
+/// The wait for earlier commits under these session timeouts: [`EARLIER_COMMITS_WAIT`],
+/// but at most half of `idle_in_transaction_session_timeout` (the waiting session is idle
+/// in its transaction) and of `lock_timeout` (another replica's statement may be waiting
+/// for its locks).
+pub fn wait_limit(timeouts: &SessionTimeouts) -> Duration {
+    EARLIER_COMMITS_WAIT
+        .min(timeouts.idle_in_transaction / 2)
+        .min(timeouts.lock / 2)
+}
+
+/// What [`RecentlyStored::wait_for_earlier_commits`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlierCommits {
+    /// No batch held a commit ticket.
+    None,
+    /// Every batch that held one then has been remembered or has failed.
+    Settled,
+    /// The limit ran out first.
+    TimedOut,
+}
 
 /// Which stored state a batch write went to: the PostgreSQL server's run (its start
 /// time), the database and the `votes` table (their OIDs), as the write statement reports
@@ -104,22 +148,121 @@ impl Inner {
 pub struct RecentlyStored {
     inner: Mutex<Inner>,
     capacity: usize,
+    /// Batches between their last statement and being remembered (ticket numbers).
+    committing: Mutex<Committing>,
+    /// Fired whenever such a batch's ticket is released.
+    released: Notify,
+    /// Longest wait for them ([`RecentlyStored::wait_for_earlier_commits`]).
+    wait_limit: Duration,
+}
+
+/// The batches of this process whose COMMIT is under way: tickets in the order taken.
+#[derive(Debug, Default)]
+struct Committing {
+    next: u64,
+    open: BTreeSet<u64>,
+}
+
+/// A batch's place among those committing ([`RecentlyStored::commit_ticket`]): released
+/// when dropped, unless handed over to the batch's outcome (after its COMMIT succeeded),
+/// which [`RecentlyStored::remember`] then releases once the batch is remembered.
+#[derive(Debug)]
+pub(super) struct CommitTicket<'a> {
+    recent: &'a RecentlyStored,
+    id: Option<u64>,
+}
+
+impl CommitTicket<'_> {
+    /// For a batch whose COMMIT succeeded: the ticket, for its outcome.
+    pub(super) fn hand_over(mut self) -> Option<u64> {
+        self.id.take()
+    }
+}
+
+impl Drop for CommitTicket<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.recent.release(id);
+        }
+    }
 }
 
 impl RecentlyStored {
-    /// Remembers at most `capacity` votes (or the newest batch alone, when it is larger).
+    /// Remembers at most `capacity` votes (or the newest batch alone, when it is larger);
+    /// waits for earlier commits at most [`EARLIER_COMMITS_WAIT`].
     pub fn new(capacity: usize) -> Self {
         RecentlyStored {
             inner: Mutex::new(Inner::default()),
             capacity,
+            committing: Mutex::new(Committing::default()),
+            released: Notify::new(),
+            wait_limit: EARLIER_COMMITS_WAIT,
+        }
+    }
+
+    /// Waits for earlier commits at most `limit` (see [`wait_limit`]).
+    #[must_use]
+    pub fn waiting_at_most(mut self, limit: Duration) -> Self {
+        self.wait_limit = limit;
+        self
+    }
+
+    /// Takes a ticket for a batch past its last statement, about to COMMIT: batches with
+    /// rows left to judge wait for it ([`RecentlyStored::wait_for_earlier_commits`]).
+    pub(super) fn commit_ticket(&self) -> CommitTicket<'_> {
+        let mut c = lock(&self.committing);
+        let id = c.next;
+        c.next += 1;
+        c.open.insert(id);
+        CommitTicket {
+            recent: self,
+            id: Some(id),
+        }
+    }
+
+    fn release(&self, id: u64) {
+        if lock(&self.committing).open.remove(&id) {
+            self.released.notify_waiters();
+        }
+    }
+
+    /// Waits, at most the limit, until every batch that holds a commit ticket now has
+    /// released it (remembered, or failed).
+    pub(super) async fn wait_for_earlier_commits(&self) -> EarlierCommits {
+        let Some(last) = lock(&self.committing).open.last().copied() else {
+            return EarlierCommits::None;
+        };
+        let released = async {
+            loop {
+                let notified = self.released.notified();
+                tokio::pin!(notified);
+                // Registered before looking, so a release in between is not missed.
+                notified.as_mut().enable();
+                if lock(&self.committing).open.range(..=last).next().is_none() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        match tokio::time::timeout(self.wait_limit, released).await {
+            Ok(()) => EarlierCommits::Settled,
+            Err(_) => EarlierCommits::TimedOut,
         }
     }
 
     /// Remembers the rows `outcome` counted (indices into `columns`) of a batch whose
     /// transaction COMMITTED, taking their payloads out of `columns` (a committed batch
     /// needs them no more); forgets the oldest batches beyond the capacity, and
-    /// everything remembered of another stored state than the outcome's.
-    pub fn remember(&self, mut columns: BatchColumns, outcome: &BatchOutcome) {
+    /// everything remembered of another stored state than the outcome's. Then releases
+    /// the batch's commit ticket ([`BatchOutcome::commit_ticket`]).
+    pub fn remember(&self, columns: BatchColumns, outcome: &BatchOutcome) {
+        self.keep(columns, outcome);
+        if let Some(id) = outcome.commit_ticket {
+            self.release(id);
+        }
+    }
+
+    fn keep(&self, mut columns: BatchColumns, outcome: &BatchOutcome) {
         let counted = &outcome.counted;
         let mut added = Vec::with_capacity(counted.len());
         let mut payloads = Vec::with_capacity(counted.len());
@@ -193,12 +336,14 @@ impl RecentlyStored {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves a consistent map (each step is one
-        // insert or remove): keep using it.
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.inner)
     }
+}
+
+/// A short lock, never held across an await. A panic while holding it leaves consistent
+/// state (each step is one insert or remove): keep using it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -338,5 +483,89 @@ mod tests {
         );
         assert_eq!(recent.len(), 4);
         assert!(recent.is_duplicate(&at, &columns(&[vote(8, "a")]), 0));
+    }
+
+    /// Memory whose waits end only when the batches settle (a limit no test reaches).
+    fn patient() -> std::sync::Arc<RecentlyStored> {
+        std::sync::Arc::new(RecentlyStored::new(100).waiting_at_most(Duration::from_secs(600)))
+    }
+
+    /// A batch waiting, as a task, for the batches committing now.
+    fn spawn_waiter(
+        recent: &std::sync::Arc<RecentlyStored>,
+    ) -> tokio::task::JoinHandle<EarlierCommits> {
+        let recent = recent.clone();
+        tokio::spawn(async move { recent.wait_for_earlier_commits().await })
+    }
+
+    /// A batch committed, not remembered yet: a copy of its vote waits for it, then is a
+    /// duplicate from memory.
+    #[tokio::test]
+    async fn a_wait_ends_when_the_earlier_batch_is_remembered() {
+        let recent = patient();
+        let at = store("s");
+        let earlier = BatchOutcome {
+            commit_ticket: recent.commit_ticket().hand_over(),
+            ..committed("s", &[0])
+        };
+        let copy = columns(&[vote(1, "a")]);
+        let mut rows = vec![0];
+        assert_eq!(recent.drop_duplicates(&at, &copy, &mut rows), 0);
+        let waiter = spawn_waiter(&recent);
+        tokio::task::yield_now().await;
+        assert!(
+            !waiter.is_finished(),
+            "waits while the earlier batch is not remembered"
+        );
+        recent.remember(columns(&[vote(1, "a")]), &earlier);
+        assert!(matches!(waiter.await, Ok(EarlierCommits::Settled)));
+        assert_eq!(recent.drop_duplicates(&at, &copy, &mut rows), 1);
+    }
+
+    #[tokio::test]
+    async fn a_ticket_dropped_without_a_commit_is_released_and_nothing_is_waited_for() {
+        let recent = patient();
+        drop(recent.commit_ticket());
+        assert_eq!(
+            recent.wait_for_earlier_commits().await,
+            EarlierCommits::None
+        );
+    }
+
+    /// Only the batches committing when the wait began are waited for: a later one may
+    /// be waiting for the waiter's locks.
+    #[tokio::test]
+    async fn a_wait_never_covers_a_batch_that_began_committing_after_it() {
+        let recent = patient();
+        let first = recent.commit_ticket();
+        let waiter = spawn_waiter(&recent);
+        tokio::task::yield_now().await;
+        let _later = recent.commit_ticket();
+        drop(first);
+        assert!(matches!(waiter.await, Ok(EarlierCommits::Settled)));
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_a_commit_that_never_ends_stops_at_its_limit() {
+        let recent = RecentlyStored::new(100).waiting_at_most(Duration::from_millis(20));
+        let _stuck = recent.commit_ticket();
+        assert_eq!(
+            recent.wait_for_earlier_commits().await,
+            EarlierCommits::TimedOut
+        );
+    }
+
+    #[test]
+    fn the_wait_stays_under_half_the_session_timeouts() {
+        let short = SessionTimeouts {
+            statement: Duration::from_secs(10),
+            lock: Duration::from_millis(300),
+            idle_in_transaction: Duration::from_millis(200),
+        };
+        assert_eq!(wait_limit(&short), Duration::from_millis(100));
+        assert_eq!(
+            wait_limit(&SessionTimeouts::default()),
+            EARLIER_COMMITS_WAIT
+        );
     }
 }

@@ -19,6 +19,41 @@ fn columns(votes: &[&Vote]) -> BatchColumns {
     c
 }
 
+/// The race a replica's commit pipeline runs: a batch committed, and the next batch's
+/// write (which waited for that COMMIT) comes back before the first is remembered. The
+/// copy then waits for the first batch to be remembered instead of being judged by
+/// statement.
+#[tokio::test]
+async fn a_copy_of_a_vote_committed_but_not_yet_remembered_is_judged_from_memory()
+-> anyhow::Result<()> {
+    let (_bed, url, pool) = migrated_bed_with_one_session().await?;
+    let recent = std::sync::Arc::new(RecentlyStored::new(100));
+    let limit = Duration::from_secs(10);
+    let original = votes::vote("e", "a");
+    let first = columns(&[&original]);
+    let written = db::write_batch_attempt(&pool, &url, &first, 0, limit, Some(&recent)).await;
+    let committed = written.map_err(|f| f.error)?;
+    assert_eq!(committed.counted, vec![0]);
+
+    let copy = tokio::spawn({
+        let (pool, url, recent) = (pool.clone(), url.clone(), recent.clone());
+        async move {
+            let batch = columns(&[&original]);
+            let judged = db::write_batch_attempt(&pool, &url, &batch, 1, limit, Some(&recent));
+            judged.await.map_err(|f| f.error)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    recent.remember(first, &committed);
+    let judged = copy.await??;
+    assert_eq!(judged.counted, Vec::<i32>::new());
+    assert_eq!(
+        judged.known_duplicates, 1,
+        "judged from memory once the first batch was remembered"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn copies_of_votes_this_process_stored_are_duplicates_without_asking_and_the_rest_is_asked()
 -> anyhow::Result<()> {
