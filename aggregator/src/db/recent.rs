@@ -38,7 +38,7 @@
 //!   answer can come back before that batch was remembered. So a batch with a row left
 //!   to judge that memory could still vouch for (the first row of its UUID in the batch)
 //!   first waits, bounded ([`RecentlyStored::waiting_at_most`]), for the batches of this
-//!   process that hold a commit ticket ([`RecentlyStored::commit_ticket`], taken after a
+//!   process that hold a commit ticket (`RecentlyStored::commit_ticket`, taken after a
 //!   batch's last statement, released once it is remembered or has failed), and looks
 //!   again. It never waits for a batch still running statements (that one may be waiting
 //!   for this batch's locks), only for ones past them, whose COMMIT waits for no other
@@ -81,7 +81,7 @@ pub fn wait_limit(timeouts: &SessionTimeouts) -> Duration {
         .min(timeouts.lock / 2)
 }
 
-/// What [`RecentlyStored::wait_for_earlier_commits`] found.
+/// What a wait for earlier commits found (`RecentlyStored::wait_for_earlier_commits`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EarlierCommits {
     /// No batch held a commit ticket.
