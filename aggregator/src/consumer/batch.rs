@@ -4,12 +4,9 @@
 //! A batch also remembers its last delivery tag: the ONE multiple-ack that covers all
 //! its deliveries once its transaction has committed.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
-use uuid::Uuid;
-
-use crate::db::BatchColumns;
+use crate::db::DistinctRows;
 use crate::vote::Vote;
 
 /// Per-row facts kept beside the columns, for metrics after the commit.
@@ -20,11 +17,9 @@ pub(super) struct RowMeta {
 
 /// A batch being filled.
 pub(super) struct Batch {
-    pub columns: BatchColumns,
+    /// The rows, in-batch copies dropped before the round trip.
+    pub rows: DistinctRows,
     pub meta: Vec<RowMeta>,
-    /// Rows of each UUID in this batch (first one first), with their payloads, for
-    /// in-memory dedupe before the round trip.
-    by_id: HashMap<Uuid, Vec<Vote>>,
     /// Exact duplicates dropped in memory, by redelivered flag.
     pub dup_redelivered: u64,
     pub dup_fresh: u64,
@@ -40,9 +35,8 @@ pub(super) struct Batch {
 impl Batch {
     pub fn new(capacity: usize) -> Self {
         Batch {
-            columns: BatchColumns::default(),
+            rows: DistinctRows::with_capacity(capacity),
             meta: Vec::with_capacity(capacity),
-            by_id: HashMap::with_capacity(capacity),
             dup_redelivered: 0,
             dup_fresh: 0,
             deliveries: 0,
@@ -59,8 +53,7 @@ impl Batch {
         }
         self.deliveries += 1;
         self.last_tag = tag;
-        let seen = self.by_id.entry(vote.vote_id).or_default();
-        if seen.iter().any(|v| v.same_payload(&vote)) {
+        if !self.rows.add(vote) {
             if redelivered {
                 self.dup_redelivered += 1;
             } else {
@@ -68,12 +61,10 @@ impl Batch {
             }
             return;
         }
-        self.columns.push(&vote, seen.is_empty());
         self.meta.push(RowMeta {
             redelivered,
             published_at_ms,
         });
-        seen.push(vote);
     }
 
     pub fn is_empty(&self) -> bool {

@@ -64,7 +64,7 @@ async fn commit(ctx: Ctx, mut batch: Batch, session_gone: CancellationToken) -> 
                 // Committed: its counted rows are stored for good (`votes` is
                 // append-only), so later copies of them need no judging statement. First,
                 // so batches waiting for this one to be remembered go on at once.
-                let columns = std::mem::take(&mut batch.columns);
+                let columns = batch.rows.take_columns();
                 ctx.recent.remember(columns, &outcome);
                 record_outcome(&ctx.metrics, &batch, &outcome);
                 return Committed { batch, done: true };
@@ -77,7 +77,7 @@ async fn commit(ctx: Ctx, mut batch: Batch, session_gone: CancellationToken) -> 
                 ctx.metrics.commits_failing.set(1);
                 ctx.metrics.commit_retries.inc();
                 let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %error, votes = batch.columns.len(), in_doubt = in_doubt.is_some(),
+                warn!(error = %error, votes = batch.rows.columns().len(), in_doubt = in_doubt.is_some(),
                       retry_in_ms = wait.as_millis() as u64,
                       "batch not committed; holding its deliveries unacked and retrying");
                 tokio::select! {
@@ -110,7 +110,7 @@ async fn attempt(
     if let Some(doubt) = in_doubt {
         let asked = tokio::time::timeout(
             limit,
-            db::resolve_in_doubt(pool, url, &batch.columns, doubt),
+            db::resolve_in_doubt(pool, url, batch.rows.columns(), doubt),
         )
         .await
         .map_err(|_| DbError::Timeout {
@@ -126,7 +126,7 @@ async fn attempt(
         }
     }
     let recent = Some(&*ctx.recent);
-    db::write_batch_attempt(pool, url, &batch.columns, batch.shard, limit, recent)
+    db::write_batch_attempt(pool, url, batch.rows.columns(), batch.shard, limit, recent)
         .await
         .map_err(|failure| {
             if failure.in_doubt.is_some() {

@@ -29,7 +29,7 @@
 //! (checked by [`verify`](super::verify())), and the events of the committed transactions
 //! add up to the tallies.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use diesel::QueryableByName;
@@ -128,6 +128,49 @@ impl BatchColumns {
             });
         }
         Ok((counted, rest))
+    }
+}
+
+/// A batch's columns filled from deliveries, with the in-batch dedupe every writer of
+/// a batch applies before the round trip: a vote already in the batch with the same
+/// payload is dropped (a copy); another payload of a UUID in the batch is kept as a later
+/// row (judged for conflicts, never inserted).
+#[derive(Debug, Default)]
+pub struct DistinctRows {
+    columns: BatchColumns,
+    /// The rows of each UUID in the batch, first one first.
+    by_id: HashMap<uuid::Uuid, Vec<Vote>>,
+}
+
+impl DistinctRows {
+    /// Room for `capacity` rows.
+    pub fn with_capacity(capacity: usize) -> Self {
+        DistinctRows {
+            columns: BatchColumns::default(),
+            by_id: HashMap::with_capacity(capacity),
+        }
+    }
+
+    /// Adds `vote` as a row; returns false, adding nothing, when it is a copy of a row
+    /// already in the batch.
+    pub fn add(&mut self, vote: Vote) -> bool {
+        let seen = self.by_id.entry(vote.vote_id).or_default();
+        if seen.iter().any(|v| v.same_payload(&vote)) {
+            return false;
+        }
+        self.columns.push(&vote, seen.is_empty());
+        seen.push(vote);
+        true
+    }
+
+    /// The rows, ready to bind.
+    pub fn columns(&self) -> &BatchColumns {
+        &self.columns
+    }
+
+    /// The rows, taken out (this is left empty).
+    pub fn take_columns(&mut self) -> BatchColumns {
+        std::mem::take(&mut self.columns)
     }
 }
 
@@ -273,7 +316,7 @@ async fn write_batch_once(
         Ok(w) => judge_rest(&mut conn, batch, w, recent).await,
         Err(e) => Err(e.into()),
     };
-    let (outcome, xid) = match written {
+    let (mut outcome, xid) = match written {
         Ok(w) => w,
         Err(e) => {
             txn::rollback(&mut conn).await;
@@ -292,7 +335,6 @@ async fn write_batch_once(
         .map(RecentlyStored::commit_ticket);
     txn::commit(&mut conn).await?;
     progress.commit_sent = None;
-    let mut outcome = outcome;
     outcome.commit_ticket = ticket.and_then(|t| t.hand_over());
     Ok(outcome)
 }
@@ -351,4 +393,32 @@ async fn judge_rest(
         outcome.conflicting.sort_unstable();
     }
     Ok((outcome, written.xid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vote(n: u128, candidate: &str) -> Vote {
+        Vote {
+            vote_id: uuid::Uuid::from_u128(n),
+            election_id: "e".into(),
+            candidate_id: candidate.into(),
+            precinct_id: None,
+            cast_at: chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn a_copy_in_the_batch_is_dropped_and_another_payload_kept_as_a_later_row() {
+        let mut rows = DistinctRows::with_capacity(4);
+        assert!(rows.add(vote(1, "a")));
+        assert!(!rows.add(vote(1, "a")), "an exact copy is dropped");
+        assert!(rows.add(vote(1, "b")), "another payload is kept");
+        assert!(rows.add(vote(2, "a")));
+        let columns = rows.take_columns();
+        assert_eq!(columns.len(), 3);
+        assert_eq!(columns.is_first, vec![true, false, true]);
+        assert!(rows.columns().is_empty());
+    }
 }

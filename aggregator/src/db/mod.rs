@@ -33,7 +33,9 @@ pub mod tls;
 pub mod txn;
 mod verify;
 
-pub use self::batch::{BatchColumns, BatchOutcome, WriteFailure, write_batch, write_batch_attempt};
+pub use self::batch::{
+    BatchColumns, BatchOutcome, DistinctRows, WriteFailure, write_batch, write_batch_attempt,
+};
 pub use self::in_doubt::{InDoubt, Resolution, resolve_in_doubt};
 pub use self::recent::{RecentlyStored, StoreIdentity};
 pub use self::tls::{PgConnector, SslMode};

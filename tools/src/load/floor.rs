@@ -23,7 +23,6 @@
 //! The CPU each floor's drain costs per vote (this process, RabbitMQ, PostgreSQL) is
 //! reported beside the aggregator's: where the extra cost goes.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,7 +38,7 @@ use lapin::options::BasicAckOptions;
 use secrecy::SecretString;
 use tokio::task::JoinHandle;
 use vote_aggregator::config::QueueType;
-use vote_aggregator::db::{self, BatchColumns, PgPool, RecentlyStored, txn};
+use vote_aggregator::db::{self, DistinctRows, PgPool, RecentlyStored, txn};
 use vote_aggregator::vote::{self, Vote};
 
 use vote_testkit::workload::Workload;
@@ -106,25 +105,17 @@ struct Rows {
     candidate_ids: Vec<String>,
     precinct_ids: Vec<Option<String>>,
     cast_ats: Vec<chrono::DateTime<chrono::Utc>>,
-    /// For the aggregator's batch write: its columns, filled as a replica fills them
-    /// (the bare INSERT's columns above stay empty).
-    aggregator: Option<AggregatorRows>,
+    /// For the aggregator's batch write: its rows, filled as a replica fills them (the
+    /// bare INSERT's columns above stay empty).
+    aggregator: Option<DistinctRows>,
     deliveries: usize,
     last_tag: u64,
-}
-
-/// A batch as a replica fills it: copies of a vote already in the batch with the same
-/// payload dropped, a later payload of a UUID kept for judging.
-#[derive(Default)]
-struct AggregatorRows {
-    columns: BatchColumns,
-    seen: HashMap<uuid::Uuid, Vec<Vote>>,
 }
 
 impl Rows {
     fn new(write: FloorWrite) -> Self {
         Rows {
-            aggregator: (write == FloorWrite::Aggregator).then(AggregatorRows::default),
+            aggregator: (write == FloorWrite::Aggregator).then(DistinctRows::default),
             ..Rows::default()
         }
     }
@@ -133,11 +124,7 @@ impl Rows {
         self.deliveries += 1;
         self.last_tag = tag;
         if let Some(a) = &mut self.aggregator {
-            let earlier = a.seen.entry(v.vote_id).or_default();
-            if !earlier.iter().any(|e| e.same_payload(&v)) {
-                a.columns.push(&v, earlier.is_empty());
-                earlier.push(v);
-            }
+            a.add(v);
             return;
         }
         self.vote_ids.push(v.vote_id);
@@ -291,12 +278,22 @@ async fn commit(pool: PgPool, rows: Rows) -> anyhow::Result<(u64, u64)> {
 }
 
 /// How the floor writes a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum FloorWrite {
     /// The bare `INSERT … ON CONFLICT DO NOTHING` ([`commit`]).
     Insert,
     /// The aggregator's own batch write ([`write_as_aggregator`]).
     Aggregator,
+}
+
+impl FloorWrite {
+    /// How the load runner's progress lines name this floor.
+    pub(super) fn shown(self) -> &'static str {
+        match self {
+            FloorWrite::Insert => "floor",
+            FloorWrite::Aggregator => "floor with the aggregator's write",
+        }
+    }
 }
 
 /// One batch written as a replica writes it: `db::write_batch_attempt` (one transaction
@@ -310,7 +307,10 @@ async fn write_as_aggregator(
     rows: Rows,
     shard: i16,
 ) -> anyhow::Result<(u64, u64)> {
-    let columns = rows.aggregator.map(|a| a.columns).unwrap_or_default();
+    let columns = rows
+        .aggregator
+        .map(|mut a| a.take_columns())
+        .unwrap_or_default();
     let outcome =
         db::write_batch_attempt(&pool, &url, &columns, shard, WRITE_TIMEOUT, Some(&recent))
             .await

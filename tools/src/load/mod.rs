@@ -22,6 +22,7 @@
 //! votes/s figure means little. Timings are benchmarks, never test assertions.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -342,8 +343,7 @@ async fn measure_round(
 ) -> anyhow::Result<Vec<ConfigResult>> {
     let mut broker_ceilings: HashMap<(String, usize), f64> = HashMap::new();
     let mut db_ceilings: HashMap<usize, f64> = HashMap::new();
-    let mut floors: HashMap<(String, usize), floor::Floor> = HashMap::new();
-    let mut write_floors: HashMap<(String, usize), WriteFloor> = HashMap::new();
+    let mut floors: HashMap<((String, usize), FloorWrite), floor::Floor> = HashMap::new();
     let mut configs = Vec::new();
     let total = opts.queue_types.len() * opts.batch_sizes.len() * opts.replicas.len();
     let mut n = 0;
@@ -358,27 +358,24 @@ async fn measure_round(
                 );
                 broker_ceilings.insert(key.clone(), c);
             }
-            if !floors.contains_key(&key) {
-                let write = FloorWrite::Insert;
-                let f = floor(servers, workload, queue_type, batch, write, opts).await?;
-                eprintln!(
-                    "load: floor {} batch {batch}: {:.0} votes/s",
-                    queue_type.as_str(),
-                    f.votes_per_second
-                );
-                floors.insert(key.clone(), f);
+            let writes: &[FloorWrite] = if opts.floor_with_aggregator_write {
+                &[FloorWrite::Insert, FloorWrite::Aggregator]
+            } else {
+                &[FloorWrite::Insert]
+            };
+            for &write in writes {
+                if let Entry::Vacant(e) = floors.entry((key.clone(), write)) {
+                    let f = floor(servers, workload, queue_type, batch, write, opts).await?;
+                    eprintln!(
+                        "load: {} {} batch {batch}: {:.0} votes/s",
+                        write.shown(),
+                        queue_type.as_str(),
+                        f.votes_per_second
+                    );
+                    e.insert(f);
+                }
             }
-            if opts.floor_with_aggregator_write && !write_floors.contains_key(&key) {
-                let write = FloorWrite::Aggregator;
-                let f = floor(servers, workload, queue_type, batch, write, opts).await?;
-                eprintln!(
-                    "load: floor with the aggregator's write {} batch {batch}: {:.0} votes/s",
-                    queue_type.as_str(),
-                    f.votes_per_second
-                );
-                write_floors.insert(key.clone(), f.as_write_floor());
-            }
-            if let std::collections::hash_map::Entry::Vacant(e) = db_ceilings.entry(batch) {
+            if let Entry::Vacant(e) = db_ceilings.entry(batch) {
                 let c = db_ceiling(servers, workload, batch).await?;
                 eprintln!("load: database ceiling batch {batch}: {c:.0} votes/s");
                 e.insert(c);
@@ -393,13 +390,15 @@ async fn measure_round(
                     measure_config(servers, workload, queue_type, batch, replicas, opts).await?;
                 r.broker_ceiling_votes_per_second = broker_ceilings[&key];
                 r.db_ceiling_votes_per_second = db_ceilings[&batch];
-                let f = &floors[&key];
+                let f = &floors[&(key.clone(), FloorWrite::Insert)];
                 r.floor_votes_per_second = f.votes_per_second;
                 r.floor_consumer_cpu_seconds_per_1000_votes = f.consumer_cpu;
                 r.floor_broker_cpu_seconds_per_1000_votes = f.cpu.broker;
                 r.floor_database_cpu_seconds_per_1000_votes = f.cpu.database;
                 r.floor_machine_busy_share = f.cpu.machine_busy;
-                r.floor_with_aggregator_write = write_floors.get(&key).cloned();
+                r.floor_with_aggregator_write = floors
+                    .get(&(key.clone(), FloorWrite::Aggregator))
+                    .map(floor::Floor::as_write_floor);
                 r.ratio_to_floor = r.votes_per_second / r.floor_votes_per_second.max(1.0);
                 r.ratio_to_floor_range = (r.ratio_to_floor, r.ratio_to_floor);
                 r.ratio_to_broker_ceiling =
