@@ -191,6 +191,11 @@ struct LoadArgs {
     /// to the floor, and the range over the rounds.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
     rounds: u32,
+    /// Set a service variable on every replica, e.g. `--replica-env RESULTS_RELAY=false`
+    /// (repeatable): to measure a setting. Not the ones the runner sets per configuration
+    /// (URLs, queue, batch size, prefetch, metrics address, replica id).
+    #[arg(long = "replica-env", value_name = "NAME=VALUE", value_parser = crate::load::parse_replica_env)]
+    replica_env: Vec<(String, String)>,
 }
 
 #[derive(Args)]
@@ -378,6 +383,7 @@ async fn load_cmd(args: LoadArgs) -> anyhow::Result<ExitCode> {
         via_port_proxy: args.via_port_proxy,
         floor_with_aggregator_write: args.floor_with_aggregator_write,
         rounds: args.rounds as usize,
+        replica_env: args.replica_env,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let report = crate::load::run(&options, command).await?;

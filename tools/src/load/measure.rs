@@ -64,6 +64,11 @@ pub(super) async fn measure_config(
     base_env.push((var::PREFETCH_COUNT.into(), prefetch.to_string()));
     base_env.push((var::RUN_MIGRATIONS.into(), "false".into()));
     base_env.push((var::RUST_LOG.into(), "warn".into()));
+    // `--replica-env` last: it may override the runner's other defaults above.
+    for (name, value) in &opts.replica_env {
+        base_env.retain(|(k, _)| k != name);
+        base_env.push((name.clone(), value.clone()));
+    }
     let specs: Vec<ReplicaSpec> = (0..replicas)
         .map(|i| ReplicaSpec {
             name: format!("load-{}", i + 1),

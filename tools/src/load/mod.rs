@@ -30,6 +30,7 @@ use diesel::QueryableByName;
 use diesel::sql_types::Text;
 use serde::{Deserialize, Serialize};
 use vote_aggregator::config::QueueType;
+use vote_aggregator::config::variables as var;
 use vote_aggregator::db::{self};
 
 use vote_testkit::infra::{self, BrokerCluster, InfraOptions};
@@ -86,6 +87,47 @@ pub struct LoadOptions {
     /// Times the whole matrix is measured; each configuration reports the round with its
     /// median `ratio_to_floor`, and the range over the rounds.
     pub rounds: usize,
+    /// Service variables set on every replica on top of the runner's own (see
+    /// [`parse_replica_env`]).
+    pub replica_env: Vec<(String, String)>,
+}
+
+/// Variables the runner sets itself for each configuration: `--replica-env` may not
+/// change them (the figures would not describe the configuration they are filed under).
+const RUNNER_OWNED_VARIABLES: &[&str] = &[
+    var::DATABASE_URL,
+    var::DATABASE_URL_FILE,
+    var::AMQP_URL,
+    var::AMQP_URL_FILE,
+    var::QUEUE_NAME,
+    var::QUEUE_TYPE,
+    var::BATCH_SIZE,
+    var::PREFETCH_COUNT,
+    var::METRICS_ADDR,
+    var::REPLICA_ID,
+];
+
+/// Parses one `--replica-env NAME=VALUE`: NAME must be a service variable the runner does
+/// not set itself. The value is checked by the replicas at start-up (a bad one fails the
+/// run with their error).
+///
+/// # Errors
+/// When there is no `=`, or NAME is unknown or owned by the runner.
+pub fn parse_replica_env(arg: &str) -> Result<(String, String), String> {
+    let Some((name, value)) = arg.split_once('=') else {
+        return Err(format!("'{arg}' is not NAME=VALUE"));
+    };
+    if !var::VARIABLES.iter().any(|v| v.name == name) {
+        return Err(format!(
+            "{name} is not a service variable (see `vote-aggregator --help`)"
+        ));
+    }
+    if RUNNER_OWNED_VARIABLES.contains(&name) {
+        return Err(format!(
+            "{name} is set by the load runner for each configuration; use its own options"
+        ));
+    }
+    Ok((name.to_string(), value.to_string()))
 }
 
 /// The servers of a run: the private pair, and with [`LoadOptions::broker_cluster`] the
@@ -256,6 +298,9 @@ pub struct LoadReport {
     pub steady_seconds: f64,
     /// Workload seed.
     pub seed: u64,
+    /// `--replica-env` variables every replica ran with, beside the runner's own.
+    #[serde(default)]
+    pub replica_env: Vec<(String, String)>,
     /// Where it ran.
     pub machine: Machine,
     /// One entry per configuration.
@@ -330,6 +375,7 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
         duplicates: opts.duplicates,
         steady_seconds: opts.steady.as_secs_f64(),
         seed: opts.seed,
+        replica_env: opts.replica_env.clone(),
         machine,
         configs,
     })
@@ -620,4 +666,31 @@ pub(super) async fn prefill(
     )
     .await?;
     Ok(ledger)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_replica_env;
+
+    #[test]
+    fn replica_env_takes_a_service_variable_the_runner_does_not_set() {
+        assert_eq!(
+            parse_replica_env("RESULTS_RELAY=false"),
+            Ok(("RESULTS_RELAY".into(), "false".into()))
+        );
+        // The value may itself hold '=' (only the first splits).
+        assert_eq!(
+            parse_replica_env("RUST_LOG=a=b").map(|(_, v)| v),
+            Ok("a=b".into())
+        );
+    }
+
+    #[test]
+    fn replica_env_refuses_what_would_mislabel_or_do_nothing() {
+        let err = |arg: &str| parse_replica_env(arg).unwrap_err();
+        assert!(err("RESULTS_RELAY").contains("not NAME=VALUE"));
+        assert!(err("NO_SUCH_SETTING=1").contains("not a service variable"));
+        assert!(err("BATCH_SIZE=100").contains("set by the load runner"));
+        assert!(err("DATABASE_URL=postgres://x").contains("set by the load runner"));
+    }
 }

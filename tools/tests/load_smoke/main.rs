@@ -27,9 +27,12 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         via_port_proxy: false,
         floor_with_aggregator_write: true,
         rounds: 2,
+        // A setting passed to every replica (the periodic tally scan off).
+        replica_env: vec![("TALLY_CHECK_INTERVAL_SECONDS".into(), "0".into())],
     };
     let report = load::run(&opts, "load smoke test".into()).await?;
     assert_eq!(report.configs.len(), 2);
+    assert_eq!(report.replica_env, opts.replica_env);
     for c in &report.configs {
         assert!(c.votes_per_second > 0.0, "{c:?}");
         assert!(c.broker_ceiling_votes_per_second > 0.0);
