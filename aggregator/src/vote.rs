@@ -47,11 +47,6 @@ impl Vote {
         // Serializing a struct of strings cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
-
-    /// Whether `other` carries the same vote (same payload), not just the same UUID.
-    pub fn same_payload(&self, other: &Vote) -> bool {
-        self == other
-    }
 }
 
 /// Why a body was refused. `kind` is a small fixed set (a metric label); `detail` is the

@@ -29,6 +29,7 @@
 //! (checked by [`verify`](super::verify())), and the events of the committed transactions
 //! add up to the tallies.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -39,7 +40,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::batch_sql::{RESOLVE_CONFLICTS_SQL, WriteBatch};
 use super::recent::{EarlierCommits, RecentlyStored, StoreIdentity};
-use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, checkout, tls, txn};
+use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, UuidHasher, checkout, tls, txn};
 use crate::error::DbError;
 use crate::vote::Vote;
 
@@ -59,12 +60,50 @@ pub struct BatchColumns {
 impl BatchColumns {
     /// Adds a row. `is_first` is false for a later row of a UUID already in the batch.
     pub fn push(&mut self, vote: &Vote, is_first: bool) {
+        self.push_owned(vote.clone(), is_first);
+    }
+
+    /// Adds a row, moving the vote's fields in.
+    fn push_owned(&mut self, vote: Vote, is_first: bool) {
         self.vote_ids.push(vote.vote_id);
-        self.election_ids.push(vote.election_id.clone());
-        self.candidate_ids.push(vote.candidate_id.clone());
-        self.precinct_ids.push(vote.precinct_id.clone());
+        self.election_ids.push(vote.election_id);
+        self.candidate_ids.push(vote.candidate_id);
+        self.precinct_ids.push(vote.precinct_id);
         self.cast_ats.push(vote.cast_at);
         self.is_first.push(is_first);
+    }
+
+    /// Room for `rows` rows in every column.
+    fn with_capacity(rows: usize) -> Self {
+        BatchColumns {
+            vote_ids: Vec::with_capacity(rows),
+            election_ids: Vec::with_capacity(rows),
+            candidate_ids: Vec::with_capacity(rows),
+            precinct_ids: Vec::with_capacity(rows),
+            cast_ats: Vec::with_capacity(rows),
+            is_first: Vec::with_capacity(rows),
+        }
+    }
+
+    /// Whether row `i` here and row `j` of `other` are the same vote: its UUID and every
+    /// field of its payload.
+    pub(super) fn same_row(&self, i: usize, other: &BatchColumns, j: usize) -> bool {
+        i < self.len()
+            && j < other.len()
+            && self.vote_ids[i] == other.vote_ids[j]
+            && self.election_ids[i] == other.election_ids[j]
+            && self.candidate_ids[i] == other.candidate_ids[j]
+            && self.precinct_ids[i] == other.precinct_ids[j]
+            && self.cast_ats[i] == other.cast_ats[j]
+    }
+
+    /// Whether row `i` is `vote`: its UUID and every field of its payload.
+    fn row_is(&self, i: usize, vote: &Vote) -> bool {
+        self.vote_ids.get(i) == Some(&vote.vote_id)
+            && self.election_ids[i] == vote.election_id
+            && self.candidate_ids[i] == vote.candidate_id
+            && self.precinct_ids[i] == vote.precinct_id
+            && self.cast_ats[i] == vote.cast_at
     }
 
     /// Rows in the batch.
@@ -112,7 +151,7 @@ impl BatchColumns {
     /// # Errors
     /// [`DbError::BatchAnswer`] when a UUID is not one this batch offered.
     fn split_inserted(&self, inserted: &[uuid::Uuid]) -> Result<(Vec<i32>, Vec<i32>), DbError> {
-        let mut unclaimed: HashSet<uuid::Uuid> = inserted.iter().copied().collect();
+        let mut unclaimed: HashSet<uuid::Uuid, UuidHasher> = inserted.iter().copied().collect();
         let mut counted = Vec::with_capacity(inserted.len());
         let mut rest = Vec::new();
         for (ord, (id, first)) in self.vote_ids.iter().zip(&self.is_first).enumerate() {
@@ -138,28 +177,37 @@ impl BatchColumns {
 #[derive(Debug, Default)]
 pub struct DistinctRows {
     columns: BatchColumns,
-    /// The rows of each UUID in the batch, first one first.
-    by_id: HashMap<uuid::Uuid, Vec<Vote>>,
+    /// The first row of each UUID in the batch. Its later rows (another payload each,
+    /// rare) come after it in `columns`: a copy is looked for there.
+    first_row: HashMap<uuid::Uuid, usize, UuidHasher>,
 }
 
 impl DistinctRows {
     /// Room for `capacity` rows.
     pub fn with_capacity(capacity: usize) -> Self {
         DistinctRows {
-            columns: BatchColumns::default(),
-            by_id: HashMap::with_capacity(capacity),
+            columns: BatchColumns::with_capacity(capacity),
+            first_row: HashMap::with_capacity_and_hasher(capacity, Default::default()),
         }
     }
 
     /// Adds `vote` as a row; returns false, adding nothing, when it is a copy of a row
-    /// already in the batch.
+    /// already in the batch. The vote's fields move into the columns (no copy is kept).
     pub fn add(&mut self, vote: Vote) -> bool {
-        let seen = self.by_id.entry(vote.vote_id).or_default();
-        if seen.iter().any(|v| v.same_payload(&vote)) {
-            return false;
+        let rows = self.columns.len();
+        match self.first_row.entry(vote.vote_id) {
+            Entry::Vacant(first) => {
+                first.insert(rows);
+                self.columns.push_owned(vote, true);
+            }
+            Entry::Occupied(first) => {
+                let c = &self.columns;
+                if (*first.get()..rows).any(|i| c.row_is(i, &vote)) {
+                    return false;
+                }
+                self.columns.push_owned(vote, false);
+            }
         }
-        self.columns.push(&vote, seen.is_empty());
-        seen.push(vote);
         true
     }
 
@@ -416,9 +464,17 @@ mod tests {
         assert!(!rows.add(vote(1, "a")), "an exact copy is dropped");
         assert!(rows.add(vote(1, "b")), "another payload is kept");
         assert!(rows.add(vote(2, "a")));
+        assert!(
+            !rows.add(vote(1, "b")),
+            "a copy of a later row is dropped too"
+        );
+        let mut other_time = vote(1, "a");
+        other_time.cast_at += chrono::Duration::microseconds(1);
+        assert!(rows.add(other_time), "every field of the payload counts");
         let columns = rows.take_columns();
-        assert_eq!(columns.len(), 3);
-        assert_eq!(columns.is_first, vec![true, false, true]);
+        assert_eq!(columns.len(), 4);
+        assert_eq!(columns.is_first, vec![true, false, true, false]);
+        assert_eq!(columns.candidate_ids, vec!["a", "b", "a", "a"]);
         assert!(rows.columns().is_empty());
     }
 }

@@ -48,11 +48,10 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use super::{BatchColumns, BatchOutcome};
+use super::{BatchColumns, BatchOutcome, UuidHasher};
 use crate::config::SessionTimeouts;
 
 /// Votes a replica remembers (whole batches; at least the newest batch, whatever its
@@ -106,22 +105,26 @@ impl StoreIdentity {
     }
 }
 
-/// A stored vote's payload (everything but its UUID).
-#[derive(Debug, PartialEq, Eq)]
-struct Payload {
-    election_id: String,
-    candidate_id: String,
-    precinct_id: Option<String>,
-    cast_at: DateTime<Utc>,
+/// A committed batch, kept whole: its columns hold the payloads of the rows it counted.
+#[derive(Debug)]
+struct RememberedBatch {
+    /// Its place in the order batches were remembered.
+    number: u64,
+    columns: BatchColumns,
+    /// The rows it counted (indices into `columns`): the remembered votes.
+    counted: Vec<i32>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     /// Where every remembered vote was stored (`None`: nothing remembered yet).
     store: Option<StoreIdentity>,
-    by_id: HashMap<Uuid, Payload>,
-    /// The UUIDs each remembered batch added, oldest first.
-    batches: VecDeque<Vec<Uuid>>,
+    /// Each remembered vote's batch (its number) and row.
+    by_id: HashMap<Uuid, (u64, usize), UuidHasher>,
+    /// The remembered batches, oldest first, numbered consecutively.
+    batches: VecDeque<RememberedBatch>,
+    /// The number the next remembered batch gets.
+    next_number: u64,
 }
 
 impl Inner {
@@ -132,13 +135,30 @@ impl Inner {
 
     /// Row `i` of `columns` is remembered with exactly its payload.
     fn holds(&self, columns: &BatchColumns, i: usize) -> bool {
-        let Some(stored) = columns.vote_ids.get(i).and_then(|id| self.by_id.get(id)) else {
+        let Some(&(number, row)) = columns.vote_ids.get(i).and_then(|id| self.by_id.get(id)) else {
             return false;
         };
-        stored.election_id == columns.election_ids[i]
-            && stored.candidate_id == columns.candidate_ids[i]
-            && stored.precinct_id == columns.precinct_ids[i]
-            && stored.cast_at == columns.cast_ats[i]
+        let oldest = self.batches.front().map_or(0, |b| b.number);
+        number
+            .checked_sub(oldest)
+            .and_then(|at| usize::try_from(at).ok())
+            .and_then(|at| self.batches.get(at))
+            .is_some_and(|b| b.columns.same_row(row, columns, i))
+    }
+
+    /// Forgets the oldest batch.
+    fn forget_oldest(&mut self) {
+        let Some(oldest) = self.batches.pop_front() else {
+            return;
+        };
+        for &ord in &oldest.counted {
+            let row = ord as usize;
+            if let Some(id) = oldest.columns.vote_ids.get(row)
+                && self.by_id.get(id) == Some(&(oldest.number, row))
+            {
+                self.by_id.remove(id);
+            }
+        }
     }
 }
 
@@ -251,10 +271,10 @@ impl RecentlyStored {
     }
 
     /// Remembers the rows `outcome` counted (indices into `columns`) of a batch whose
-    /// transaction COMMITTED, taking their payloads out of `columns` (a committed batch
-    /// needs them no more); forgets the oldest batches beyond the capacity, and
-    /// everything remembered of another stored state than the outcome's. Then releases
-    /// the batch's commit ticket ([`BatchOutcome::commit_ticket`]).
+    /// transaction COMMITTED, keeping `columns` (a committed batch needs them no more);
+    /// forgets the oldest batches beyond the capacity, and everything remembered of
+    /// another stored state than the outcome's. Then releases the batch's commit ticket
+    /// ([`BatchOutcome::commit_ticket`]).
     pub fn remember(&self, columns: BatchColumns, outcome: &BatchOutcome) {
         self.keep(columns, outcome);
         if let Some(id) = outcome.commit_ticket {
@@ -262,24 +282,7 @@ impl RecentlyStored {
         }
     }
 
-    fn keep(&self, mut columns: BatchColumns, outcome: &BatchOutcome) {
-        let counted = &outcome.counted;
-        let mut added = Vec::with_capacity(counted.len());
-        let mut payloads = Vec::with_capacity(counted.len());
-        for &ord in counted {
-            let i = ord as usize;
-            let Some(&id) = columns.vote_ids.get(i) else {
-                continue;
-            };
-            let payload = Payload {
-                election_id: std::mem::take(&mut columns.election_ids[i]),
-                candidate_id: std::mem::take(&mut columns.candidate_ids[i]),
-                precinct_id: columns.precinct_ids[i].take(),
-                cast_at: columns.cast_ats[i],
-            };
-            added.push(id);
-            payloads.push(payload);
-        }
+    fn keep(&self, columns: BatchColumns, outcome: &BatchOutcome) {
         let mut inner = self.lock();
         if !inner.is_of(&outcome.store) {
             *inner = Inner {
@@ -287,19 +290,28 @@ impl RecentlyStored {
                 ..Inner::default()
             };
         }
-        if added.is_empty() {
+        let counted: Vec<i32> = outcome
+            .counted
+            .iter()
+            .copied()
+            .filter(|&ord| usize::try_from(ord).is_ok_and(|i| i < columns.len()))
+            .collect();
+        if counted.is_empty() {
             return;
         }
-        for (&id, payload) in added.iter().zip(payloads) {
-            inner.by_id.insert(id, payload);
+        let number = inner.next_number;
+        inner.next_number += 1;
+        for &ord in &counted {
+            let row = ord as usize;
+            inner.by_id.insert(columns.vote_ids[row], (number, row));
         }
-        inner.batches.push_back(added);
+        inner.batches.push_back(RememberedBatch {
+            number,
+            columns,
+            counted,
+        });
         while inner.by_id.len() > self.capacity && inner.batches.len() > 1 {
-            if let Some(oldest) = inner.batches.pop_front() {
-                for id in oldest {
-                    inner.by_id.remove(&id);
-                }
-            }
+            inner.forget_oldest();
         }
     }
 
@@ -350,6 +362,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use crate::vote::Vote;
+    use chrono::DateTime;
 
     fn vote(n: u128, candidate: &str) -> Vote {
         Vote {
