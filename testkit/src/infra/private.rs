@@ -154,6 +154,16 @@ impl PrivateInfra {
         &self.rabbitmq.id
     }
 
+    /// Runs `rabbitmqctl`-style `cmd` inside the RabbitMQ container and returns its output.
+    ///
+    /// # Errors
+    /// When Docker fails or the command exits non-zero.
+    pub async fn exec_in_rabbitmq(&self, cmd: &[&str]) -> anyhow::Result<String> {
+        let id = self.rabbitmq.id.clone();
+        let cmd: Vec<String> = cmd.iter().map(|s| (*s).to_owned()).collect();
+        on_docker(async move { super::exec::exec_in_container(&id, cmd, None).await }).await
+    }
+
     /// The PostgreSQL image this pair runs.
     pub fn postgres_image(&self) -> &str {
         &self.postgres.image

@@ -23,7 +23,7 @@ pub(super) async fn broker_ceiling(
     opts: &LoadOptions,
 ) -> anyhow::Result<f64> {
     let bed = fresh_bed(servers, queue_type).await?;
-    prefill(&bed, workload, opts).await?;
+    prefill(servers, &bed, workload, opts).await?;
     let expected = workload.main.len();
     let (conn, ch, mut consumer) = consume(&bed, batch, opts, "broker-ceiling").await?;
     let mut received = 0usize;

@@ -178,7 +178,7 @@ pub(super) async fn floor(
     opts: &LoadOptions,
 ) -> anyhow::Result<Floor> {
     let bed = fresh_bed(servers, queue_type).await?;
-    let ledger = prefill(&bed, workload, opts).await?;
+    let ledger = prefill(servers, &bed, workload, opts).await?;
     let expected = ledger.votes.len() as u64;
     let url = SecretString::from(bed.database_url.clone());
     let pool = db::pool(&url, PIPELINE_DEPTH as u32, &Default::default());

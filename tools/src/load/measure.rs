@@ -47,7 +47,7 @@ pub(super) async fn measure_config(
     opts: &LoadOptions,
 ) -> anyhow::Result<ConfigResult> {
     let bed = fresh_bed(servers, queue_type).await?;
-    let ledger = prefill(&bed, workload, opts).await?;
+    let ledger = prefill(servers, &bed, workload, opts).await?;
     let expected = ledger.votes.len() as u64;
     let deliveries = expected + ledger.duplicates_sent;
 

@@ -147,6 +147,69 @@ impl Servers {
     }
 }
 
+/// Rolls a broker's quorum-queue log (the Ra WAL) over to a new file (an asynchronous
+/// request: `sys:get_state` returns once the log has taken it) and waits for its segment
+/// writer, which writes the old file's messages out to segment files.
+const SETTLE_QUORUM_LOG: &str = "ra_log_wal:force_roll_over(ra_log_wal), \
+     _ = sys:get_state(ra_log_wal), \
+     ok = ra_log_segment_writer:await(ra_log_segment_writer).";
+/// Counts a broker's quorum-queue log files: one once the old one is written out and
+/// deleted.
+const COUNT_QUORUM_LOG_FILES: &str =
+    "find /var/lib/rabbitmq -path '*quorum*' -name '*.wal' | wc -l";
+/// Longest a broker may take to write out its old quorum-queue log.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+impl Servers {
+    /// Runs `cmd` in broker node `node` (the pair's one broker without a cluster).
+    async fn exec_in_broker(&self, node: usize, cmd: &[&str]) -> anyhow::Result<String> {
+        match &self.brokers {
+            Some(brokers) => brokers.exec(node, cmd).await,
+            None => self.pair.exec_in_rabbitmq(cmd).await,
+        }
+    }
+
+    /// Brings the servers to the same state before each drain, so that no drain pays for
+    /// work an earlier phase left behind. Without it, RabbitMQ rolled its quorum-queue
+    /// log over every 512 MiB (`wal_max_size_bytes`), at the same points of every run's
+    /// sequence of pre-fills, and writing out the unread messages of the old log
+    /// competed with whichever drain started then: in four runs of three rounds each, the
+    /// second round's floor and the third round's aggregator drained slower every time.
+    /// PostgreSQL is checkpointed too (dropping a bed's database requests a checkpoint,
+    /// which would otherwise land in the next phase).
+    ///
+    /// # Errors
+    /// When a server cannot be reached or refuses.
+    pub(super) async fn settle(&self) -> anyhow::Result<()> {
+        let nodes = self.brokers.as_ref().map_or(1, BrokerCluster::len);
+        for node in 0..nodes {
+            self.exec_in_broker(node, &["rabbitmqctl", "-q", "eval", SETTLE_QUORUM_LOG])
+                .await?;
+            let deadline = Instant::now() + SETTLE_LIMIT;
+            loop {
+                let files = self
+                    .exec_in_broker(node, &["sh", "-c", COUNT_QUORUM_LOG_FILES])
+                    .await?;
+                if files.trim().parse::<u32>().is_ok_and(|n| n <= 1) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    anyhow::bail!(
+                        "RabbitMQ node {node} still had {} quorum log files {SETTLE_LIMIT:?} after \
+                         rolling its log over: is its disk that slow?",
+                        files.trim()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+        let mut conn = AsyncPgConnection::establish(&self.pair.admin_database_url()).await?;
+        diesel::sql_query("CHECKPOINT").execute(&mut conn).await?;
+        Ok(())
+    }
+}
+
 /// The machine and software the figures were measured on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
@@ -647,7 +710,10 @@ pub(super) async fn stored_rate(bed: &TestBed) -> anyhow::Result<f64> {
     Ok(span.n as f64 / span.secs.max(0.001))
 }
 
+/// Pre-fills the bed's queue with the workload, then settles the servers
+/// ([`Servers::settle`]): the drain that follows starts from the same state as every other.
 pub(super) async fn prefill(
+    servers: &Servers,
     bed: &TestBed,
     workload: &Workload,
     opts: &LoadOptions,
@@ -665,6 +731,7 @@ pub(super) async fn prefill(
         &mut ledger,
     )
     .await?;
+    servers.settle().await?;
     Ok(ledger)
 }
 
