@@ -74,7 +74,7 @@ impl BatchColumns {
     }
 
     /// Room for `rows` rows in every column.
-    fn with_capacity(rows: usize) -> Self {
+    pub(super) fn with_capacity(rows: usize) -> Self {
         BatchColumns {
             vote_ids: Vec::with_capacity(rows),
             election_ids: Vec::with_capacity(rows),
@@ -97,9 +97,32 @@ impl BatchColumns {
             && self.cast_ats[i] == other.cast_ats[j]
     }
 
+    /// The rows at `indices` (out-of-range ones skipped), moved into columns of exactly
+    /// their size; what they held here is left empty.
+    pub(super) fn take_rows(&mut self, indices: &[i32]) -> BatchColumns {
+        let rows: Vec<usize> = indices
+            .iter()
+            .filter_map(|&i| usize::try_from(i).ok())
+            .filter(|&i| i < self.len())
+            .collect();
+        let mut out = BatchColumns::with_capacity(rows.len());
+        for i in rows {
+            out.vote_ids.push(self.vote_ids[i]);
+            out.election_ids
+                .push(std::mem::take(&mut self.election_ids[i]));
+            out.candidate_ids
+                .push(std::mem::take(&mut self.candidate_ids[i]));
+            out.precinct_ids.push(self.precinct_ids[i].take());
+            out.cast_ats.push(self.cast_ats[i]);
+            out.is_first.push(self.is_first[i]);
+        }
+        out
+    }
+
     /// Whether row `i` is `vote`: its UUID and every field of its payload.
     fn row_is(&self, i: usize, vote: &Vote) -> bool {
-        self.vote_ids.get(i) == Some(&vote.vote_id)
+        i < self.len()
+            && self.vote_ids[i] == vote.vote_id
             && self.election_ids[i] == vote.election_id
             && self.candidate_ids[i] == vote.candidate_id
             && self.precinct_ids[i] == vote.precinct_id
@@ -178,7 +201,8 @@ impl BatchColumns {
 pub struct DistinctRows {
     columns: BatchColumns,
     /// The first row of each UUID in the batch. Its later rows (another payload each,
-    /// rare) come after it in `columns`: a copy is looked for there.
+    /// rare) come after it in `columns`: a copy is looked for from there on (a scan to
+    /// the end of the batch, only for a UUID seen before in it).
     first_row: HashMap<uuid::Uuid, usize, UuidHasher>,
 }
 
@@ -218,6 +242,7 @@ impl DistinctRows {
 
     /// The rows, taken out (this is left empty).
     pub fn take_columns(&mut self) -> BatchColumns {
+        self.first_row.clear();
         std::mem::take(&mut self.columns)
     }
 }

@@ -60,8 +60,9 @@ use crate::config::SessionTimeouts;
 /// how far a copy lands from its original depends on the traffic, not on `BATCH_SIZE`.
 /// In `make load`, where copies race their originals on four publisher connections,
 /// 4 000 votes recognised about half of the copies the write refused and this many nearly
-/// all; it takes about 4.4 MiB (`examples/batch_memory_cost.rs` measures it). A duplicate that arrives later is judged by the
-/// database.
+/// all. Only the counted rows are kept (about 4.4 MiB for this many, as
+/// `examples/batch_memory_cost.rs` measures), whatever the batches' size or fill. A
+/// duplicate that arrives later is judged by the database.
 pub const VOTES_REMEMBERED: usize = 16_384;
 
 /// Longest a batch with rows left to judge waits, by default, for this process's batches
@@ -105,14 +106,14 @@ impl StoreIdentity {
     }
 }
 
-/// A committed batch, kept whole: its columns hold the payloads of the rows it counted.
+/// The rows a committed batch counted (moved out of its columns, nothing else kept, so
+/// memory is bounded by the votes remembered whatever the batches' size or fill).
 #[derive(Debug)]
 struct RememberedBatch {
     /// Its place in the order batches were remembered.
     number: u64,
+    /// The remembered votes.
     columns: BatchColumns,
-    /// The rows it counted (indices into `columns`): the remembered votes.
-    counted: Vec<i32>,
 }
 
 #[derive(Debug, Default)]
@@ -151,11 +152,8 @@ impl Inner {
         let Some(oldest) = self.batches.pop_front() else {
             return;
         };
-        for &ord in &oldest.counted {
-            let row = ord as usize;
-            if let Some(id) = oldest.columns.vote_ids.get(row)
-                && self.by_id.get(id) == Some(&(oldest.number, row))
-            {
+        for (row, id) in oldest.columns.vote_ids.iter().enumerate() {
+            if self.by_id.get(id) == Some(&(oldest.number, row)) {
                 self.by_id.remove(id);
             }
         }
@@ -271,7 +269,8 @@ impl RecentlyStored {
     }
 
     /// Remembers the rows `outcome` counted (indices into `columns`) of a batch whose
-    /// transaction COMMITTED, keeping `columns` (a committed batch needs them no more);
+    /// transaction COMMITTED, moving their payloads out of `columns` (the committed batch
+    /// no longer needs them);
     /// forgets the oldest batches beyond the capacity, and everything remembered of
     /// another stored state than the outcome's. Then releases the batch's commit ticket
     /// ([`BatchOutcome::commit_ticket`]).
@@ -282,7 +281,9 @@ impl RecentlyStored {
         }
     }
 
-    fn keep(&self, columns: BatchColumns, outcome: &BatchOutcome) {
+    fn keep(&self, mut columns: BatchColumns, outcome: &BatchOutcome) {
+        // Outside the lock: the counted rows, moved into columns of their own.
+        let counted = columns.take_rows(&outcome.counted);
         let mut inner = self.lock();
         if !inner.is_of(&outcome.store) {
             *inner = Inner {
@@ -290,25 +291,17 @@ impl RecentlyStored {
                 ..Inner::default()
             };
         }
-        let counted: Vec<i32> = outcome
-            .counted
-            .iter()
-            .copied()
-            .filter(|&ord| usize::try_from(ord).is_ok_and(|i| i < columns.len()))
-            .collect();
         if counted.is_empty() {
             return;
         }
         let number = inner.next_number;
         inner.next_number += 1;
-        for &ord in &counted {
-            let row = ord as usize;
-            inner.by_id.insert(columns.vote_ids[row], (number, row));
+        for (row, &id) in counted.vote_ids.iter().enumerate() {
+            inner.by_id.insert(id, (number, row));
         }
         inner.batches.push_back(RememberedBatch {
             number,
-            columns,
-            counted,
+            columns: counted,
         });
         while inner.by_id.len() > self.capacity && inner.batches.len() > 1 {
             inner.forget_oldest();
@@ -496,6 +489,33 @@ mod tests {
         );
         assert_eq!(recent.len(), 4);
         assert!(recent.is_duplicate(&at, &columns(&[vote(8, "a")]), 0));
+    }
+
+    /// Small batches (a vote each at low traffic, in columns sized for a full batch) or
+    /// batches of copies keep only their counted rows: memory stays bounded by the votes
+    /// remembered, not by the batches' size.
+    #[test]
+    fn only_counted_rows_are_kept_whatever_the_batch_size() {
+        let recent = RecentlyStored::new(3);
+        for n in 0..10u128 {
+            let mut c = BatchColumns::with_capacity(500);
+            c.push(&vote(2 * n, "a"), true);
+            c.push(&vote(2 * n + 1, "a"), true);
+            recent.remember(c, &committed("s", &[0]));
+        }
+        assert_eq!(recent.len(), 3);
+        let inner = recent.lock();
+        assert_eq!(inner.batches.len(), 3);
+        for b in &inner.batches {
+            assert_eq!(b.columns.len(), 1, "the row it did not count is not kept");
+            assert!(
+                b.columns.vote_ids.capacity() <= 1,
+                "nor room for a full batch"
+            );
+        }
+        drop(inner);
+        assert!(recent.is_duplicate(&store("s"), &columns(&[vote(18, "a")]), 0));
+        assert!(!recent.is_duplicate(&store("s"), &columns(&[vote(19, "a")]), 0));
     }
 
     /// Memory whose waits end only when the batches settle (a limit no test reaches).
