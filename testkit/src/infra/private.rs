@@ -154,7 +154,7 @@ impl PrivateInfra {
         &self.rabbitmq.id
     }
 
-    /// Runs `rabbitmqctl`-style `cmd` inside the RabbitMQ container and returns its output.
+    /// Runs `cmd` (an argv) inside the RabbitMQ container and returns its output.
     ///
     /// # Errors
     /// When Docker fails or the command exits non-zero.

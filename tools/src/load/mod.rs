@@ -153,8 +153,8 @@ impl Servers {
 const SETTLE_QUORUM_LOG: &str = "ra_log_wal:force_roll_over(ra_log_wal), \
      _ = sys:get_state(ra_log_wal), \
      ok = ra_log_segment_writer:await(ra_log_segment_writer).";
-/// Counts a broker's quorum-queue log files: one once the old one is written out and
-/// deleted.
+/// Counts a broker's quorum-queue log files: one (the new file) once the old one is
+/// written out and deleted; none would mean the path is wrong, and the wait fails.
 const COUNT_QUORUM_LOG_FILES: &str =
     "find /var/lib/rabbitmq -path '*quorum*' -name '*.wal' | wc -l";
 /// Longest a broker may take to write out its old quorum-queue log.
@@ -190,7 +190,7 @@ impl Servers {
                 let files = self
                     .exec_in_broker(node, &["sh", "-c", COUNT_QUORUM_LOG_FILES])
                     .await?;
-                if files.trim().parse::<u32>().is_ok_and(|n| n <= 1) {
+                if files.trim().parse::<u32>().is_ok_and(|n| n == 1) {
                     break;
                 }
                 if Instant::now() > deadline {
