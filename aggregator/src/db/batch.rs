@@ -44,6 +44,16 @@ use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, UuidHasher, checkout, tls, txn};
 use crate::error::DbError;
 use crate::vote::Vote;
 
+/// A row's UUID and payload, borrowed: what two rows (or a row and a vote) must share to
+/// be the same vote.
+type RowRef<'a> = (
+    &'a uuid::Uuid,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    &'a chrono::DateTime<chrono::Utc>,
+);
+
 /// One batch, as columns ready to bind. Built once per batch and reused across retries.
 #[derive(Debug, Default)]
 pub struct BatchColumns {
@@ -85,16 +95,23 @@ impl BatchColumns {
         }
     }
 
+    /// Row `i` as a vote's UUID and payload, all its fields (`None` past the end).
+    fn row(&self, i: usize) -> Option<RowRef<'_>> {
+        (i < self.len()).then(|| {
+            (
+                &self.vote_ids[i],
+                self.election_ids[i].as_str(),
+                self.candidate_ids[i].as_str(),
+                self.precinct_ids[i].as_deref(),
+                &self.cast_ats[i],
+            )
+        })
+    }
+
     /// Whether row `i` here and row `j` of `other` are the same vote: its UUID and every
     /// field of its payload.
     pub(super) fn same_row(&self, i: usize, other: &BatchColumns, j: usize) -> bool {
-        i < self.len()
-            && j < other.len()
-            && self.vote_ids[i] == other.vote_ids[j]
-            && self.election_ids[i] == other.election_ids[j]
-            && self.candidate_ids[i] == other.candidate_ids[j]
-            && self.precinct_ids[i] == other.precinct_ids[j]
-            && self.cast_ats[i] == other.cast_ats[j]
+        self.row(i).is_some_and(|r| other.row(j) == Some(r))
     }
 
     /// The rows at `indices` (out-of-range ones skipped), moved into columns of exactly
@@ -121,12 +138,14 @@ impl BatchColumns {
 
     /// Whether row `i` is `vote`: its UUID and every field of its payload.
     fn row_is(&self, i: usize, vote: &Vote) -> bool {
-        i < self.len()
-            && self.vote_ids[i] == vote.vote_id
-            && self.election_ids[i] == vote.election_id
-            && self.candidate_ids[i] == vote.candidate_id
-            && self.precinct_ids[i] == vote.precinct_id
-            && self.cast_ats[i] == vote.cast_at
+        let fields = (
+            &vote.vote_id,
+            vote.election_id.as_str(),
+            vote.candidate_id.as_str(),
+            vote.precinct_id.as_deref(),
+            &vote.cast_at,
+        );
+        self.row(i) == Some(fields)
     }
 
     /// Rows in the batch.
