@@ -167,6 +167,7 @@ pub fn markdown_text(report: &LoadReport, chart: Option<&Path>) -> String {
     }
     s.push_str(&cost_against_floor(report));
     s.push_str(&gap_split(report));
+    s.push_str(&every_round(report));
     let _ = writeln!(s, "\n### Targets\n");
     for line in targets(report) {
         let _ = writeln!(s, "- {line}");
@@ -192,11 +193,15 @@ pub fn targets(report: &LoadReport) -> Vec<String> {
     for q in ["classic", "quorum"] {
         if let Some(c) = find(q, 1, 500) {
             out.push(format!(
-                "1 replica, batch 500, {q}: {} of the floor ({:.0} of {:.0} votes/s; target ≥ {FLOOR_TARGET:.2}): {}",
+                "1 replica, batch 500, {q}: {} of the floor ({:.0} of {:.0} votes/s; target ≥ {FLOOR_TARGET:.2}): {}{}",
                 of_floor(c),
                 c.votes_per_second,
                 c.floor_votes_per_second,
-                verdict(c.ratio_to_floor >= FLOOR_TARGET)
+                verdict(c.ratio_to_floor >= FLOOR_TARGET),
+                median_cpu_ratio(c).map_or_else(String::new, |r| format!(
+                    " (CPU per vote, floor ÷ aggregator, median of {} rounds: {r:.2})",
+                    c.every_round.len().max(1)
+                ))
             ));
         }
     }
@@ -464,12 +469,8 @@ fn cost_row(c: &ConfigResult) -> Option<String> {
     let broker = c.drain_broker_cpu_seconds_per_1000_votes?;
     let database = c.drain_database_cpu_seconds_per_1000_votes?;
     let consumer = c.drain_aggregator_cpu_seconds_per_1000_votes;
-    let aggregator_total = consumer + broker + database;
-    let floor_total = c
-        .floor_consumer_cpu_seconds_per_1000_votes
-        .zip(c.floor_broker_cpu_seconds_per_1000_votes)
-        .zip(c.floor_database_cpu_seconds_per_1000_votes)
-        .map(|((a, b), d)| a + b + d);
+    let aggregator_total = c.cpu_total()?;
+    let floor_total = c.floor_cpu_total();
     let aggregator_vs_floor = |aggregator: f64, floor: Option<f64>| match floor {
         Some(f) => format!("{aggregator:.4} / {f:.4}"),
         None => format!("{aggregator:.4} / n/a"),
@@ -483,10 +484,7 @@ fn cost_row(c: &ConfigResult) -> Option<String> {
         aggregator_vs_floor(broker, c.floor_broker_cpu_seconds_per_1000_votes),
         aggregator_vs_floor(database, c.floor_database_cpu_seconds_per_1000_votes),
         aggregator_vs_floor(aggregator_total, floor_total),
-        floor_total.map_or_else(
-            || "n/a".into(),
-            |f| format!("{:.2}", f / aggregator_total.max(1e-9))
-        ),
+        or_na(c.cpu_ratio_of_totals(), |r| format!("{r:.2}")),
         c.floor_machine_busy_share
             .map_or_else(|| "n/a".into(), |b| format!("{:.0} %", b * 100.0))
     ))
@@ -580,4 +578,70 @@ fn of_floor(c: &ConfigResult) -> String {
     } else {
         format!("{:.2}", c.ratio_to_floor)
     }
+}
+
+/// `f(x)`, or "n/a" for a figure that could not be measured.
+fn or_na(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    x.map_or_else(|| "n/a".into(), f)
+}
+
+/// With `--rounds` above 1: every round of every configuration, the rate ratio beside the
+/// ratio of CPU totals, so a reader can tell a round the machine slowed (rates apart, CPU
+/// per vote alike) from one that cost more. Empty with one round.
+fn every_round(report: &LoadReport) -> String {
+    if report.configs.iter().all(|c| c.every_round.len() < 2) {
+        return String::new();
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "\n### Every round\n");
+    let _ = writeln!(
+        s,
+        "In the order measured. `CPU ratio` = floor CPU total ÷ aggregator CPU total per \
+         1000 votes (consumer, RabbitMQ, PostgreSQL) in that round: it does not move when \
+         the machine as a whole slows during one drain, which the rates do. `busy` = share \
+         of the machine busy during the aggregator's / the floor's drain.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| queue | replicas | batch | round | votes/s | floor | of floor | CPU ratio | busy |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    let pct = |x: Option<f64>| or_na(x, |v| format!("{:.0} %", v * 100.0));
+    for c in &report.configs {
+        for (i, r) in c.every_round.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {} / {} |",
+                c.queue_type,
+                c.replicas,
+                c.batch_size,
+                i + 1,
+                r.votes_per_second,
+                r.floor_votes_per_second,
+                r.ratio_to_floor,
+                or_na(r.cpu_ratio_of_totals, |v| format!("{v:.2}")),
+                pct(r.machine_busy_share),
+                pct(r.floor_machine_busy_share),
+            );
+        }
+    }
+    s
+}
+
+/// The median over the rounds of the ratio of CPU totals (the lower middle one for an even
+/// count); with one round, that round's.
+fn median_cpu_ratio(c: &ConfigResult) -> Option<f64> {
+    if c.every_round.is_empty() {
+        return c.cpu_ratio_of_totals();
+    }
+    let mut ratios: Vec<f64> = c
+        .every_round
+        .iter()
+        .map(|r| r.cpu_ratio_of_totals)
+        .collect::<Option<_>>()?;
+    ratios.sort_by(f64::total_cmp);
+    ratios.get((ratios.len() - 1) / 2).copied()
 }

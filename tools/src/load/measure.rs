@@ -195,6 +195,7 @@ pub(super) async fn measure_config(
         limited_by: String::new(),
         rounds: 1,
         ratio_to_floor_range: (0.0, 0.0),
+        every_round: Vec::new(),
         floor_with_aggregator_write: None,
     })
 }

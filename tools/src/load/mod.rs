@@ -233,7 +233,7 @@ pub struct Machine {
 }
 
 /// One configuration's figures.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConfigResult {
     /// Replica processes.
     pub replicas: usize,
@@ -321,6 +321,68 @@ pub struct ConfigResult {
     /// With `--floor-with-aggregator-write`: the second floor, measured in the same round.
     #[serde(default)]
     pub floor_with_aggregator_write: Option<WriteFloor>,
+    /// With `--rounds` above 1: every round's headline figures, in the order measured
+    /// (the other fields are the median round's).
+    #[serde(default)]
+    pub every_round: Vec<RoundFigures>,
+}
+
+impl ConfigResult {
+    /// CPU seconds per 1000 votes of the consumer, RabbitMQ and PostgreSQL during the
+    /// aggregator's drain; `None` when a server's CPU could not be read.
+    pub fn cpu_total(&self) -> Option<f64> {
+        Some(
+            self.drain_aggregator_cpu_seconds_per_1000_votes
+                + self.drain_broker_cpu_seconds_per_1000_votes?
+                + self.drain_database_cpu_seconds_per_1000_votes?,
+        )
+    }
+
+    /// The same sum during the floor's drain.
+    pub fn floor_cpu_total(&self) -> Option<f64> {
+        Some(
+            self.floor_consumer_cpu_seconds_per_1000_votes?
+                + self.floor_broker_cpu_seconds_per_1000_votes?
+                + self.floor_database_cpu_seconds_per_1000_votes?,
+        )
+    }
+
+    /// Floor CPU total ÷ aggregator CPU total: the share of the floor a drain bound by the
+    /// cores can reach with these per-vote costs, whatever else slowed either drain.
+    pub fn cpu_ratio_of_totals(&self) -> Option<f64> {
+        Some(self.floor_cpu_total()? / self.cpu_total()?.max(1e-9))
+    }
+}
+
+/// One round's headline figures for a configuration: the rate ratio, and the per-vote
+/// CPU ratio that the machine's speed at that moment does not move.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundFigures {
+    /// The aggregator's counted votes/s.
+    pub votes_per_second: f64,
+    /// The floor's votes/s in the same round.
+    pub floor_votes_per_second: f64,
+    /// `votes_per_second / floor_votes_per_second`.
+    pub ratio_to_floor: f64,
+    /// See [`ConfigResult::cpu_ratio_of_totals`].
+    pub cpu_ratio_of_totals: Option<f64>,
+    /// Share of the machine busy (whoever used it) during the aggregator's drain.
+    pub machine_busy_share: Option<f64>,
+    /// Share of the machine busy during the floor's drain.
+    pub floor_machine_busy_share: Option<f64>,
+}
+
+impl RoundFigures {
+    fn of(c: &ConfigResult) -> Self {
+        RoundFigures {
+            votes_per_second: c.votes_per_second,
+            floor_votes_per_second: c.floor_votes_per_second,
+            ratio_to_floor: c.ratio_to_floor,
+            cpu_ratio_of_totals: c.cpu_ratio_of_totals(),
+            machine_busy_share: c.drain_machine_busy_share,
+            floor_machine_busy_share: c.floor_machine_busy_share,
+        }
+    }
 }
 
 /// The floor whose consumer writes each batch with the aggregator's own batch write
@@ -547,6 +609,7 @@ fn median_rounds(rounds: Vec<Vec<ConfigResult>>) -> Vec<ConfigResult> {
     by_config
         .into_iter()
         .filter_map(|mut samples| {
+            let every_round = samples.iter().map(RoundFigures::of).collect();
             samples.sort_by(|a, b| a.ratio_to_floor.total_cmp(&b.ratio_to_floor));
             let range = (
                 samples.first()?.ratio_to_floor,
@@ -556,6 +619,7 @@ fn median_rounds(rounds: Vec<Vec<ConfigResult>>) -> Vec<ConfigResult> {
             let mut median = samples.swap_remove((count - 1) / 2);
             median.rounds = count;
             median.ratio_to_floor_range = range;
+            median.every_round = every_round;
             Some(median)
         })
         .collect()
@@ -737,7 +801,61 @@ pub(super) async fn prefill(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_replica_env;
+    use super::{ConfigResult, median_rounds, parse_replica_env};
+
+    /// A round's result for one configuration: its rates, and CPU per 1000 votes of the
+    /// consumer, the broker and the database, the same for the floor's drain as for the
+    /// aggregator's except the consumer's.
+    fn round(votes: f64, floor: f64, consumer: f64, floor_consumer: f64) -> ConfigResult {
+        ConfigResult {
+            votes_per_second: votes,
+            floor_votes_per_second: floor,
+            ratio_to_floor: votes / floor,
+            drain_aggregator_cpu_seconds_per_1000_votes: consumer,
+            drain_broker_cpu_seconds_per_1000_votes: Some(0.02),
+            drain_database_cpu_seconds_per_1000_votes: Some(0.01),
+            floor_consumer_cpu_seconds_per_1000_votes: Some(floor_consumer),
+            floor_broker_cpu_seconds_per_1000_votes: Some(0.02),
+            floor_database_cpu_seconds_per_1000_votes: Some(0.01),
+            ..ConfigResult::default()
+        }
+    }
+
+    #[test]
+    fn the_median_round_keeps_every_round_in_the_order_measured() {
+        let rounds = vec![
+            vec![round(80.0, 100.0, 0.02, 0.02)],
+            vec![round(100.0, 100.0, 0.02, 0.02)],
+            vec![round(90.0, 100.0, 0.03, 0.02)],
+        ];
+        let [median]: [ConfigResult; 1] = median_rounds(rounds).try_into().unwrap();
+        assert_eq!(median.votes_per_second, 90.0);
+        assert_eq!(median.rounds, 3);
+        assert_eq!(median.ratio_to_floor_range, (0.8, 1.0));
+        let ratios: Vec<f64> = median
+            .every_round
+            .iter()
+            .map(|r| r.ratio_to_floor)
+            .collect();
+        assert_eq!(ratios, [0.8, 1.0, 0.9]);
+        let cpu: Vec<f64> = median
+            .every_round
+            .iter()
+            .map(|r| (r.cpu_ratio_of_totals.unwrap() * 100.0).round() / 100.0)
+            .collect();
+        // 0.05 / 0.05 in the first two rounds, 0.05 / 0.06 in the third.
+        assert_eq!(cpu, [1.0, 1.0, 0.83]);
+    }
+
+    #[test]
+    fn no_cpu_ratio_without_the_servers_cpu() {
+        let mut r = round(90.0, 100.0, 0.02, 0.02);
+        r.floor_broker_cpu_seconds_per_1000_votes = None;
+        assert_eq!(r.cpu_ratio_of_totals(), None);
+        r = round(90.0, 100.0, 0.02, 0.02);
+        r.drain_database_cpu_seconds_per_1000_votes = None;
+        assert_eq!(r.cpu_ratio_of_totals(), None);
+    }
 
     #[test]
     fn replica_env_takes_a_service_variable_the_runner_does_not_set() {
