@@ -198,10 +198,7 @@ pub fn targets(report: &LoadReport) -> Vec<String> {
                 c.votes_per_second,
                 c.floor_votes_per_second,
                 verdict(c.ratio_to_floor >= FLOOR_TARGET),
-                median_cpu_ratio(c).map_or_else(String::new, |r| format!(
-                    " (CPU per vote, floor ÷ aggregator, median of {} rounds: {r:.2})",
-                    c.every_round.len().max(1)
-                ))
+                cpu_ratio_note(c)
             ));
         }
     }
@@ -466,11 +463,9 @@ fn cost_against_floor(report: &LoadReport) -> String {
 /// One configuration's row of [`cost_against_floor`]; `None` when the servers' CPU could
 /// not be read.
 fn cost_row(c: &ConfigResult) -> Option<String> {
-    let broker = c.drain_broker_cpu_seconds_per_1000_votes?;
-    let database = c.drain_database_cpu_seconds_per_1000_votes?;
-    let consumer = c.drain_aggregator_cpu_seconds_per_1000_votes;
+    let [consumer, broker, database] = c.cpu_parts();
+    let [floor_consumer, floor_broker, floor_database] = c.floor_cpu_parts();
     let aggregator_total = c.cpu_total()?;
-    let floor_total = c.floor_cpu_total();
     let aggregator_vs_floor = |aggregator: f64, floor: Option<f64>| match floor {
         Some(f) => format!("{aggregator:.4} / {f:.4}"),
         None => format!("{aggregator:.4} / n/a"),
@@ -480,13 +475,12 @@ fn cost_row(c: &ConfigResult) -> Option<String> {
         c.queue_type,
         c.replicas,
         c.batch_size,
-        aggregator_vs_floor(consumer, c.floor_consumer_cpu_seconds_per_1000_votes),
-        aggregator_vs_floor(broker, c.floor_broker_cpu_seconds_per_1000_votes),
-        aggregator_vs_floor(database, c.floor_database_cpu_seconds_per_1000_votes),
-        aggregator_vs_floor(aggregator_total, floor_total),
-        or_na(c.cpu_ratio_of_totals(), |r| format!("{r:.2}")),
-        c.floor_machine_busy_share
-            .map_or_else(|| "n/a".into(), |b| format!("{:.0} %", b * 100.0))
+        aggregator_vs_floor(consumer?, floor_consumer),
+        aggregator_vs_floor(broker?, floor_broker),
+        aggregator_vs_floor(database?, floor_database),
+        aggregator_vs_floor(aggregator_total, c.floor_cpu_total()),
+        ratio(c.cpu_ratio_of_totals()),
+        pct(c.floor_machine_busy_share)
     ))
 }
 
@@ -534,7 +528,6 @@ fn gap_split(report: &LoadReport) -> String {
 
 /// One configuration's row of [`gap_split`].
 fn split_row(c: &ConfigResult, w: &WriteFloor) -> String {
-    let ms = |x: Option<f64>| x.map_or_else(|| "n/a".to_string(), |v| format!("{:.1}", v * 1000.0));
     let three = |floor: Option<f64>, with_write: Option<f64>, aggregator: Option<f64>| {
         format!("{} / {} / {}", ms(floor), ms(with_write), ms(aggregator))
     };
@@ -585,9 +578,25 @@ fn or_na(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
     x.map_or_else(|| "n/a".into(), f)
 }
 
+/// CPU seconds per 1000 votes shown as ms: "14.3".
+fn ms(x: Option<f64>) -> String {
+    or_na(x, |v| format!("{:.1}", v * 1000.0))
+}
+
+/// A share as a percentage: "81 %".
+fn pct(x: Option<f64>) -> String {
+    or_na(x, |v| format!("{:.0} %", v * 100.0))
+}
+
+/// A ratio: "0.95".
+fn ratio(x: Option<f64>) -> String {
+    or_na(x, |v| format!("{v:.2}"))
+}
+
 /// With `--rounds` above 1: every round of every configuration, the rate ratio beside the
-/// ratio of CPU totals, so a reader can tell a round the machine slowed (rates apart, CPU
-/// per vote alike) from one that cost more. Empty with one round.
+/// ratio of CPU totals and the machine's busy share, so a reader can tell rounds whose
+/// drains differed in CPU per vote from rounds where one drain waited. Empty with one
+/// round.
 fn every_round(report: &LoadReport) -> String {
     if report.configs.iter().all(|c| c.every_round.len() < 2) {
         return String::new();
@@ -597,24 +606,27 @@ fn every_round(report: &LoadReport) -> String {
     let _ = writeln!(
         s,
         "In the order measured. `CPU ratio` = floor CPU total ÷ aggregator CPU total per \
-         1000 votes (consumer, RabbitMQ, PostgreSQL) in that round: it does not move when \
-         the machine as a whole slows during one drain, which the rates do. `busy` = share \
-         of the machine busy during the aggregator's / the floor's drain.\n"
+         1000 votes (consumer, RabbitMQ, PostgreSQL) in that round; `busy` = share of the \
+         machine busy during the aggregator's / the floor's drain. When both drains kept the \
+         machine equally busy and `of floor` follows `CPU ratio`, the drains differed in CPU \
+         per vote (more work, or the same work run slower on a shared machine), not in \
+         waiting; the last two columns say whose CPU per vote it was, in ms per 1000 votes: \
+         the consumer (the replicas, or the floor's), RabbitMQ, PostgreSQL.\n"
     );
     let _ = writeln!(
         s,
-        "| queue | replicas | batch | round | votes/s | floor | of floor | CPU ratio | busy |"
+        "| queue | replicas | batch | round | votes/s | floor | of floor | CPU ratio | busy | aggregator CPU | floor CPU |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"
     );
-    let pct = |x: Option<f64>| or_na(x, |v| format!("{:.0} %", v * 100.0));
+    let parts = |three: [Option<f64>; 3]| three.map(ms).join(" / ");
     for c in &report.configs {
         for (i, r) in c.every_round.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {} / {} |",
+                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {} / {} | {} | {} |",
                 c.queue_type,
                 c.replicas,
                 c.batch_size,
@@ -622,26 +634,38 @@ fn every_round(report: &LoadReport) -> String {
                 r.votes_per_second,
                 r.floor_votes_per_second,
                 r.ratio_to_floor,
-                or_na(r.cpu_ratio_of_totals, |v| format!("{v:.2}")),
+                ratio(r.cpu_ratio_of_totals),
                 pct(r.machine_busy_share),
                 pct(r.floor_machine_busy_share),
+                parts(r.cpu_seconds_per_1000_votes),
+                parts(r.floor_cpu_seconds_per_1000_votes),
             );
         }
     }
     s
 }
 
-/// The median over the rounds of the ratio of CPU totals (the lower middle one for an even
-/// count); with one round, that round's.
-fn median_cpu_ratio(c: &ConfigResult) -> Option<f64> {
-    if c.every_round.is_empty() {
-        return c.cpu_ratio_of_totals();
-    }
+/// The ratio of CPU totals for the floor target's line: with several rounds, the median
+/// over the rounds that have one (the lower middle one for an even count) and how many
+/// those were; empty when no round has one.
+fn cpu_ratio_note(c: &ConfigResult) -> String {
     let mut ratios: Vec<f64> = c
         .every_round
         .iter()
-        .map(|r| r.cpu_ratio_of_totals)
-        .collect::<Option<_>>()?;
+        .filter_map(|r| r.cpu_ratio_of_totals)
+        .collect();
+    if c.every_round.len() < 2 {
+        return c.cpu_ratio_of_totals().map_or_else(String::new, |r| {
+            format!(" (CPU per vote, floor ÷ aggregator: {r:.2})")
+        });
+    }
     ratios.sort_by(f64::total_cmp);
-    ratios.get((ratios.len() - 1) / 2).copied()
+    let Some(median) = ratios.get(ratios.len().saturating_sub(1) / 2) else {
+        return String::new();
+    };
+    format!(
+        " (CPU per vote, floor ÷ aggregator, median of {} of {} rounds: {median:.2})",
+        ratios.len(),
+        c.every_round.len()
+    )
 }

@@ -321,41 +321,52 @@ pub struct ConfigResult {
     /// With `--floor-with-aggregator-write`: the second floor, measured in the same round.
     #[serde(default)]
     pub floor_with_aggregator_write: Option<WriteFloor>,
-    /// With `--rounds` above 1: every round's headline figures, in the order measured
-    /// (the other fields are the median round's).
+    /// Every round's headline figures, in the order measured (one with `--rounds 1`; the
+    /// other fields are the median round's).
     #[serde(default)]
     pub every_round: Vec<RoundFigures>,
 }
 
 impl ConfigResult {
-    /// CPU seconds per 1000 votes of the consumer, RabbitMQ and PostgreSQL during the
-    /// aggregator's drain; `None` when a server's CPU could not be read.
-    pub fn cpu_total(&self) -> Option<f64> {
-        Some(
-            self.drain_aggregator_cpu_seconds_per_1000_votes
-                + self.drain_broker_cpu_seconds_per_1000_votes?
-                + self.drain_database_cpu_seconds_per_1000_votes?,
-        )
+    /// CPU seconds per 1000 votes during the aggregator's drain: the replicas, RabbitMQ,
+    /// PostgreSQL (a server's `None` when its CPU could not be read).
+    pub fn cpu_parts(&self) -> [Option<f64>; 3] {
+        [
+            Some(self.drain_aggregator_cpu_seconds_per_1000_votes),
+            self.drain_broker_cpu_seconds_per_1000_votes,
+            self.drain_database_cpu_seconds_per_1000_votes,
+        ]
     }
 
-    /// The same sum during the floor's drain.
+    /// The same during the floor's drain: its consumer, RabbitMQ, PostgreSQL.
+    pub fn floor_cpu_parts(&self) -> [Option<f64>; 3] {
+        [
+            self.floor_consumer_cpu_seconds_per_1000_votes,
+            self.floor_broker_cpu_seconds_per_1000_votes,
+            self.floor_database_cpu_seconds_per_1000_votes,
+        ]
+    }
+
+    /// The sum of [`cpu_parts`](Self::cpu_parts); `None` when one is.
+    pub fn cpu_total(&self) -> Option<f64> {
+        self.cpu_parts().into_iter().sum()
+    }
+
+    /// The sum of [`floor_cpu_parts`](Self::floor_cpu_parts); `None` when one is.
     pub fn floor_cpu_total(&self) -> Option<f64> {
-        Some(
-            self.floor_consumer_cpu_seconds_per_1000_votes?
-                + self.floor_broker_cpu_seconds_per_1000_votes?
-                + self.floor_database_cpu_seconds_per_1000_votes?,
-        )
+        self.floor_cpu_parts().into_iter().sum()
     }
 
     /// Floor CPU total ÷ aggregator CPU total: the share of the floor a drain bound by the
-    /// cores can reach with these per-vote costs, whatever else slowed either drain.
+    /// cores can reach with these per-vote costs.
     pub fn cpu_ratio_of_totals(&self) -> Option<f64> {
         Some(self.floor_cpu_total()? / self.cpu_total()?.max(1e-9))
     }
 }
 
-/// One round's headline figures for a configuration: the rate ratio, and the per-vote
-/// CPU ratio that the machine's speed at that moment does not move.
+/// One round's headline figures for a configuration: the rate ratio beside the ratio of
+/// CPU per vote and how busy the machine was, which tell whether the drains differed by
+/// CPU per vote or by waiting.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoundFigures {
     /// The aggregator's counted votes/s.
@@ -366,6 +377,12 @@ pub struct RoundFigures {
     pub ratio_to_floor: f64,
     /// See [`ConfigResult::cpu_ratio_of_totals`].
     pub cpu_ratio_of_totals: Option<f64>,
+    /// See [`ConfigResult::cpu_parts`].
+    #[serde(default)]
+    pub cpu_seconds_per_1000_votes: [Option<f64>; 3],
+    /// See [`ConfigResult::floor_cpu_parts`].
+    #[serde(default)]
+    pub floor_cpu_seconds_per_1000_votes: [Option<f64>; 3],
     /// Share of the machine busy (whoever used it) during the aggregator's drain.
     pub machine_busy_share: Option<f64>,
     /// Share of the machine busy during the floor's drain.
@@ -379,6 +396,8 @@ impl RoundFigures {
             floor_votes_per_second: c.floor_votes_per_second,
             ratio_to_floor: c.ratio_to_floor,
             cpu_ratio_of_totals: c.cpu_ratio_of_totals(),
+            cpu_seconds_per_1000_votes: c.cpu_parts(),
+            floor_cpu_seconds_per_1000_votes: c.floor_cpu_parts(),
             machine_busy_share: c.drain_machine_busy_share,
             floor_machine_busy_share: c.floor_machine_busy_share,
         }
@@ -845,6 +864,15 @@ mod tests {
             .collect();
         // 0.05 / 0.05 in the first two rounds, 0.05 / 0.06 in the third.
         assert_eq!(cpu, [1.0, 1.0, 0.83]);
+        let third = &median.every_round[2];
+        assert_eq!(
+            third.cpu_seconds_per_1000_votes,
+            [Some(0.03), Some(0.02), Some(0.01)]
+        );
+        assert_eq!(
+            third.floor_cpu_seconds_per_1000_votes,
+            [Some(0.02), Some(0.02), Some(0.01)]
+        );
     }
 
     #[test]

@@ -46,6 +46,20 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         assert!(c.cpu_seconds_per_1000_votes > 0.0);
         assert!(!c.limited_by.is_empty());
         assert_eq!(c.rounds, 2, "{c:?}");
+        // Both rounds kept, in order; the median round is one of them.
+        assert_eq!(c.every_round.len(), 2, "{c:?}");
+        assert!(
+            c.every_round
+                .iter()
+                .any(|r| r.ratio_to_floor == c.ratio_to_floor),
+            "{c:?}"
+        );
+        assert!(
+            c.every_round
+                .iter()
+                .all(|r| r.cpu_seconds_per_1000_votes.iter().all(Option::is_some)),
+            "{c:?}"
+        );
         let floor_consumer = c.floor_consumer_cpu_seconds_per_1000_votes;
         assert!(floor_consumer.is_some_and(|x| x > 0.0), "{c:?}");
         let (lo, hi) = c.ratio_to_floor_range;
@@ -82,6 +96,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         "floor_broker_cpu_seconds_per_1000_votes",
         "floor_database_cpu_seconds_per_1000_votes",
         "floor_with_aggregator_write",
+        "every_round",
         "latency_p50_ms",
         "latency_p99_ms",
         "cpu_seconds_per_1000_votes",
@@ -95,6 +110,8 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
     assert!(md.contains("aggregator against floor"), "{md}");
     assert!(md.contains("(median of 2 rounds: "), "{md}");
     assert!(md.contains("The gap split"), "{md}");
+    assert!(md.contains("### Every round"), "{md}");
+    assert!(md.contains("| classic | 1 | 100 | 2 |"), "{md}");
     let chart = written
         .chart
         .expect("chart drawn (fonts-dejavu-core is installed)");
