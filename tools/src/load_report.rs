@@ -10,7 +10,7 @@ use anyhow::Context;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use plotters::prelude::*;
 
-use crate::load::{ConfigResult, LoadReport, WriteFloor};
+use crate::load::{ConfigResult, LoadReport, WriteFloor, lower_middle};
 
 /// One replica at batch 500 must reach this share of the floor measured in the same run.
 pub const FLOOR_TARGET: f64 = 0.90;
@@ -466,9 +466,8 @@ fn cost_row(c: &ConfigResult) -> Option<String> {
     let [consumer, broker, database] = c.cpu_parts();
     let [floor_consumer, floor_broker, floor_database] = c.floor_cpu_parts();
     let aggregator_total = c.cpu_total()?;
-    let aggregator_vs_floor = |aggregator: f64, floor: Option<f64>| match floor {
-        Some(f) => format!("{aggregator:.4} / {f:.4}"),
-        None => format!("{aggregator:.4} / n/a"),
+    let aggregator_vs_floor = |aggregator: f64, floor: Option<f64>| {
+        format!("{aggregator:.4} / {}", or_na(floor, |f| format!("{f:.4}")))
     };
     Some(format!(
         "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -529,7 +528,7 @@ fn gap_split(report: &LoadReport) -> String {
 /// One configuration's row of [`gap_split`].
 fn split_row(c: &ConfigResult, w: &WriteFloor) -> String {
     let three = |floor: Option<f64>, with_write: Option<f64>, aggregator: Option<f64>| {
-        format!("{} / {} / {}", ms(floor), ms(with_write), ms(aggregator))
+        ms_each([floor, with_write, aggregator])
     };
     format!(
         "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
@@ -583,6 +582,11 @@ fn ms(x: Option<f64>) -> String {
     or_na(x, |v| format!("{:.1}", v * 1000.0))
 }
 
+/// Several CPU figures as ms, in order: "14.3 / 15.7 / n/a".
+fn ms_each(figures: [Option<f64>; 3]) -> String {
+    figures.map(ms).join(" / ")
+}
+
 /// A share as a percentage: "81 %".
 fn pct(x: Option<f64>) -> String {
     or_na(x, |v| format!("{:.0} %", v * 100.0))
@@ -621,7 +625,6 @@ fn every_round(report: &LoadReport) -> String {
         s,
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"
     );
-    let parts = |three: [Option<f64>; 3]| three.map(ms).join(" / ");
     for c in &report.configs {
         for (i, r) in c.every_round.iter().enumerate() {
             let _ = writeln!(
@@ -637,8 +640,8 @@ fn every_round(report: &LoadReport) -> String {
                 ratio(r.cpu_ratio_of_totals),
                 pct(r.machine_busy_share),
                 pct(r.floor_machine_busy_share),
-                parts(r.cpu_seconds_per_1000_votes),
-                parts(r.floor_cpu_seconds_per_1000_votes),
+                ms_each(r.cpu_seconds_per_1000_votes),
+                ms_each(r.floor_cpu_seconds_per_1000_votes),
             );
         }
     }
@@ -649,18 +652,18 @@ fn every_round(report: &LoadReport) -> String {
 /// over the rounds that have one (the lower middle one for an even count) and how many
 /// those were; empty when no round has one.
 fn cpu_ratio_note(c: &ConfigResult) -> String {
-    let mut ratios: Vec<f64> = c
-        .every_round
-        .iter()
-        .filter_map(|r| r.cpu_ratio_of_totals)
-        .collect();
     if c.every_round.len() < 2 {
         return c.cpu_ratio_of_totals().map_or_else(String::new, |r| {
             format!(" (CPU per vote, floor ÷ aggregator: {r:.2})")
         });
     }
+    let mut ratios: Vec<f64> = c
+        .every_round
+        .iter()
+        .filter_map(|r| r.cpu_ratio_of_totals)
+        .collect();
     ratios.sort_by(f64::total_cmp);
-    let Some(median) = ratios.get(ratios.len().saturating_sub(1) / 2) else {
+    let Some(median) = ratios.get(lower_middle(ratios.len())) else {
         return String::new();
     };
     format!(

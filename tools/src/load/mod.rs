@@ -635,13 +635,19 @@ fn median_rounds(rounds: Vec<Vec<ConfigResult>>) -> Vec<ConfigResult> {
                 samples.last()?.ratio_to_floor,
             );
             let count = samples.len();
-            let mut median = samples.swap_remove((count - 1) / 2);
+            let mut median = samples.swap_remove(lower_middle(count));
             median.rounds = count;
             median.ratio_to_floor_range = range;
             median.every_round = every_round;
             Some(median)
         })
         .collect()
+}
+
+/// Index of the median of `len` sorted figures: the lower middle one for an even count
+/// (0 for none).
+pub(crate) fn lower_middle(len: usize) -> usize {
+    len.saturating_sub(1) / 2
 }
 
 /// A judgement, not a measurement: close to a ceiling means bounded by it; a machine
