@@ -11,7 +11,8 @@ use anyhow::{Context, bail};
 use vote_aggregator::metrics::labels::DEPENDENCY;
 use vote_aggregator::metrics::names::{
     BATCHES_COMMITTED_TOTAL, UP, VOTES_CONFLICTING_TOTAL, VOTES_COUNTED_TOTAL,
-    VOTES_DUPLICATE_TOTAL, VOTES_RECEIVED_TOTAL, VOTES_REJECTED_TOTAL,
+    VOTES_DUPLICATE_FROM_MEMORY_TOTAL, VOTES_DUPLICATE_TOTAL, VOTES_RECEIVED_TOTAL,
+    VOTES_REJECTED_TOTAL,
 };
 
 /// The series of the service's `up` gauge for one dependency
@@ -108,6 +109,11 @@ impl Scrape {
     /// `"false"` (0 when absent).
     pub fn duplicates(&self) -> u64 {
         whole(self.sum(VOTES_DUPLICATE_TOTAL))
+    }
+
+    /// `vote_aggregator_votes_duplicate_from_memory_total` (0 when absent).
+    pub fn duplicates_from_memory(&self) -> u64 {
+        whole(self.sum(VOTES_DUPLICATE_FROM_MEMORY_TOTAL))
     }
 
     /// `vote_aggregator_votes_conflicting_total` (0 when absent).

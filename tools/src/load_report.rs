@@ -615,25 +615,30 @@ fn every_round(report: &LoadReport) -> String {
          machine equally busy and `of floor` follows `CPU ratio`, the drains differed in CPU \
          per vote (more work, or the same work run slower on a shared machine), not in \
          waiting; the last two columns say whose CPU per vote it was, in ms per 1000 votes: \
-         the consumer (the replicas, or the floor's), RabbitMQ, PostgreSQL.\n"
+         the consumer (the replicas, or the floor's), RabbitMQ, PostgreSQL. `order`: which \
+         drain went first in that round (odd rounds the floor, even rounds the aggregator); \
+         `dups from memory`: of the duplicates the replicas counted, the share each \
+         recognised from its memory of the votes it stored itself (the rest were copies \
+         within one batch or judged by a statement).\n"
     );
     let _ = writeln!(
         s,
-        "| queue | replicas | batch | round | votes/s | floor | of floor | CPU ratio | busy | aggregator CPU | floor CPU |"
+        "| queue | replicas | batch | round | order | votes/s | floor | of floor | CPU ratio | busy | aggregator CPU | floor CPU | dups from memory |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |"
     );
     for c in &report.configs {
         for (i, r) in c.every_round.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {} / {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {} / {} | {} | {} | {} |",
                 c.queue_type,
                 c.replicas,
                 c.batch_size,
                 i + 1,
+                r.drain_order.shown(),
                 r.votes_per_second,
                 r.floor_votes_per_second,
                 r.ratio_to_floor,
@@ -642,6 +647,7 @@ fn every_round(report: &LoadReport) -> String {
                 pct(r.floor_machine_busy_share),
                 ms_each(r.cpu_seconds_per_1000_votes),
                 ms_each(r.floor_cpu_seconds_per_1000_votes),
+                pct(r.duplicates_from_memory_share),
             );
         }
     }

@@ -160,6 +160,7 @@ pub(super) async fn measure_config(
     let total_counted: CountRow = diesel::sql_query("SELECT count(*)::bigint AS n FROM votes")
         .get_result(db_view.connection())
         .await?;
+    let duplicates_from_memory_share = duplicates_from_memory_share(&fleet).await;
     fleet.shutdown().await?;
     Ok(ConfigResult {
         replicas,
@@ -197,7 +198,21 @@ pub(super) async fn measure_config(
         ratio_to_floor_range: (0.0, 0.0),
         every_round: Vec::new(),
         floor_with_aggregator_write: None,
+        drain_order: Default::default(),
+        duplicates_from_memory_share,
     })
+}
+
+/// Of the duplicates the replicas counted, the share recognised from memory (`None` when
+/// none was counted or a replica's metrics could not be read).
+async fn duplicates_from_memory_share(fleet: &Fleet) -> Option<f64> {
+    let (mut duplicates, mut from_memory) = (0u64, 0u64);
+    for scrape in fleet.scrape_all().await {
+        let scrape = scrape.ok()?;
+        duplicates += scrape.duplicates();
+        from_memory += scrape.duplicates_from_memory();
+    }
+    (duplicates > 0).then(|| from_memory as f64 / duplicates as f64)
 }
 
 /// Publishes `votes` at `rate` on one connection, stamping each vote's `cast_at` with

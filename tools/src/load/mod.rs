@@ -325,6 +325,14 @@ pub struct ConfigResult {
     /// other fields are the median round's).
     #[serde(default)]
     pub every_round: Vec<RoundFigures>,
+    /// Whether this round drained the floor or the aggregator first.
+    #[serde(default)]
+    pub drain_order: DrainOrder,
+    /// Of the duplicate deliveries the replicas counted in the drain, the share each
+    /// recognised from its memory of the votes it stored itself, without a judging
+    /// statement (`None` when there were none).
+    #[serde(default)]
+    pub duplicates_from_memory_share: Option<f64>,
 }
 
 impl ConfigResult {
@@ -387,6 +395,12 @@ pub struct RoundFigures {
     pub machine_busy_share: Option<f64>,
     /// Share of the machine busy during the floor's drain.
     pub floor_machine_busy_share: Option<f64>,
+    /// See [`ConfigResult::drain_order`].
+    #[serde(default)]
+    pub drain_order: DrainOrder,
+    /// See [`ConfigResult::duplicates_from_memory_share`].
+    #[serde(default)]
+    pub duplicates_from_memory_share: Option<f64>,
 }
 
 impl RoundFigures {
@@ -400,6 +414,8 @@ impl RoundFigures {
             floor_cpu_seconds_per_1000_votes: c.floor_cpu_parts(),
             machine_busy_share: c.drain_machine_busy_share,
             floor_machine_busy_share: c.floor_machine_busy_share,
+            drain_order: c.drain_order,
+            duplicates_from_memory_share: c.duplicates_from_memory_share,
         }
     }
 }
@@ -508,7 +524,7 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
         if opts.rounds > 1 {
             eprintln!("load: round {round}/{}", opts.rounds);
         }
-        rounds.push(measure_round(&servers, &workload, opts).await?);
+        rounds.push(measure_round(&servers, &workload, opts, round).await?);
     }
     let configs = median_rounds(rounds);
     Ok(LoadReport {
@@ -525,91 +541,190 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
     })
 }
 
-/// One round: every ceiling, floor and configuration of the matrix, in order.
+/// Which drains of a queue type and batch size go first in a round.
+///
+/// Odd rounds drain the floors, then the replica configurations (fewest replicas first);
+/// even rounds the mirror image: the configurations (most replicas first), then the
+/// floors. Whatever a drain leaves behind for the next one, or a machine that slows
+/// during a round, then falls on the floor and the aggregator alike over the rounds,
+/// instead of always on whichever is measured later. The ceilings come first either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainOrder {
+    /// The floors, then the configurations (every round before this order existed).
+    #[default]
+    FloorsFirst,
+    /// The configurations in reverse, then the floors in reverse.
+    AggregatorFirst,
+}
+
+impl DrainOrder {
+    /// The order of round `round`, counted from 1.
+    pub fn of_round(round: usize) -> Self {
+        if round.is_multiple_of(2) {
+            DrainOrder::AggregatorFirst
+        } else {
+            DrainOrder::FloorsFirst
+        }
+    }
+
+    /// `items` in this order's sequence (reversed when the aggregator goes first).
+    fn arrange<T: Copy>(self, items: &[T]) -> Vec<T> {
+        match self {
+            DrainOrder::FloorsFirst => items.to_vec(),
+            DrainOrder::AggregatorFirst => items.iter().rev().copied().collect(),
+        }
+    }
+
+    /// How the report shows it.
+    pub fn shown(self) -> &'static str {
+        match self {
+            DrainOrder::FloorsFirst => "floor first",
+            DrainOrder::AggregatorFirst => "aggregator first",
+        }
+    }
+}
+
+/// One round (counted from 1): every ceiling, floor and configuration of the matrix, in
+/// the round's [`DrainOrder`].
 async fn measure_round(
     servers: &Servers,
     workload: &Workload,
     opts: &LoadOptions,
+    round: usize,
 ) -> anyhow::Result<Vec<ConfigResult>> {
-    let mut broker_ceilings: HashMap<(String, usize), f64> = HashMap::new();
+    let order = DrainOrder::of_round(round);
     let mut db_ceilings: HashMap<usize, f64> = HashMap::new();
-    let mut floors: HashMap<((String, usize), FloorWrite), floor::Floor> = HashMap::new();
     let mut configs = Vec::new();
-    let total = opts.queue_types.len() * opts.batch_sizes.len() * opts.replicas.len();
-    let mut n = 0;
+    let mut done = 0;
     for &queue_type in &opts.queue_types {
         for &batch in &opts.batch_sizes {
-            let key = (queue_type.as_str().to_string(), batch);
-            if !broker_ceilings.contains_key(&key) {
-                let c = broker_ceiling(servers, workload, queue_type, batch, opts).await?;
-                eprintln!(
-                    "load: broker ceiling {} batch {batch}: {c:.0} deliveries/s",
-                    queue_type.as_str()
-                );
-                broker_ceilings.insert(key.clone(), c);
-            }
-            let writes: &[FloorWrite] = if opts.floor_with_aggregator_write {
-                &[FloorWrite::Insert, FloorWrite::Aggregator]
-            } else {
-                &[FloorWrite::Insert]
-            };
-            for &write in writes {
-                if let Entry::Vacant(e) = floors.entry((key.clone(), write)) {
-                    let f = floor(servers, workload, queue_type, batch, write, opts).await?;
-                    eprintln!(
-                        "load: {} {} batch {batch}: {:.0} votes/s",
-                        write.shown(),
-                        queue_type.as_str(),
-                        f.votes_per_second
-                    );
-                    e.insert(f);
+            let broker_ceiling = broker_ceiling(servers, workload, queue_type, batch, opts).await?;
+            eprintln!(
+                "load: broker ceiling {} batch {batch}: {broker_ceiling:.0} deliveries/s",
+                queue_type.as_str()
+            );
+            // No broker in it: one per batch size serves every queue type.
+            let db_ceiling = match db_ceilings.entry(batch) {
+                Entry::Occupied(e) => *e.get(),
+                Entry::Vacant(e) => {
+                    let c = db_ceiling(servers, workload, batch).await?;
+                    eprintln!("load: database ceiling batch {batch}: {c:.0} votes/s");
+                    *e.insert(c)
                 }
+            };
+            let mut measured = Vec::new();
+            if order == DrainOrder::AggregatorFirst {
+                measured =
+                    measure_configs(servers, workload, queue_type, batch, order, opts, &mut done)
+                        .await?;
             }
-            if let Entry::Vacant(e) = db_ceilings.entry(batch) {
-                let c = db_ceiling(servers, workload, batch).await?;
-                eprintln!("load: database ceiling batch {batch}: {c:.0} votes/s");
-                e.insert(c);
+            let floors = measure_floors(servers, workload, queue_type, batch, order, opts).await?;
+            if order == DrainOrder::FloorsFirst {
+                measured =
+                    measure_configs(servers, workload, queue_type, batch, order, opts, &mut done)
+                        .await?;
             }
-            for &replicas in &opts.replicas {
-                n += 1;
-                eprintln!(
-                    "load: [{n}/{total}] {replicas} replica(s), batch {batch}, {} queue",
-                    queue_type.as_str()
-                );
-                let mut r =
-                    measure_config(servers, workload, queue_type, batch, replicas, opts).await?;
-                r.broker_ceiling_votes_per_second = broker_ceilings[&key];
-                r.db_ceiling_votes_per_second = db_ceilings[&batch];
-                let f = &floors[&(key.clone(), FloorWrite::Insert)];
-                r.floor_votes_per_second = f.votes_per_second;
-                r.floor_consumer_cpu_seconds_per_1000_votes = f.consumer_cpu;
-                r.floor_broker_cpu_seconds_per_1000_votes = f.cpu.broker;
-                r.floor_database_cpu_seconds_per_1000_votes = f.cpu.database;
-                r.floor_machine_busy_share = f.cpu.machine_busy;
-                r.floor_with_aggregator_write = floors
-                    .get(&(key.clone(), FloorWrite::Aggregator))
-                    .map(floor::Floor::as_write_floor);
-                r.ratio_to_floor = r.votes_per_second / r.floor_votes_per_second.max(1.0);
-                r.ratio_to_floor_range = (r.ratio_to_floor, r.ratio_to_floor);
-                r.ratio_to_broker_ceiling =
-                    r.deliveries_per_second / r.broker_ceiling_votes_per_second.max(1.0);
-                r.ratio_to_db_ceiling = r.votes_per_second / r.db_ceiling_votes_per_second.max(1.0);
-                r.limited_by = limited_by(&r);
-                eprintln!(
-                    "load:   {:.0} votes/s ({:.2} of the floor, {:.0}% of broker ceiling, {:.0}% of database ceiling) · p99 {:.1} ms · {:.3} CPU s/1000 votes · peak RSS {:.1} MiB",
-                    r.votes_per_second,
-                    r.ratio_to_floor,
-                    r.ratio_to_broker_ceiling * 100.0,
-                    r.ratio_to_db_ceiling * 100.0,
-                    r.latency_p99_ms,
-                    r.cpu_seconds_per_1000_votes,
-                    r.peak_rss_mib
-                );
+            for mut r in measured {
+                r.drain_order = order;
+                r.broker_ceiling_votes_per_second = broker_ceiling;
+                r.db_ceiling_votes_per_second = db_ceiling;
+                beside_the_floors(&mut r, &floors);
                 configs.push(r);
             }
         }
     }
     Ok(configs)
+}
+
+/// The floors of one queue type and batch size (the bare one, and with
+/// `--floor-with-aggregator-write` the one with the aggregator's write), in `order`.
+async fn measure_floors(
+    servers: &Servers,
+    workload: &Workload,
+    queue_type: QueueType,
+    batch: usize,
+    order: DrainOrder,
+    opts: &LoadOptions,
+) -> anyhow::Result<HashMap<FloorWrite, floor::Floor>> {
+    let writes: &[FloorWrite] = if opts.floor_with_aggregator_write {
+        &[FloorWrite::Insert, FloorWrite::Aggregator]
+    } else {
+        &[FloorWrite::Insert]
+    };
+    let mut floors = HashMap::new();
+    for write in order.arrange(writes) {
+        let f = floor(servers, workload, queue_type, batch, write, opts).await?;
+        eprintln!(
+            "load: {} {} batch {batch}: {:.0} votes/s",
+            write.shown(),
+            queue_type.as_str(),
+            f.votes_per_second
+        );
+        floors.insert(write, f);
+    }
+    Ok(floors)
+}
+
+/// Every replica count of one queue type and batch size, drained in `order` and returned
+/// in the order of `--replicas`. `done` counts the configurations measured this round.
+async fn measure_configs(
+    servers: &Servers,
+    workload: &Workload,
+    queue_type: QueueType,
+    batch: usize,
+    order: DrainOrder,
+    opts: &LoadOptions,
+    done: &mut usize,
+) -> anyhow::Result<Vec<ConfigResult>> {
+    let total = opts.queue_types.len() * opts.batch_sizes.len() * opts.replicas.len();
+    let mut measured = Vec::with_capacity(opts.replicas.len());
+    for replicas in order.arrange(&opts.replicas) {
+        *done += 1;
+        eprintln!(
+            "load: [{done}/{total}] {replicas} replica(s), batch {batch}, {} queue",
+            queue_type.as_str()
+        );
+        let r = measure_config(servers, workload, queue_type, batch, replicas, opts).await?;
+        measured.push(r);
+    }
+    if order == DrainOrder::AggregatorFirst {
+        measured.reverse();
+    }
+    Ok(measured)
+}
+
+/// Fills in `r`'s floor figures and its ratios to the floor and the ceilings (already
+/// set), and prints its line.
+fn beside_the_floors(r: &mut ConfigResult, floors: &HashMap<FloorWrite, floor::Floor>) {
+    if let Some(f) = floors.get(&FloorWrite::Insert) {
+        r.floor_votes_per_second = f.votes_per_second;
+        r.floor_consumer_cpu_seconds_per_1000_votes = f.consumer_cpu;
+        r.floor_broker_cpu_seconds_per_1000_votes = f.cpu.broker;
+        r.floor_database_cpu_seconds_per_1000_votes = f.cpu.database;
+        r.floor_machine_busy_share = f.cpu.machine_busy;
+    }
+    r.floor_with_aggregator_write = floors
+        .get(&FloorWrite::Aggregator)
+        .map(floor::Floor::as_write_floor);
+    r.ratio_to_floor = r.votes_per_second / r.floor_votes_per_second.max(1.0);
+    r.ratio_to_floor_range = (r.ratio_to_floor, r.ratio_to_floor);
+    r.ratio_to_broker_ceiling =
+        r.deliveries_per_second / r.broker_ceiling_votes_per_second.max(1.0);
+    r.ratio_to_db_ceiling = r.votes_per_second / r.db_ceiling_votes_per_second.max(1.0);
+    r.limited_by = limited_by(r);
+    eprintln!(
+        "load:   {} replica(s), {} queue: {:.0} votes/s ({:.2} of the floor, {:.0}% of broker ceiling, {:.0}% of database ceiling) · p99 {:.1} ms · {:.3} CPU s/1000 votes · peak RSS {:.1} MiB",
+        r.replicas,
+        r.queue_type,
+        r.votes_per_second,
+        r.ratio_to_floor,
+        r.ratio_to_broker_ceiling * 100.0,
+        r.ratio_to_db_ceiling * 100.0,
+        r.latency_p99_ms,
+        r.cpu_seconds_per_1000_votes,
+        r.peak_rss_mib
+    );
 }
 
 /// Per configuration (same position in every round), the round with the median
@@ -844,6 +959,24 @@ mod tests {
             floor_database_cpu_seconds_per_1000_votes: Some(0.01),
             ..ConfigResult::default()
         }
+    }
+
+    #[test]
+    fn odd_rounds_drain_the_floors_first_and_even_rounds_the_mirror_image() {
+        use super::DrainOrder;
+        assert_eq!(DrainOrder::of_round(1), DrainOrder::FloorsFirst);
+        assert_eq!(DrainOrder::of_round(2), DrainOrder::AggregatorFirst);
+        assert_eq!(DrainOrder::of_round(3), DrainOrder::FloorsFirst);
+        assert_eq!(DrainOrder::FloorsFirst.arrange(&[1, 3]), vec![1, 3]);
+        assert_eq!(DrainOrder::AggregatorFirst.arrange(&[1, 3]), vec![3, 1]);
+        // Reports written before the order existed were all floors first.
+        let old: super::RoundFigures = serde_json::from_str(
+            r#"{"votes_per_second":1.0,"floor_votes_per_second":1.0,"ratio_to_floor":1.0,
+                "cpu_ratio_of_totals":null,"machine_busy_share":null,"floor_machine_busy_share":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.drain_order, DrainOrder::FloorsFirst);
+        assert_eq!(old.duplicates_from_memory_share, None);
     }
 
     #[test]

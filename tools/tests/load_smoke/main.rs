@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use vote_aggregator::config::QueueType;
-use vote_tools::load::{self, LoadOptions};
+use vote_tools::load::{self, DrainOrder, LoadOptions};
 use vote_tools::load_report;
 
 #[tokio::test]
@@ -60,6 +60,20 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
                 .all(|r| r.cpu_seconds_per_1000_votes.iter().all(Option::is_some)),
             "{c:?}"
         );
+        // The first round drained the floors first, the second the configurations.
+        let orders: Vec<_> = c.every_round.iter().map(|r| r.drain_order).collect();
+        assert_eq!(
+            orders,
+            [DrainOrder::FloorsFirst, DrainOrder::AggregatorFirst],
+            "{c:?}"
+        );
+        // The pre-fill's duplicates were counted, and how they were recognised read.
+        assert!(
+            c.every_round
+                .iter()
+                .all(|r| r.duplicates_from_memory_share.is_some()),
+            "{c:?}"
+        );
         let floor_consumer = c.floor_consumer_cpu_seconds_per_1000_votes;
         assert!(floor_consumer.is_some_and(|x| x > 0.0), "{c:?}");
         let (lo, hi) = c.ratio_to_floor_range;
@@ -97,6 +111,8 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
         "floor_database_cpu_seconds_per_1000_votes",
         "floor_with_aggregator_write",
         "every_round",
+        "drain_order",
+        "duplicates_from_memory_share",
         "latency_p50_ms",
         "latency_p99_ms",
         "cpu_seconds_per_1000_votes",
@@ -111,7 +127,7 @@ async fn a_tiny_load_run_writes_every_output_with_every_figure() -> anyhow::Resu
     assert!(md.contains("(median of 2 rounds: "), "{md}");
     assert!(md.contains("The gap split"), "{md}");
     assert!(md.contains("### Every round"), "{md}");
-    assert!(md.contains("| classic | 1 | 100 | 2 |"), "{md}");
+    assert!(md.contains("| classic | 1 | 100 | 2 | aggregator first |"), "{md}");
     let chart = written
         .chart
         .expect("chart drawn (fonts-dejavu-core is installed)");
