@@ -616,10 +616,10 @@ fn every_round(report: &LoadReport) -> String {
          per vote (more work, or the same work run slower on a shared machine), not in \
          waiting; the last two columns say whose CPU per vote it was, in ms per 1000 votes: \
          the consumer (the replicas, or the floor's), RabbitMQ, PostgreSQL. `order`: which \
-         drain went first in that round (odd rounds the floor, even rounds the aggregator); \
-         `dups from memory`: of the duplicates the replicas counted, the share each \
-         recognised from its memory of the votes it stored itself (the rest were copies \
-         within one batch or judged by a statement).\n"
+         drain went first in that round (odd rounds the floors, even rounds the aggregator); \
+         `dups from memory`: of every duplicate the replicas counted, the share \
+         recognised by the replica that had stored the original itself, from its memory \
+         (the rest were copies within one batch or judged by a statement).\n"
     );
     let _ = writeln!(
         s,

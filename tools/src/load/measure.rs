@@ -1,6 +1,7 @@
 //! Measuring one configuration: drain a pre-filled queue with real replica processes
 //! (capacity), publish at a steady rate (latency), and sample the replicas' and servers'
-//! CPU (see [`cpu`](super::cpu)) and memory (cost).
+//! CPU (see [`cpu`](super::cpu)) and memory (cost); at the end, read from the replicas'
+//! metrics how their duplicates were recognised.
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use vote_testkit::fleet::{Fleet, FleetOptions, ReplicaSpec};
 use vote_testkit::ledger::Ledger;
 use vote_testkit::procinfo;
 use vote_testkit::progress::Progress;
+use vote_testkit::prometheus::Scrape;
 use vote_testkit::publish::{PublishOptions, publish_messages};
 use vote_testkit::testbed::TestBed;
 use vote_testkit::workload::{Message, Workload};
@@ -203,15 +205,17 @@ pub(super) async fn measure_config(
     })
 }
 
-/// Of the duplicates the replicas counted, the share recognised from memory (`None` when
-/// none was counted or a replica's metrics could not be read).
+/// [`ConfigResult::duplicates_from_memory_share`] of a fleet, read now.
 async fn duplicates_from_memory_share(fleet: &Fleet) -> Option<f64> {
-    let (mut duplicates, mut from_memory) = (0u64, 0u64);
-    for scrape in fleet.scrape_all().await {
-        let scrape = scrape.ok()?;
-        duplicates += scrape.duplicates();
-        from_memory += scrape.duplicates_from_memory();
-    }
+    let scrapes: anyhow::Result<Vec<Scrape>> = fleet.scrape_all().await.into_iter().collect();
+    share_from_memory(&scrapes.ok()?)
+}
+
+/// Of the duplicates counted on these pages, the share counted as recognised from memory
+/// (`None` when none was counted).
+fn share_from_memory(scrapes: &[Scrape]) -> Option<f64> {
+    let duplicates: u64 = scrapes.iter().map(Scrape::duplicates).sum();
+    let from_memory: u64 = scrapes.iter().map(Scrape::duplicates_from_memory).sum();
     (duplicates > 0).then(|| from_memory as f64 / duplicates as f64)
 }
 
@@ -235,4 +239,28 @@ async fn publish_steady(
         ..PublishOptions::default()
     };
     publish_messages(&bed.amqp_url, &bed.queue, &originals, &options, ledger).await
+}
+
+#[cfg(test)]
+mod tests {
+    use vote_testkit::prometheus::Scrape;
+
+    use super::share_from_memory;
+
+    #[test]
+    fn the_share_from_memory_is_over_every_replica_and_every_duplicate() {
+        let page = |dups_true: u64, dups_false: u64, from_memory: u64| {
+            Scrape::parse(&format!(
+                "vote_aggregator_votes_duplicate_total{{redelivered=\"true\"}} {dups_true}\n\
+                 vote_aggregator_votes_duplicate_total{{redelivered=\"false\"}} {dups_false}\n\
+                 vote_aggregator_votes_duplicate_from_memory_total {from_memory}\n"
+            ))
+            .unwrap()
+        };
+        // 30 of 40 duplicates from memory on one replica, 0 of 10 on the other.
+        let share = share_from_memory(&[page(5, 35, 30), page(0, 10, 0)]);
+        assert_eq!(share, Some(0.6));
+        assert_eq!(share_from_memory(&[page(0, 0, 0)]), None);
+        assert_eq!(share_from_memory(&[]), None);
+    }
 }

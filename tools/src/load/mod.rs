@@ -3,7 +3,7 @@
 //!
 //! For every configuration (replicas × batch size × queue type) on fresh containers
 //! (PostgreSQL with fsync ON, as in production):
-//! 1. **capacity**: pre-fill the queue with N votes (+10 % duplicates), start the replica
+//! 1. **capacity**: pre-fill the queue with N votes (plus `--duplicates`), start the replica
 //!    processes, and time the drain from the first counted vote to the last: counted
 //!    votes/s;
 //! 2. **latency**: publish at 50 % of that capacity for a while, and read every vote's
@@ -18,14 +18,20 @@
 //! - **database ceiling**: the aggregator's own batch statement fed from memory at the
 //!   same batch size, one transaction at a time, no broker.
 //!
-//! Throughput is quoted as a ratio to those ceilings: on a shared, noisy machine a bare
-//! votes/s figure means little. Timings are benchmarks, never test assertions.
+//! - **floor** (see [`floor`](self::floor)): the least any correct exactly-once consumer
+//!   must do, co-located like the aggregator.
+//!
+//! Throughput is quoted as a ratio to those: on a shared, noisy machine a bare votes/s
+//! figure means little. With `--rounds N` the whole matrix is measured N times, the
+//! floors and the configurations in alternating order ([`DrainOrder`]), and each
+//! configuration reports its median round. Timings are benchmarks, never test assertions.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use diesel::QueryableByName;
 use diesel::sql_types::Text;
 use serde::{Deserialize, Serialize};
@@ -84,8 +90,9 @@ pub struct LoadOptions {
     /// instead of the bare INSERT: the gap to the floor then splits into what that write
     /// costs and what the replica's process (consume loop, metrics, results relay) costs.
     pub floor_with_aggregator_write: bool,
-    /// Times the whole matrix is measured; each configuration reports the round with its
-    /// median `ratio_to_floor`, and the range over the rounds.
+    /// Times the whole matrix is measured, in alternating [`DrainOrder`]; each
+    /// configuration reports the round with its median `ratio_to_floor`, and the range
+    /// over the rounds.
     pub rounds: usize,
     /// Service variables set on every replica on top of the runner's own (see
     /// [`parse_replica_env`]).
@@ -325,12 +332,15 @@ pub struct ConfigResult {
     /// other fields are the median round's).
     #[serde(default)]
     pub every_round: Vec<RoundFigures>,
-    /// Whether this round drained the floor or the aggregator first.
+    /// Whether the round these figures are from drained the floors or the aggregator
+    /// first.
     #[serde(default)]
     pub drain_order: DrainOrder,
-    /// Of the duplicate deliveries the replicas counted in the drain, the share each
-    /// recognised from its memory of the votes it stored itself, without a judging
-    /// statement (`None` when there were none).
+    /// Of every duplicate the replicas counted (copies within one batch included), the
+    /// share recognised by the replica that had stored the original itself, from its
+    /// memory, without a judging statement. Read when the configuration ends: the drain's
+    /// duplicates, and any a publisher retry in the latency phase made. `None` when there
+    /// were none or a replica's metrics could not be read.
     #[serde(default)]
     pub duplicates_from_memory_share: Option<f64>,
 }
@@ -543,11 +553,12 @@ pub async fn run(opts: &LoadOptions, command: String) -> anyhow::Result<LoadRepo
 
 /// Which drains of a queue type and batch size go first in a round.
 ///
-/// Odd rounds drain the floors, then the replica configurations (fewest replicas first);
-/// even rounds the mirror image: the configurations (most replicas first), then the
-/// floors. Whatever a drain leaves behind for the next one, or a machine that slows
+/// Odd rounds drain the floors, then the replica configurations in `--replicas` order;
+/// even rounds the mirror image: the configurations in reverse, then the floors in
+/// reverse. Whatever a drain leaves behind for the next one, or a machine that slows
 /// during a round, then falls on the floor and the aggregator alike over the rounds,
-/// instead of always on whichever is measured later. The ceilings come first either way.
+/// instead of always on whichever is measured later. The ceilings (broker, then database)
+/// come first either way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DrainOrder {
@@ -579,14 +590,36 @@ impl DrainOrder {
     /// How the report shows it.
     pub fn shown(self) -> &'static str {
         match self {
-            DrainOrder::FloorsFirst => "floor first",
+            DrainOrder::FloorsFirst => "floors first",
             DrainOrder::AggregatorFirst => "aggregator first",
         }
     }
 }
 
+/// The two ceilings of one queue type and batch size in a round.
+#[derive(Clone, Copy)]
+struct Ceilings {
+    broker: f64,
+    database: f64,
+}
+
+/// The floors of one queue type and batch size in a round.
+struct Floors {
+    bare: floor::Floor,
+    /// With `--floor-with-aggregator-write`.
+    with_aggregator_write: Option<floor::Floor>,
+}
+
+/// Where a round is: configurations measured so far, and in all.
+struct Progress {
+    done: usize,
+    total: usize,
+}
+
 /// One round (counted from 1): every ceiling, floor and configuration of the matrix, in
-/// the round's [`DrainOrder`].
+/// the round's [`DrainOrder`]. The configurations come back in the same order every
+/// round (queue type, batch size, then `--replicas` order): [`median_rounds`] matches
+/// rounds by position.
 async fn measure_round(
     servers: &Servers,
     workload: &Workload,
@@ -596,16 +629,19 @@ async fn measure_round(
     let order = DrainOrder::of_round(round);
     let mut db_ceilings: HashMap<usize, f64> = HashMap::new();
     let mut configs = Vec::new();
-    let mut done = 0;
+    let mut progress = Progress {
+        done: 0,
+        total: opts.queue_types.len() * opts.batch_sizes.len() * opts.replicas.len(),
+    };
     for &queue_type in &opts.queue_types {
         for &batch in &opts.batch_sizes {
-            let broker_ceiling = broker_ceiling(servers, workload, queue_type, batch, opts).await?;
+            let broker = broker_ceiling(servers, workload, queue_type, batch, opts).await?;
             eprintln!(
-                "load: broker ceiling {} batch {batch}: {broker_ceiling:.0} deliveries/s",
+                "load: broker ceiling {} batch {batch}: {broker:.0} deliveries/s",
                 queue_type.as_str()
             );
             // No broker in it: one per batch size serves every queue type.
-            let db_ceiling = match db_ceilings.entry(batch) {
+            let database = match db_ceilings.entry(batch) {
                 Entry::Occupied(e) => *e.get(),
                 Entry::Vacant(e) => {
                     let c = db_ceiling(servers, workload, batch).await?;
@@ -613,23 +649,27 @@ async fn measure_round(
                     *e.insert(c)
                 }
             };
-            let mut measured = Vec::new();
-            if order == DrainOrder::AggregatorFirst {
-                measured =
-                    measure_configs(servers, workload, queue_type, batch, order, opts, &mut done)
-                        .await?;
-            }
-            let floors = measure_floors(servers, workload, queue_type, batch, order, opts).await?;
-            if order == DrainOrder::FloorsFirst {
-                measured =
-                    measure_configs(servers, workload, queue_type, batch, order, opts, &mut done)
-                        .await?;
-            }
+            let ceilings = Ceilings { broker, database };
+            let group = (queue_type, batch);
+            let (floors, measured) = match order {
+                DrainOrder::FloorsFirst => {
+                    let floors = measure_floors(servers, workload, group, order, opts).await?;
+                    let measured =
+                        measure_configs(servers, workload, group, order, opts, &mut progress)
+                            .await?;
+                    (floors, measured)
+                }
+                DrainOrder::AggregatorFirst => {
+                    let measured =
+                        measure_configs(servers, workload, group, order, opts, &mut progress)
+                            .await?;
+                    let floors = measure_floors(servers, workload, group, order, opts).await?;
+                    (floors, measured)
+                }
+            };
             for mut r in measured {
                 r.drain_order = order;
-                r.broker_ceiling_votes_per_second = broker_ceiling;
-                r.db_ceiling_votes_per_second = db_ceiling;
-                beside_the_floors(&mut r, &floors);
+                relate(&mut r, ceilings, &floors);
                 configs.push(r);
             }
         }
@@ -642,17 +682,16 @@ async fn measure_round(
 async fn measure_floors(
     servers: &Servers,
     workload: &Workload,
-    queue_type: QueueType,
-    batch: usize,
+    (queue_type, batch): (QueueType, usize),
     order: DrainOrder,
     opts: &LoadOptions,
-) -> anyhow::Result<HashMap<FloorWrite, floor::Floor>> {
+) -> anyhow::Result<Floors> {
     let writes: &[FloorWrite] = if opts.floor_with_aggregator_write {
         &[FloorWrite::Insert, FloorWrite::Aggregator]
     } else {
         &[FloorWrite::Insert]
     };
-    let mut floors = HashMap::new();
+    let (mut bare, mut with_aggregator_write) = (None, None);
     for write in order.arrange(writes) {
         let f = floor(servers, workload, queue_type, batch, write, opts).await?;
         eprintln!(
@@ -661,28 +700,35 @@ async fn measure_floors(
             queue_type.as_str(),
             f.votes_per_second
         );
-        floors.insert(write, f);
+        match write {
+            FloorWrite::Insert => bare = Some(f),
+            FloorWrite::Aggregator => with_aggregator_write = Some(f),
+        }
     }
-    Ok(floors)
+    let bare = bare.context("the bare floor is measured in every round")?;
+    Ok(Floors {
+        bare,
+        with_aggregator_write,
+    })
 }
 
 /// Every replica count of one queue type and batch size, drained in `order` and returned
-/// in the order of `--replicas`. `done` counts the configurations measured this round.
+/// in `--replicas` order (see [`measure_round`]).
 async fn measure_configs(
     servers: &Servers,
     workload: &Workload,
-    queue_type: QueueType,
-    batch: usize,
+    (queue_type, batch): (QueueType, usize),
     order: DrainOrder,
     opts: &LoadOptions,
-    done: &mut usize,
+    progress: &mut Progress,
 ) -> anyhow::Result<Vec<ConfigResult>> {
-    let total = opts.queue_types.len() * opts.batch_sizes.len() * opts.replicas.len();
     let mut measured = Vec::with_capacity(opts.replicas.len());
     for replicas in order.arrange(&opts.replicas) {
-        *done += 1;
+        progress.done += 1;
         eprintln!(
-            "load: [{done}/{total}] {replicas} replica(s), batch {batch}, {} queue",
+            "load: [{}/{}] {replicas} replica(s), batch {batch}, {} queue",
+            progress.done,
+            progress.total,
             queue_type.as_str()
         );
         let r = measure_config(servers, workload, queue_type, batch, replicas, opts).await?;
@@ -694,18 +740,20 @@ async fn measure_configs(
     Ok(measured)
 }
 
-/// Fills in `r`'s floor figures and its ratios to the floor and the ceilings (already
-/// set), and prints its line.
-fn beside_the_floors(r: &mut ConfigResult, floors: &HashMap<FloorWrite, floor::Floor>) {
-    if let Some(f) = floors.get(&FloorWrite::Insert) {
-        r.floor_votes_per_second = f.votes_per_second;
-        r.floor_consumer_cpu_seconds_per_1000_votes = f.consumer_cpu;
-        r.floor_broker_cpu_seconds_per_1000_votes = f.cpu.broker;
-        r.floor_database_cpu_seconds_per_1000_votes = f.cpu.database;
-        r.floor_machine_busy_share = f.cpu.machine_busy;
-    }
+/// Sets `r`'s ceilings and floor figures, its ratios to them and what bounded it, and
+/// prints its line.
+fn relate(r: &mut ConfigResult, ceilings: Ceilings, floors: &Floors) {
+    let f = &floors.bare;
+    r.broker_ceiling_votes_per_second = ceilings.broker;
+    r.db_ceiling_votes_per_second = ceilings.database;
+    r.floor_votes_per_second = f.votes_per_second;
+    r.floor_consumer_cpu_seconds_per_1000_votes = f.consumer_cpu;
+    r.floor_broker_cpu_seconds_per_1000_votes = f.cpu.broker;
+    r.floor_database_cpu_seconds_per_1000_votes = f.cpu.database;
+    r.floor_machine_busy_share = f.cpu.machine_busy;
     r.floor_with_aggregator_write = floors
-        .get(&FloorWrite::Aggregator)
+        .with_aggregator_write
+        .as_ref()
         .map(floor::Floor::as_write_floor);
     r.ratio_to_floor = r.votes_per_second / r.floor_votes_per_second.max(1.0);
     r.ratio_to_floor_range = (r.ratio_to_floor, r.ratio_to_floor);
@@ -969,6 +1017,11 @@ mod tests {
         assert_eq!(DrainOrder::of_round(3), DrainOrder::FloorsFirst);
         assert_eq!(DrainOrder::FloorsFirst.arrange(&[1, 3]), vec![1, 3]);
         assert_eq!(DrainOrder::AggregatorFirst.arrange(&[1, 3]), vec![3, 1]);
+    }
+
+    #[test]
+    fn a_round_of_an_older_report_reads_as_floors_first_with_no_share() {
+        use super::DrainOrder;
         // Reports written before the order existed were all floors first.
         let old: super::RoundFigures = serde_json::from_str(
             r#"{"votes_per_second":1.0,"floor_votes_per_second":1.0,"ratio_to_floor":1.0,
