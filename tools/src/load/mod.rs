@@ -18,7 +18,7 @@
 //! - **database ceiling**: the aggregator's own batch statement fed from memory at the
 //!   same batch size, one transaction at a time, no broker.
 //!
-//! - **floor** (see [`floor`](self::floor)): the least any correct exactly-once consumer
+//! - **floor** (the `floor` module): the least any correct exactly-once consumer
 //!   must do, co-located like the aggregator.
 //!
 //! Throughput is quoted as a ratio to those: on a shared, noisy machine a bare votes/s
