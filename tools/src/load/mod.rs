@@ -611,7 +611,7 @@ struct Floors {
 }
 
 /// Where a round is: configurations measured so far, and in all.
-struct Progress {
+struct RoundProgress {
     done: usize,
     total: usize,
 }
@@ -629,7 +629,7 @@ async fn measure_round(
     let order = DrainOrder::of_round(round);
     let mut db_ceilings: HashMap<usize, f64> = HashMap::new();
     let mut configs = Vec::new();
-    let mut progress = Progress {
+    let mut progress = RoundProgress {
         done: 0,
         total: opts.queue_types.len() * opts.batch_sizes.len() * opts.replicas.len(),
     };
@@ -720,7 +720,7 @@ async fn measure_configs(
     (queue_type, batch): (QueueType, usize),
     order: DrainOrder,
     opts: &LoadOptions,
-    progress: &mut Progress,
+    progress: &mut RoundProgress,
 ) -> anyhow::Result<Vec<ConfigResult>> {
     let mut measured = Vec::with_capacity(opts.replicas.len());
     for replicas in order.arrange(&opts.replicas) {
