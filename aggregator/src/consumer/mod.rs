@@ -16,6 +16,11 @@
 //!   them if the process dies.
 //! - When the session breaks, everything unacked is simply dropped: delivery tags are
 //!   per channel, so they can never be acked on a new one. The broker redelivers them.
+//! - Reading never waits on lapin's buffer while deliveries flow: when the buffer runs
+//!   dry mid-flow, reading pauses for [`GATHER_PAUSE`] and then takes what gathered, so
+//!   a busy replica pays one timer wake-up per millisecond or two, not a cross-thread
+//!   wake-up per delivery. Commits, acks, deadlines and shutdown are served during the
+//!   pause.
 
 //!
 //! Where each part lives:
@@ -32,13 +37,16 @@ mod monitor;
 mod pipeline;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::Consumer;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -80,9 +88,19 @@ struct Consuming {
     _stop_monitor: DropGuard,
 }
 
-/// Turns of the consume loop between two yields to the runtime: a database answer waits
-/// at most this many deliveries' work (a few microseconds each) before it is read.
-const YIELD_EVERY: u32 = 4;
+/// Deliveries read in one turn of the consume loop before it yields to the runtime: a
+/// database answer waits at most this many deliveries' work (a few microseconds each)
+/// before it is read.
+const READ_PER_TURN: u32 = 4;
+
+/// How long reading pauses after the consumer's buffer ran dry while deliveries were
+/// flowing. Parking on an empty buffer costs a cross-thread wake-up per delivery when
+/// the consumer keeps up with the broker; pausing lets the deliveries of the next
+/// millisecond or two (Tokio's timer ticks in milliseconds) gather, to be read after one
+/// wake-up. A batch's deadline still ends the pause, and once a pause finds the buffer
+/// still empty the loop parks on the consumer as before, so an idle replica does not
+/// tick.
+const GATHER_PAUSE: Duration = Duration::from_millis(1);
 
 /// Runs one session until shutdown (clean stop) or until the broker fails.
 ///
@@ -165,7 +183,9 @@ async fn consume(
     pipeline: &mut Pipeline,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let mut turns: u32 = 0;
+    // While set, reading pauses until then: the consumer's buffer ran dry while
+    // deliveries were flowing (see [`GATHER_PAUSE`]).
+    let mut gathering: Option<Instant> = None;
     loop {
         // Start the next commit as soon as a batch is due and the pipeline has room.
         if pipeline.has_room() && pipeline.due() {
@@ -183,10 +203,15 @@ async fn consume(
             pipeline.start_commit(batch);
             continue;
         }
-        let full = pipeline.is_full();
-        let deadline = pipeline.deadline();
-        let waits_for_deadline = pipeline.waits_for_deadline();
+        let reading = !pipeline.is_full() && gathering.is_none();
         let committing = pipeline.is_committing();
+        // The loop wakes at the batch's deadline (it could start committing then) or when
+        // the gathering pause ends, whichever comes first.
+        let deadline = pipeline.waits_for_deadline().then(|| pipeline.deadline());
+        let wake_at = match (gathering, deadline) {
+            (Some(g), Some(d)) => Some(g.min(d)),
+            (g, d) => g.or(d),
+        };
 
         tokio::select! {
             biased;
@@ -196,37 +221,98 @@ async fn consume(
                     return SessionEnd::Lost(e);
                 }
             }
-            next = c.consumer.next(), if !full => match next {
-                Some(Ok(delivery)) => {
-                    ctx.metrics.votes_received.inc();
-                    note_delivery_count(ctx, &delivery.properties);
-                    match vote::decode(&delivery.data) {
-                        Ok(v) => {
-                            let published = broker::published_at_ms(&delivery.properties);
-                            pipeline.add(v, delivery.delivery_tag, delivery.redelivered, published);
-                        }
-                        Err(rejection) => {
-                            if let Err(e) = dead_letter(ctx, &mut c.session, &delivery, &rejection).await {
-                                return SessionEnd::Lost(e);
-                            }
-                        }
-                    }
+            next = c.consumer.next(), if reading => {
+                if let Err(end) = take(ctx, c, pipeline, next).await {
+                    return end;
                 }
-                Some(Err(e)) => return lost("consumer", e),
-                None => return SessionEnd::Lost("consumer was cancelled by the broker".into()),
+                match read_buffered(ctx, c, pipeline).await {
+                    Ok(Buffer::Dry) => gathering = Some(Instant::now() + GATHER_PAUSE),
+                    Ok(Buffer::MayHoldMore) => {}
+                    Err(end) => return end,
+                }
+                // The consumer's stream is not a Tokio resource: with deliveries buffered
+                // it is always ready, and on this one-thread runtime the database's
+                // answers (read by the I/O driver, which runs only between tasks) would
+                // wait while this loop runs. `yield_now` resumes this task only after the
+                // driver has run and the tasks it woke (the commits) were polled; Tokio's
+                // cooperative budget alone yields only every 128 steps, which measured as
+                // a slower commit pipeline.
+                tokio::task::yield_now().await;
             },
-            _ = tokio::time::sleep_until(deadline), if waits_for_deadline => {}
+            _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {
+                if gathering.is_some_and(|g| Instant::now() >= g) {
+                    gathering = None;
+                }
+            }
         }
-        // The consumer's stream is not a Tokio resource: with deliveries buffered it is
-        // always ready, and on this one-thread runtime the database's answers (read by the
-        // I/O driver, which runs only between tasks) would wait while this loop runs.
-        // `yield_now` resumes this task only after the driver has run and the tasks it
-        // woke (the commits) were polled; Tokio's cooperative budget alone yields only
-        // every 128 steps, which measured as a slower commit pipeline.
-        turns = turns.wrapping_add(1);
-        if turns.is_multiple_of(YIELD_EVERY) {
-            tokio::task::yield_now().await;
+    }
+}
+
+/// How [`read_buffered`] left the consumer's buffer.
+enum Buffer {
+    /// Empty when last looked at.
+    Dry,
+    /// Not looked at again: the batch filled, or the turn's share of deliveries was taken.
+    MayHoldMore,
+}
+
+/// Takes up to [`READ_PER_TURN`] more deliveries that lapin has already buffered, without
+/// waiting for any (the batch's room permitting).
+///
+/// Looking with a no-op waker leaves nothing for lapin's I/O thread to wake: after a
+/// [`Buffer::Dry`] the loop pauses reading for [`GATHER_PAUSE`] rather than park on the
+/// consumer, so deliveries arriving meanwhile are read together after one timer wake-up
+/// instead of costing a cross-thread wake-up (a system call and a context switch on each
+/// side) apiece.
+async fn read_buffered(
+    ctx: &Ctx,
+    c: &mut Consuming,
+    pipeline: &mut Pipeline,
+) -> Result<Buffer, SessionEnd> {
+    for _ in 1..READ_PER_TURN {
+        if pipeline.is_full() {
+            return Ok(Buffer::MayHoldMore);
         }
+        match c.consumer.next().now_or_never() {
+            Some(next) => take(ctx, c, pipeline, next).await?,
+            None => return Ok(Buffer::Dry),
+        }
+    }
+    Ok(Buffer::MayHoldMore)
+}
+
+/// One item of the consumer's stream: a vote goes into the batch being filled, a
+/// malformed message to the dead-letter queue.
+///
+/// # Errors
+/// [`SessionEnd::Lost`] when the consumer failed or was cancelled, or dead-lettering
+/// could not be completed.
+async fn take(
+    ctx: &Ctx,
+    c: &mut Consuming,
+    pipeline: &mut Pipeline,
+    next: Option<Result<Delivery, lapin::Error>>,
+) -> Result<(), SessionEnd> {
+    let delivery = match next {
+        Some(Ok(delivery)) => delivery,
+        Some(Err(e)) => return Err(lost("consumer", e)),
+        None => {
+            return Err(SessionEnd::Lost(
+                "consumer was cancelled by the broker".into(),
+            ));
+        }
+    };
+    ctx.metrics.votes_received.inc();
+    note_delivery_count(ctx, &delivery.properties);
+    match vote::decode(&delivery.data) {
+        Ok(v) => {
+            let published = broker::published_at_ms(&delivery.properties);
+            pipeline.add(v, delivery.delivery_tag, delivery.redelivered, published);
+            Ok(())
+        }
+        Err(rejection) => dead_letter(ctx, &mut c.session, &delivery, &rejection)
+            .await
+            .map_err(SessionEnd::Lost),
     }
 }
 
