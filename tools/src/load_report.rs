@@ -211,12 +211,7 @@ pub fn targets(report: &LoadReport) -> Vec<String> {
     groups.dedup();
     for (q, b) in groups {
         if let (Some(one), Some(three)) = (find(q, 1, b), find(q, 3, b)) {
-            let ratio = three.votes_per_second / one.votes_per_second.max(1.0);
-            out.push(format!(
-                "{q}, batch {b}: 3 replicas at {:.0} % of 1 replica (target ≥ 90 %): {}",
-                ratio * 100.0,
-                verdict(ratio >= 0.9)
-            ));
+            out.push(scaling_line(q, b, one, three));
         }
     }
     let worst_p99 = report
@@ -654,6 +649,65 @@ fn every_round(report: &LoadReport) -> String {
     s
 }
 
+/// The target line of three replicas against one (queue type `q`, batch `b`): with
+/// several rounds judged on the median of same-round pairs ([`same_round_ratios`]), the
+/// quotient of the two reported rounds given beside it.
+fn scaling_line(q: &str, b: usize, one: &ConfigResult, three: &ConfigResult) -> String {
+    let reported = three.votes_per_second / one.votes_per_second.max(1.0);
+    let (ratio, how) = match same_round_ratios(one, three) {
+        Some(p) => (
+            p.median,
+            format!(
+                " (median of {} same-round pairs, range {:.0}–{:.0} %; the reported rounds: {:.0} %)",
+                p.pairs,
+                p.min * 100.0,
+                p.max * 100.0,
+                reported * 100.0
+            ),
+        ),
+        None => (reported, String::new()),
+    };
+    format!(
+        "{q}, batch {b}: 3 replicas at {:.1} % of 1 replica{how} (target ≥ 90 %): {}",
+        ratio * 100.0,
+        if ratio >= 0.9 { "met" } else { "NOT met" }
+    )
+}
+
+/// Three replicas' rate over one replica's, paired round by round.
+#[derive(Debug, PartialEq)]
+struct SameRoundRatios {
+    /// The lower middle one for an even count, as for every median of rounds here.
+    median: f64,
+    min: f64,
+    max: f64,
+    pairs: usize,
+}
+
+/// With several rounds, `three`'s rate over `one`'s in each round, where the two were
+/// drained back to back beside the same floor: the reported rounds of the two
+/// configurations are each one's own median round, often different rounds, so their
+/// quotient mixes two rounds' conditions. `None` with one round, or when the two did
+/// not keep the same rounds.
+fn same_round_ratios(one: &ConfigResult, three: &ConfigResult) -> Option<SameRoundRatios> {
+    if one.every_round.len() < 2 || one.every_round.len() != three.every_round.len() {
+        return None;
+    }
+    let mut ratios: Vec<f64> = one
+        .every_round
+        .iter()
+        .zip(&three.every_round)
+        .map(|(o, t)| t.votes_per_second / o.votes_per_second.max(1.0))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    Some(SameRoundRatios {
+        median: ratios[lower_middle(ratios.len())],
+        min: ratios[0],
+        max: ratios[ratios.len() - 1],
+        pairs: ratios.len(),
+    })
+}
+
 /// The ratio of CPU totals for the floor target's line: with several rounds, the median
 /// over the rounds that have one (the lower middle one for an even count) and how many
 /// those were; empty when no round has one.
@@ -677,4 +731,62 @@ fn cpu_ratio_note(c: &ConfigResult) -> String {
         ratios.len(),
         c.every_round.len()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SameRoundRatios, same_round_ratios};
+    use crate::load::{ConfigResult, RoundFigures};
+
+    /// A configuration whose rounds counted `rates` votes/s, reported as its round
+    /// `reported`.
+    fn rounds(rates: &[f64], reported: usize) -> ConfigResult {
+        let every_round = rates
+            .iter()
+            .map(|&v| {
+                serde_json::from_value::<RoundFigures>(serde_json::json!({
+                    "votes_per_second": v, "floor_votes_per_second": 100.0,
+                    "ratio_to_floor": v / 100.0, "cpu_ratio_of_totals": null,
+                    "machine_busy_share": null, "floor_machine_busy_share": null,
+                }))
+                .unwrap()
+            })
+            .collect();
+        ConfigResult {
+            votes_per_second: rates[reported],
+            every_round,
+            ..ConfigResult::default()
+        }
+    }
+
+    #[test]
+    fn three_replicas_against_one_are_paired_round_by_round() {
+        // Each configuration's reported round is its own median one: 100 against 80 reads
+        // as 80 %, while in every round three replicas did 90–110 % of one.
+        let one = rounds(&[100.0, 80.0, 120.0, 90.0], 0);
+        let three = rounds(&[99.0, 80.0, 108.0, 99.0], 1);
+        assert_eq!(
+            same_round_ratios(&one, &three),
+            Some(SameRoundRatios {
+                median: 0.99,
+                min: 0.9,
+                max: 1.1,
+                pairs: 4
+            })
+        );
+        let line = super::scaling_line("classic", 500, &one, &three);
+        assert!(
+            line == "classic, batch 500: 3 replicas at 99.0 % of 1 replica (median of 4 \
+                     same-round pairs, range 90–110 %; the reported rounds: 80 %) (target ≥ 90 %): met",
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn one_round_has_no_pairs_to_take() {
+        assert_eq!(
+            same_round_ratios(&rounds(&[100.0], 0), &rounds(&[90.0], 0)),
+            None
+        );
+    }
 }
