@@ -188,7 +188,6 @@ pub fn targets(report: &LoadReport) -> Vec<String> {
             .iter()
             .find(|c| c.queue_type == q && c.replicas == r && c.batch_size == b)
     };
-    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let mut out = Vec::new();
     for q in ["classic", "quorum"] {
         if let Some(c) = find(q, 1, 500) {
@@ -670,8 +669,13 @@ fn scaling_line(q: &str, b: usize, one: &ConfigResult, three: &ConfigResult) -> 
     format!(
         "{q}, batch {b}: 3 replicas at {:.1} % of 1 replica{how} (target ≥ 90 %): {}",
         ratio * 100.0,
-        if ratio >= 0.9 { "met" } else { "NOT met" }
+        verdict(ratio >= 0.9)
     )
+}
+
+/// How a target line ends.
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
 }
 
 /// Three replicas' rate over one replica's, paired round by round.
