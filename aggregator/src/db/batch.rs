@@ -12,16 +12,16 @@
 //!    the results outbox (`results_outbox`, see [`outbox`](super::outbox)), so the event
 //!    announcing them commits or rolls back with them;
 //! 3. only if some rows were not inserted (a UUID stored before, a redelivery, another
-//!    payload of a UUID in the batch), a second statement in the same transaction judges
-//!    them against the stored votes and records conflicts in `vote_conflicts`; except
-//!    the rows that are exact copies of votes this process stored itself, recently
-//!    ([`RecentlyStored`]; first waiting, bounded, for this process's batches still
-//!    between their write and being remembered): those are duplicates, and when every
-//!    such row is one, the statement is not sent;
+//!    payload of a UUID in the batch), they are judged in the same transaction
+//!    ([`judge`](super::judge)): from memory for exact copies of votes this process
+//!    stored itself, recently ([`RecentlyStored`]); else by one prepared read of their
+//!    stored votes, and a conflict statement (recording them in `vote_conflicts`) only
+//!    for rows read back with another payload;
 //! 4. COMMIT.
 //!
-//! So a batch costs two round trips, three with rows to judge: the transaction is run by
-//! hand ([`txn`](super::txn)), so BEGIN need not wait for its own answer.
+//! So a batch costs two round trips, three when rows are read back (and two more to
+//! record a conflict: that statement is prepared unnamed each time): the transaction is
+//! run by hand ([`txn`](super::txn)), so BEGIN need not wait for its own answer.
 //!
 //! Invariant kept: within a committed transaction, the tally increment for a candidate
 //! equals the number of `votes` rows inserted for it and the increment its outbox event
@@ -34,19 +34,20 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use diesel::QueryableByName;
-use diesel::sql_types::{Array, BigInt, Int4, Nullable, Text, Timestamptz, Uuid};
+use diesel::sql_types::{Array, BigInt, Text, Uuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::batch_sql::{RESOLVE_CONFLICTS_SQL, WriteBatch};
-use super::recent::{EarlierCommits, RecentlyStored, StoreIdentity};
+use super::batch_sql::WriteBatch;
+use super::judge;
+use super::recent::{RecentlyStored, StoreIdentity};
 use super::{CHECKOUT_TIMEOUT, InDoubt, PgPool, UuidHasher, checkout, tls, txn};
 use crate::error::DbError;
 use crate::vote::Vote;
 
 /// A row's UUID and payload, borrowed: what two rows (or a row and a vote) must share to
 /// be the same vote.
-type RowRef<'a> = (
+pub(super) type RowRef<'a> = (
     &'a uuid::Uuid,
     &'a str,
     &'a str,
@@ -159,8 +160,13 @@ impl BatchColumns {
     }
 
     /// Whether row `ord` is the first of its UUID in the batch.
-    fn is_first(&self, ord: i32) -> bool {
+    pub(super) fn is_first(&self, ord: i32) -> bool {
         usize::try_from(ord).is_ok_and(|i| self.is_first.get(i) == Some(&true))
+    }
+
+    /// Row `ord`, as [`row`](Self::row) gives it.
+    pub(super) fn row_at(&self, ord: i32) -> Option<RowRef<'_>> {
+        self.row(usize::try_from(ord).ok()?)
     }
 
     /// The UUID of row `ord`.
@@ -168,11 +174,14 @@ impl BatchColumns {
         self.vote_ids.get(usize::try_from(ord).ok()?).copied()
     }
 
-    /// The rows at `indices`, in that order.
-    fn rows(&self, indices: &[i32]) -> BatchColumns {
+    /// The rows at `indices`, in that order (out-of-range ones skipped: callers pass rows
+    /// of this batch).
+    pub(super) fn rows(&self, indices: &[i32]) -> BatchColumns {
         let mut out = BatchColumns::default();
-        for &i in indices {
-            let i = i as usize;
+        for i in indices.iter().filter_map(|&i| usize::try_from(i).ok()) {
+            if i >= self.len() {
+                continue;
+            }
             out.vote_ids.push(self.vote_ids[i]);
             out.election_ids.push(self.election_ids[i].clone());
             out.candidate_ids.push(self.candidate_ids[i].clone());
@@ -296,14 +305,6 @@ struct WriteResult {
     store: String,
 }
 
-#[derive(QueryableByName)]
-struct ConflictResult {
-    #[diesel(sql_type = Array<Int4>)]
-    conflicting: Vec<i32>,
-    #[diesel(sql_type = Array<Int4>)]
-    missing: Vec<i32>,
-}
-
 /// Why one attempt at a batch failed.
 #[derive(Debug)]
 pub struct WriteFailure {
@@ -405,7 +406,7 @@ async fn write_batch_once(
     // statement: votes, tallies and outbox together); the batch is not acked, and its
     // retry finds those votes stored.
     let written = match txn::begin_with(&conn, write).await {
-        Ok(w) => judge_rest(&mut conn, batch, w, recent).await,
+        Ok(w) => judge_written(&mut conn, batch, w, recent).await,
         Err(e) => Err(e.into()),
     };
     let (mut outcome, xid) = match written {
@@ -431,59 +432,24 @@ async fn write_batch_once(
     Ok(outcome)
 }
 
-/// Inside the open transaction, after the write: judges the rows it did not insert (only
-/// when there are some), in the database unless `recent` knows them as duplicates.
-async fn judge_rest(
+/// Inside the open transaction, after the write: the outcome once the rows it did not
+/// insert are judged ([`judge`](super::judge)), and the transaction's id.
+async fn judge_written(
     conn: &mut AsyncPgConnection,
     batch: &BatchColumns,
     written: WriteResult,
     recent: Option<&RecentlyStored>,
 ) -> Result<(BatchOutcome, i64), DbError> {
-    let (counted, mut rest) = batch.split_inserted(&written.counted)?;
+    let (counted, rest) = batch.split_inserted(&written.counted)?;
     let store = StoreIdentity::new(written.store);
-    let mut known_duplicates = recent.map_or(0, |r| r.drop_duplicates(&store, batch, &mut rest));
-    // A first row of its UUID left may be a copy of a vote in a batch of this process
-    // whose COMMIT let this write go on but which is not remembered yet: wait for those
-    // batches, then look again. (A later payload of a UUID is left only beside its first
-    // row, or when this batch stored that UUID: memory cannot vouch for it alone.)
-    let memory_may_know = rest.iter().any(|&ord| batch.is_first(ord));
-    if let Some(r) = recent.filter(|_| memory_may_know)
-        && r.wait_for_earlier_commits().await != EarlierCommits::None
-    {
-        known_duplicates += r.drop_duplicates(&store, batch, &mut rest);
-    }
-    let mut outcome = BatchOutcome {
+    let judged = judge::judge_rest(conn, batch, &store, rest, recent).await?;
+    let outcome = BatchOutcome {
         counted,
-        conflicting: Vec::new(),
-        known_duplicates,
+        conflicting: judged.conflicting,
+        known_duplicates: judged.known_duplicates,
         store,
         commit_ticket: None,
     };
-    if !rest.is_empty() {
-        let rows = batch.rows(&rest);
-        // Sent unprepared (planned for its rows each time): prepared, its generic plan
-        // made batch-100 runs about a third slower in `make load`.
-        let judged: ConflictResult = diesel::sql_query(RESOLVE_CONFLICTS_SQL)
-            .bind::<Array<Uuid>, _>(&rows.vote_ids)
-            .bind::<Array<Text>, _>(&rows.election_ids)
-            .bind::<Array<Text>, _>(&rows.candidate_ids)
-            .bind::<Array<Nullable<Text>>, _>(&rows.precinct_ids)
-            .bind::<Array<Timestamptz>, _>(&rows.cast_ats)
-            .bind::<Array<Int4>, _>(&rest)
-            .get_result(conn)
-            .await?;
-        if let Some(ord) = judged.missing.iter().min() {
-            // Nothing is committed: the transaction is rolled back and the batch retried.
-            return Err(DbError::BatchAnswer {
-                what: format!(
-                    "{} rows were neither inserted nor found stored (row {ord} first)",
-                    judged.missing.len()
-                ),
-            });
-        }
-        outcome.conflicting = judged.conflicting;
-        outcome.conflicting.sort_unstable();
-    }
     Ok((outcome, written.xid))
 }
 

@@ -1,12 +1,13 @@
-//! The batch write's two statements, and the first one (run for every batch) as a query
-//! each session prepares once and reuses; the second (run only for batches with rows not
-//! inserted) is sent as plain SQL: prepared, PostgreSQL's generic plan for it measured
-//! slower than planning it for its rows each time.
+//! The batch write's statements: the write (run for every batch) and the read of stored
+//! votes (run for batches with rows not inserted that memory did not judge), each a query
+//! every session prepares once and reuses; and the conflict statement (run only for rows
+//! read back with another payload), sent as plain SQL: prepared, PostgreSQL's generic
+//! plan for it measured slower than planning it for its rows each time.
 //!
 //! `diesel::sql_query` is never kept in the statement cache (its text could change from
-//! call to call), so PostgreSQL would parse and plan the batch statement for every batch.
-//! [`WriteBatch`] renders one constant text and says so to diesel (a static query id), so
-//! each session prepares it once.
+//! call to call), so PostgreSQL would parse and plan it on every call. [`WriteBatch`] and
+//! [`StoredVotes`] each render one constant text and say so to diesel (a static query
+//! id), so each session prepares them once.
 
 use diesel::QueryResult;
 use diesel::pg::Pg;
@@ -14,6 +15,22 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Bool, Int2, Int4, Nullable, Text, Timestamptz, Untyped, Uuid};
 
 use super::batch::BatchColumns;
+
+/// Declares a query of one constant text (placeholders bound in order by its
+/// `QueryFragment`) that diesel caches under a static id: each session prepares it once.
+macro_rules! prepared_query {
+    ($query:ident) => {
+        impl QueryId for $query<'_> {
+            type QueryId = $query<'static>;
+            // The cache key: every value renders the same text.
+            const HAS_STATIC_QUERY_ID: bool = true;
+        }
+
+        impl Query for $query<'_> {
+            type SqlType = Untyped;
+        }
+    };
+}
 
 /// The batch write: inserts the offered rows (the first row of each UUID in the batch)
 /// and, in the same statement, adds exactly the inserted rows to ONE tally shard and to
@@ -25,8 +42,8 @@ use super::batch::BatchColumns;
 ///   rows of one UUID (which callers never send) the earlier one is stored.
 /// - `ON CONFLICT (vote_id) DO NOTHING` waits for a concurrent transaction that inserted
 ///   the same UUID to end: when this statement returns, every UUID it did not insert is
-///   stored and committed (or inserted by this statement), so [`RESOLVE_CONFLICTS_SQL`]
-///   can judge every other row.
+///   stored and committed (or inserted by this statement), so every other row's UUID
+///   has a stored vote to judge it by ([`judge`](super::judge)).
 /// - The tally and the outbox read the inserted rows themselves (`RETURNING`): each
 ///   stored vote is counted once, for the candidate stored, whatever the caller sent.
 ///   Per-candidate keys are sorted, so concurrent replicas never deadlock on tallies.
@@ -74,11 +91,20 @@ SELECT coalesce((SELECT array_agg(vote_id) FROM ins), '{}') AS counted,
          || ' votes=' || 'votes'::regclass::oid::text AS store
 "#;
 
-/// Judges the rows the batch write did not insert, against the stored vote of their
-/// UUID (visible to this statement's fresh READ COMMITTED snapshot, whoever stored it):
-/// another payload is a conflict, recorded once in `vote_conflicts`; the same payload
-/// is a duplicate. Rows whose UUID has no stored vote come back as `missing` (the write
-/// guarantees there are none; the caller refuses the batch if there are).
+/// Reads the stored votes of the given UUIDs (a UUID with none stored has no row), by
+/// primary key, in a fresh READ COMMITTED snapshot: every vote committed before it runs,
+/// whoever stored it, and this transaction's own. Its generic plan scans the primary
+/// key's index for the array (`EXPLAIN (GENERIC_PLAN)` on PostgreSQL 17), so preparing
+/// it loses nothing.
+pub(super) const STORED_VOTES_SQL: &str = "SELECT vote_id, election_id, candidate_id, \
+     precinct_id, cast_at FROM votes WHERE vote_id = ANY($1::uuid[])";
+
+/// Judges rows the batch write did not insert (those [`StoredVotes`] read back with
+/// another payload) against the stored vote of their UUID (visible to this statement's
+/// fresh READ COMMITTED snapshot, whoever stored it): another payload is a conflict,
+/// recorded once in `vote_conflicts`; the same payload is a duplicate. Rows whose UUID
+/// has no stored vote come back as `missing` (the write guarantees there are none; the
+/// caller refuses the batch if there are).
 pub(super) const RESOLVE_CONFLICTS_SQL: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
@@ -114,15 +140,7 @@ pub(super) struct WriteBatch<'a> {
     pub shard: i16,
 }
 
-impl QueryId for WriteBatch<'_> {
-    type QueryId = WriteBatch<'static>;
-    // The cache key: every value renders the same text.
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl Query for WriteBatch<'_> {
-    type SqlType = Untyped;
-}
+prepared_query!(WriteBatch);
 
 impl QueryFragment<Pg> for WriteBatch<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
@@ -144,6 +162,23 @@ impl QueryFragment<Pg> for WriteBatch<'_> {
         out.push_bind_param::<Array<Int4>, _>(&self.ords)?;
         sql.push_until_bind(&mut out);
         out.push_bind_param::<Int2, _>(&self.shard)?;
+        out.push_sql(sql.0);
+        Ok(())
+    }
+}
+
+/// [`STORED_VOTES_SQL`] with its UUIDs bound: prepared once per session.
+pub(super) struct StoredVotes<'a> {
+    pub vote_ids: &'a [uuid::Uuid],
+}
+
+prepared_query!(StoredVotes);
+
+impl QueryFragment<Pg> for StoredVotes<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let mut sql = SqlText(STORED_VOTES_SQL);
+        sql.push_until_bind(&mut out);
+        out.push_bind_param::<Array<Uuid>, _>(&self.vote_ids)?;
         out.push_sql(sql.0);
         Ok(())
     }
@@ -202,5 +237,19 @@ mod tests {
         assert!(rendered.contains("binds: ["), "{rendered}");
         assert_eq!(WriteBatch::query_id(), WriteBatch::query_id());
         assert!(WriteBatch::query_id().is_some(), "cached under a static id");
+    }
+
+    #[test]
+    fn the_prepared_read_of_stored_votes_renders_the_constant_text() {
+        let ids = [uuid::Uuid::nil()];
+        let query = StoredVotes { vote_ids: &ids };
+        let rendered = diesel::debug_query::<Pg, _>(&query).to_string();
+        let text = rendered.split(" -- binds:").next().unwrap_or_default();
+        assert_eq!(text, STORED_VOTES_SQL);
+        assert!(
+            StoredVotes::query_id().is_some(),
+            "cached under a static id"
+        );
+        assert_ne!(StoredVotes::query_id(), WriteBatch::query_id());
     }
 }

@@ -5,7 +5,7 @@
 //! migrations, the runtime role) in submodules.
 //!
 //! The batch write, the heart of exactly-once counting, lives in `batch` (its
-//! statements in `batch_sql`).
+//! statements in `batch_sql`, the judging of rows it did not insert in `judge`).
 
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ mod batch;
 mod batch_sql;
 pub mod drift_check;
 mod in_doubt;
+mod judge;
 mod open_errors;
 pub mod outbox;
 pub mod recent;

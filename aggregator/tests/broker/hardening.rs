@@ -254,6 +254,72 @@ async fn two_first_rows_of_one_uuid_never_add_two_to_a_tally() -> anyhow::Result
 }
 
 #[tokio::test]
+async fn rows_stored_before_are_read_back_and_only_another_payload_is_a_conflict()
+-> anyhow::Result<()> {
+    let (bed, url, pool) = migrated_bed_with_one_session().await?;
+    let mut stored: Vec<_> = (0..3).map(|_| votes::vote("e", "a")).collect();
+    stored[0].precinct_id = None;
+    let mut first = BatchColumns::default();
+    for v in &stored {
+        first.push(v, true);
+    }
+    db::write_batch(&pool, &url, &first, 0).await?;
+
+    // No memory of recent votes here: every row not inserted is judged by the database.
+    let exact = stored[0].clone();
+    // The database keeps microseconds (the vote's are whole ones): the same stored vote.
+    let mut finer = stored[1].clone();
+    finer.cast_at += chrono::Duration::nanoseconds(400);
+    let mut other = stored[2].clone();
+    other.candidate_id = "b".into();
+    let fresh = votes::vote("e", "c");
+    let mut second = BatchColumns::default();
+    for v in [&exact, &finer, &fresh, &other] {
+        second.push(v, true);
+    }
+    let outcome = db::write_batch(&pool, &url, &second, 0).await?;
+    assert_eq!(outcome.counted, vec![2], "only the fresh vote counts");
+    assert_eq!(
+        outcome.conflicting,
+        vec![3],
+        "only another candidate conflicts"
+    );
+    assert_eq!(outcome.known_duplicates, 0, "no memory was given");
+    let mut admin = bed.db().await?;
+    assert_eq!(admin.conflict_count().await?, 1);
+    assert_eq!(admin.conflicting_ids().await?, vec![other.vote_id]);
+    let report = db::verify(&url).await?;
+    assert_eq!((report.votes, report.tallied), (4, 4), "{report:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stored_vote_that_cannot_be_read_here_is_judged_by_the_database() -> anyhow::Result<()> {
+    let (bed, url, pool) = migrated_bed_with_one_session().await?;
+    let copy = votes::vote("e", "a");
+    // Stored by another writer, with a cast_at that no timestamp here can hold.
+    let mut admin = bed.db().await?;
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO votes (vote_id, election_id, candidate_id, cast_at) \
+             VALUES ('{}', 'e', 'a', 'infinity')",
+            copy.vote_id
+        ))
+        .await?;
+    let mut columns = BatchColumns::default();
+    columns.push(&copy, true);
+    let outcome = db::write_batch(&pool, &url, &columns, 0).await?;
+    assert!(outcome.counted.is_empty());
+    assert_eq!(
+        outcome.conflicting,
+        vec![0],
+        "another cast_at is a conflict"
+    );
+    assert_eq!(admin.conflicting_ids().await?, vec![copy.vote_id]);
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_exclusive_consumer_elsewhere_does_not_cause_a_reconnect_storm() -> anyhow::Result<()> {
     let bed = bed().await?;
     // Classic: RabbitMQ 4.0.5 lets a second consumer onto a quorum queue that has an
