@@ -62,6 +62,21 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .vmhwm
 }
 
+/// Context switches so far, voluntary and involuntary, summed over the threads of `pid`
+/// alive now (`/proc/<pid>/task/*/status`; a thread that already exited is not
+/// counted); `None` when there is no such process.
+pub fn context_switches(pid: u32) -> Option<u64> {
+    let process = Process::new(i32::try_from(pid).ok()?).ok()?;
+    let switches = process
+        .tasks()
+        .ok()?
+        .flatten()
+        .filter_map(|task| task.status().ok())
+        .map(|s| s.voluntary_ctxt_switches.unwrap_or(0) + s.nonvoluntary_ctxt_switches.unwrap_or(0))
+        .sum();
+    Some(switches)
+}
+
 /// (busy, total) CPU clock ticks of the whole machine since boot, from the `cpu` line
 /// of `/proc/stat`; idle and iowait count as not busy.
 pub fn machine_ticks() -> Option<(u64, u64)> {
@@ -98,6 +113,10 @@ mod tests {
     fn readers_see_this_process_and_machine() {
         let pid = std::process::id();
         let s = stat(pid).expect("own stat");
+        assert!(
+            context_switches(pid).is_some(),
+            "own threads' context switches"
+        );
         assert!(matches!(s.state, 'R' | 'S'), "{}", s.state);
         assert!(s.start_ticks > 0);
         assert!(s.cpu_seconds >= 0.0);

@@ -436,15 +436,16 @@ fn cost_against_floor(report: &LoadReport) -> String {
          runs in it), the RabbitMQ and the PostgreSQL containers. `ratio of totals` = floor \
          total ÷ aggregator total: the share of the floor a run bound by the cores can reach \
          with these costs. `floor busy` = share of the machine busy during the floor's \
-         drain.\n"
+         drain. `switches` = context switches of the consumer process's threads per 1000 \
+         votes, aggregator / floor: how often they waited and were woken.\n"
     );
     let _ = writeln!(
         s,
-        "| queue | replicas | batch | consumer | RabbitMQ | PostgreSQL | total | ratio of totals | floor busy |"
+        "| queue | replicas | batch | consumer | RabbitMQ | PostgreSQL | total | ratio of totals | floor busy | switches |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for c in &report.configs {
         if let Some(row) = cost_row(c) {
@@ -464,7 +465,7 @@ fn cost_row(c: &ConfigResult) -> Option<String> {
         format!("{aggregator:.4} / {}", or_na(floor, |f| format!("{f:.4}")))
     };
     Some(format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         c.queue_type,
         c.replicas,
         c.batch_size,
@@ -473,7 +474,11 @@ fn cost_row(c: &ConfigResult) -> Option<String> {
         aggregator_vs_floor(database?, floor_database),
         aggregator_vs_floor(aggregator_total, c.floor_cpu_total()),
         ratio(c.cpu_ratio_of_totals()),
-        pct(c.floor_machine_busy_share)
+        pct(c.floor_machine_busy_share),
+        switches([
+            c.drain_aggregator_context_switches_per_1000_votes,
+            c.floor_consumer_context_switches_per_1000_votes,
+        ]),
     ))
 }
 
@@ -566,6 +571,12 @@ fn of_floor(c: &ConfigResult) -> String {
     }
 }
 
+/// Context switches per 1000 votes, aggregator / floor ("n/a" for one not measured).
+fn switches([aggregator, floor]: [Option<f64>; 2]) -> String {
+    let count = |x: Option<f64>| or_na(x, |n| format!("{n:.0}"));
+    format!("{} / {}", count(aggregator), count(floor))
+}
+
 /// `f(x)`, or "n/a" for a figure that could not be measured.
 fn or_na(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
     x.map_or_else(|| "n/a".into(), f)
@@ -613,21 +624,23 @@ fn every_round(report: &LoadReport) -> String {
          drain went first in that round (odd rounds the floors, even rounds the aggregator); \
          `dups from memory`: of every duplicate the replicas counted, the share \
          recognised by the replica that had stored the original itself, from its memory \
-         (the rest were copies within one batch or judged by a statement).\n"
+         (the rest were copies within one batch or judged by a statement); `switches`: \
+         context switches of the consumer process's threads per 1000 votes, aggregator / \
+         floor.\n"
     );
     let _ = writeln!(
         s,
-        "| queue | replicas | batch | round | order | votes/s | floor | of floor | CPU ratio | busy | aggregator CPU | floor CPU | dups from memory |"
+        "| queue | replicas | batch | round | order | votes/s | floor | of floor | CPU ratio | busy | aggregator CPU | floor CPU | dups from memory | switches |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |"
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |"
     );
     for c in &report.configs {
         for (i, r) in c.every_round.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {} / {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {} / {} | {} | {} | {} | {} |",
                 c.queue_type,
                 c.replicas,
                 c.batch_size,
@@ -642,6 +655,7 @@ fn every_round(report: &LoadReport) -> String {
                 ms_each(r.cpu_seconds_per_1000_votes),
                 ms_each(r.floor_cpu_seconds_per_1000_votes),
                 pct(r.duplicates_from_memory_share),
+                switches(r.context_switches_per_1000_votes),
             );
         }
     }
@@ -783,6 +797,31 @@ mod tests {
             line == "classic, batch 500: 3 replicas at 99.0 % of 1 replica (median of 4 \
                      same-round pairs, range 90–110 %; the reported rounds: 80 %) (target ≥ 90 %): met",
             "{line}"
+        );
+    }
+
+    #[test]
+    fn the_cost_row_ends_with_context_switches_of_aggregator_and_floor() {
+        let c = ConfigResult {
+            queue_type: "classic".into(),
+            replicas: 3,
+            batch_size: 500,
+            drain_broker_cpu_seconds_per_1000_votes: Some(0.02),
+            drain_database_cpu_seconds_per_1000_votes: Some(0.01),
+            drain_aggregator_context_switches_per_1000_votes: Some(412.4),
+            ..ConfigResult::default()
+        };
+        let row = super::cost_row(&c).unwrap();
+        assert!(row.ends_with("| 412 / n/a |"), "{row}");
+        // A report written before switches were counted reads them as not measured.
+        let old: RoundFigures = serde_json::from_str(
+            r#"{"votes_per_second":1.0,"floor_votes_per_second":1.0,"ratio_to_floor":1.0,
+                "cpu_ratio_of_totals":null,"machine_busy_share":null,"floor_machine_busy_share":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            super::switches(old.context_switches_per_1000_votes),
+            "n/a / n/a"
         );
     }
 

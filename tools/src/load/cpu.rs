@@ -1,8 +1,9 @@
 //! CPU accounting of a drain: what the consumer processes (the replicas, or the load
 //! runner while only the floor consumer runs in it), the RabbitMQ container(s) and the
 //! PostgreSQL container spent per 1000 counted votes, and the machine's busy share, from
-//! `/proc` and the containers' cgroups. The aggregator's and the floor's drains are
-//! measured the same way, so their costs can be set side by side.
+//! `/proc` and the containers' cgroups, and the consumer processes' context switches per
+//! 1000 votes (how often their threads waited and were woken). The aggregator's and the
+//! floor's drains are measured the same way, so their costs can be set side by side.
 
 use std::time::Instant;
 
@@ -17,6 +18,8 @@ struct CpuSample {
     machine: Option<(u64, u64)>,
     /// User + system CPU seconds of the consumer processes.
     consumers: f64,
+    /// Context switches of the consumer processes' live threads.
+    consumer_switches: u64,
     /// CPU seconds of the RabbitMQ container(s); `None` when a cgroup cannot be read.
     broker: Option<f64>,
     /// CPU seconds of the PostgreSQL container; `None` when its cgroup cannot be read.
@@ -28,6 +31,8 @@ struct CpuSample {
 pub(super) struct DrainCpu {
     /// Of the consumer processes (the replicas, or the floor's).
     pub consumers: f64,
+    /// Context switches of the consumer processes' threads per 1000 votes.
+    pub consumer_switches: f64,
     /// Of the RabbitMQ container(s).
     pub broker: Option<f64>,
     /// Of the PostgreSQL container.
@@ -49,6 +54,10 @@ impl CpuSample {
                 .iter()
                 .filter_map(|&pid| process_cpu_seconds(pid))
                 .sum(),
+            consumer_switches: consumers
+                .iter()
+                .filter_map(|&pid| procinfo::context_switches(pid))
+                .sum(),
             broker: servers
                 .broker_container_ids()
                 .into_iter()
@@ -62,6 +71,10 @@ impl CpuSample {
     fn costs_since(&self, start: &CpuSample, votes: u64, secs: f64) -> DrainCpu {
         let per_1000 = |now: f64, then: f64| (now - then) / (votes.max(1) as f64 / 1000.0);
         let consumers = per_1000(self.consumers, start.consumers);
+        let consumer_switches = per_1000(
+            self.consumer_switches as f64,
+            start.consumer_switches as f64,
+        );
         let broker = self.broker.zip(start.broker).map(|(n, t)| per_1000(n, t));
         let database = self
             .database
@@ -73,6 +86,7 @@ impl CpuSample {
         let total = broker.zip(database).map(|(b, d)| consumers + b + d);
         DrainCpu {
             consumers,
+            consumer_switches,
             broker,
             database,
             machine_share: total.map(|t| t * votes as f64 / 1000.0 / (secs.max(0.001) * cores)),

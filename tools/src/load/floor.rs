@@ -150,6 +150,8 @@ pub(super) struct Floor {
     /// `cpu.consumers` when it is the floor consumer's alone: `None` when the test kit's
     /// proxies (`--via-port-proxy`, `--broker-cluster`) forward traffic in this process.
     pub consumer_cpu: Option<f64>,
+    /// `cpu.consumer_switches`, under the same condition.
+    pub consumer_switches: Option<f64>,
 }
 
 impl Floor {
@@ -246,6 +248,7 @@ pub(super) async fn floor(
     Ok(Floor {
         votes_per_second: stored_rate(&bed).await?,
         consumer_cpu: (!proxies_in_process).then_some(cpu.consumers),
+        consumer_switches: (!proxies_in_process).then_some(cpu.consumer_switches),
         cpu,
     })
 }

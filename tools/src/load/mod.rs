@@ -302,6 +302,14 @@ pub struct ConfigResult {
     /// `drain_aggregator_cpu_seconds_per_1000_votes`.
     #[serde(default)]
     pub floor_consumer_cpu_seconds_per_1000_votes: Option<f64>,
+    /// During the capacity drain, context switches of the replicas' threads per 1000
+    /// counted votes (how often they waited and were woken)...
+    #[serde(default)]
+    pub drain_aggregator_context_switches_per_1000_votes: Option<f64>,
+    /// ... and of the floor consumer's process during the floor's drain (`None` under the
+    /// same condition as its CPU).
+    #[serde(default)]
+    pub floor_consumer_context_switches_per_1000_votes: Option<f64>,
     /// During the floor's drain, CPU seconds per 1000 votes of the RabbitMQ container(s).
     #[serde(default)]
     pub floor_broker_cpu_seconds_per_1000_votes: Option<f64>,
@@ -411,6 +419,10 @@ pub struct RoundFigures {
     /// See [`ConfigResult::duplicates_from_memory_share`].
     #[serde(default)]
     pub duplicates_from_memory_share: Option<f64>,
+    /// Context switches per 1000 votes of the replicas and of the floor consumer
+    /// ([`ConfigResult::drain_aggregator_context_switches_per_1000_votes`]).
+    #[serde(default)]
+    pub context_switches_per_1000_votes: [Option<f64>; 2],
 }
 
 impl RoundFigures {
@@ -426,6 +438,10 @@ impl RoundFigures {
             floor_machine_busy_share: c.floor_machine_busy_share,
             drain_order: c.drain_order,
             duplicates_from_memory_share: c.duplicates_from_memory_share,
+            context_switches_per_1000_votes: [
+                c.drain_aggregator_context_switches_per_1000_votes,
+                c.floor_consumer_context_switches_per_1000_votes,
+            ],
         }
     }
 }
@@ -748,6 +764,7 @@ fn relate(r: &mut ConfigResult, ceilings: Ceilings, floors: &Floors) {
     r.db_ceiling_votes_per_second = ceilings.database;
     r.floor_votes_per_second = f.votes_per_second;
     r.floor_consumer_cpu_seconds_per_1000_votes = f.consumer_cpu;
+    r.floor_consumer_context_switches_per_1000_votes = f.consumer_switches;
     r.floor_broker_cpu_seconds_per_1000_votes = f.cpu.broker;
     r.floor_database_cpu_seconds_per_1000_votes = f.cpu.database;
     r.floor_machine_busy_share = f.cpu.machine_busy;
