@@ -246,7 +246,7 @@ metrics! {
     votes_duplicate: IntCounterVec = VOTES_DUPLICATE_TOTAL "vote_aggregator_votes_duplicate_total",
         Shape::label(&[labels::REDELIVERED]);
     /// Of `votes_duplicate_total`, the copies of votes this replica had itself stored
-    /// recently, recognised from memory without a judging statement. The rest of the
+    /// recently, recognised from memory without reading `votes`. The rest of the
     /// duplicates are judged by the database, except copies within one batch (dropped
     /// before the write, counted in `votes_duplicate_total` only).
     votes_duplicate_from_memory: IntCounter = VOTES_DUPLICATE_FROM_MEMORY_TOTAL "vote_aggregator_votes_duplicate_from_memory_total";

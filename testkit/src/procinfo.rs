@@ -62,19 +62,23 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .vmhwm
 }
 
-/// Context switches so far, voluntary and involuntary, summed over the threads of `pid`
-/// alive now (`/proc/<pid>/task/*/status`; a thread that already exited is not
-/// counted); `None` when there is no such process.
-pub fn context_switches(pid: u32) -> Option<u64> {
+/// Context switches so far, voluntary and involuntary, of each thread of `pid` alive now,
+/// by thread id (`/proc/<pid>/task/*/status`; a thread that already exited is not
+/// there); `None` when there is no such process.
+pub fn thread_context_switches(pid: u32) -> Option<Vec<(i32, u64)>> {
     let process = Process::new(i32::try_from(pid).ok()?).ok()?;
-    let switches = process
+    let threads = process
         .tasks()
         .ok()?
         .flatten()
-        .filter_map(|task| task.status().ok())
-        .map(|s| s.voluntary_ctxt_switches.unwrap_or(0) + s.nonvoluntary_ctxt_switches.unwrap_or(0))
-        .sum();
-    Some(switches)
+        .filter_map(|task| {
+            let s = task.status().ok()?;
+            let switches =
+                s.voluntary_ctxt_switches.unwrap_or(0) + s.nonvoluntary_ctxt_switches.unwrap_or(0);
+            Some((task.tid, switches))
+        })
+        .collect();
+    Some(threads)
 }
 
 /// (busy, total) CPU clock ticks of the whole machine since boot, from the `cpu` line
@@ -113,9 +117,10 @@ mod tests {
     fn readers_see_this_process_and_machine() {
         let pid = std::process::id();
         let s = stat(pid).expect("own stat");
+        let threads = thread_context_switches(pid).expect("own threads");
         assert!(
-            context_switches(pid).is_some(),
-            "own threads' context switches"
+            threads.iter().any(|&(tid, _)| tid == pid as i32),
+            "the main thread is listed: {threads:?}"
         );
         assert!(matches!(s.state, 'R' | 'S'), "{}", s.state);
         assert!(s.start_ticks > 0);

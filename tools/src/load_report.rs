@@ -436,8 +436,9 @@ fn cost_against_floor(report: &LoadReport) -> String {
          runs in it), the RabbitMQ and the PostgreSQL containers. `ratio of totals` = floor \
          total ÷ aggregator total: the share of the floor a run bound by the cores can reach \
          with these costs. `floor busy` = share of the machine busy during the floor's \
-         drain. `switches` = context switches of the consumer process's threads per 1000 \
-         votes, aggregator / floor: how often they waited and were woken.\n"
+         drain. `switches` = context switches per 1000 votes of the threads of the consumer \
+         processes (all replicas together), aggregator / floor: how often they waited and \
+         were woken.\n"
     );
     let _ = writeln!(
         s,
@@ -624,8 +625,8 @@ fn every_round(report: &LoadReport) -> String {
          drain went first in that round (odd rounds the floors, even rounds the aggregator); \
          `dups from memory`: of every duplicate the replicas counted, the share \
          recognised by the replica that had stored the original itself, from its memory \
-         (the rest were copies within one batch or judged by a statement); `switches`: \
-         context switches of the consumer process's threads per 1000 votes, aggregator / \
+         (the rest were copies within one batch or judged by the database); `switches`: \
+         context switches per 1000 votes of the consumer processes' threads, aggregator / \
          floor.\n"
     );
     let _ = writeln!(

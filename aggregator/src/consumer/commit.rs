@@ -62,8 +62,9 @@ async fn commit(ctx: Ctx, mut batch: Batch, session_gone: CancellationToken) -> 
                 ctx.metrics.commits_failing.set(0);
                 ctx.metrics.set_up(DEP_POSTGRES, true);
                 // Committed: its counted rows are stored for good (`votes` is
-                // append-only), so later copies of them need no judging statement. First,
-                // so batches waiting for this one to be remembered go on at once.
+                // append-only), so later copies of them are judged without reading
+                // `votes`. First, so batches waiting for this one to be remembered go on
+                // at once.
                 let columns = batch.rows.take_columns();
                 ctx.recent.remember(columns, &outcome);
                 record_outcome(&ctx.metrics, &batch, &outcome);

@@ -454,10 +454,12 @@ async fn judge_written(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn vote(n: u128, candidate: &str) -> Vote {
+    /// A vote for the tests of this module and of the judging: UUID `n`, `candidate`,
+    /// no precinct, a fixed time.
+    pub(in crate::db) fn vote(n: u128, candidate: &str) -> Vote {
         Vote {
             vote_id: uuid::Uuid::from_u128(n),
             election_id: "e".into(),

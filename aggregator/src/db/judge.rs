@@ -17,11 +17,12 @@
 //!
 //! A stored vote this process cannot read (a value another writer stored that has no
 //! form here, such as an infinite `cast_at`) sends every row to the conflict statement,
-//! as before the read existed. A row whose UUID is not stored after the write is
+//! with a warning once per process. A row whose UUID is not stored after the write is
 //! impossible by the write's guarantee: the batch is refused (rolled back and retried),
 //! never acked.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use diesel::QueryableByName;
 use diesel::sql_types::{Array, Int4, Nullable, Text, Timestamptz, Uuid};
@@ -142,27 +143,57 @@ async fn judge_stored(
     let stored: Vec<StoredVote> = match (StoredVotes { vote_ids: &ids }).load(conn).await {
         Ok(stored) => stored,
         // Read, but not representable here: the database judges every row.
-        Err(diesel::result::Error::DeserializationError(_)) => {
+        Err(diesel::result::Error::DeserializationError(e)) => {
+            warn_unreadable_once(&*e);
             return record_conflicts(conn, batch, rest).await;
         }
         Err(e) => return Err(e.into()),
     };
-    let by_id: HashMap<uuid::Uuid, &StoredVote, UuidHasher> =
-        stored.iter().map(|v| (v.vote_id, v)).collect();
-    let mut missing = Vec::new();
-    let mut differing = Vec::new();
-    for &ord in rest {
-        match batch.vote_id(ord).and_then(|id| by_id.get(&id)) {
-            None => missing.push(ord),
-            Some(v) if batch.row_at(ord) == Some(v.row()) => {}
-            Some(_) => differing.push(ord),
-        }
-    }
+    let ReadBack { missing, differing } = compare_with_stored(batch, rest, &stored);
     refuse_missing(&missing)?;
     if differing.is_empty() {
         return Ok(Vec::new());
     }
     record_conflicts(conn, batch, &differing).await
+}
+
+/// The rows at `rest` a read of stored votes did not clear as duplicates.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ReadBack {
+    /// Rows whose UUID has no stored vote.
+    missing: Vec<i32>,
+    /// Rows whose stored vote has another payload (or one compared unequal here).
+    differing: Vec<i32>,
+}
+
+/// Compares each row at `rest` with the stored vote of its UUID in `stored`: a row with
+/// exactly that payload is a duplicate and is left out.
+fn compare_with_stored(batch: &BatchColumns, rest: &[i32], stored: &[StoredVote]) -> ReadBack {
+    let by_id: HashMap<uuid::Uuid, &StoredVote, UuidHasher> =
+        stored.iter().map(|v| (v.vote_id, v)).collect();
+    let mut read_back = ReadBack::default();
+    for &ord in rest {
+        match batch.vote_id(ord).and_then(|id| by_id.get(&id)) {
+            None => read_back.missing.push(ord),
+            Some(v) if batch.row_at(ord) == Some(v.row()) => {}
+            Some(_) => read_back.differing.push(ord),
+        }
+    }
+    read_back
+}
+
+/// Warns, the first time in this process, that stored votes could not be read back.
+fn warn_unreadable_once(error: &dyn std::error::Error) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            %error,
+            "stored votes could not be read back: such batches are judged by the conflict \
+             statement instead, which is slower; a value another writer stored that this \
+             service cannot represent (such as an infinite cast_at) or a votes table changed \
+             by hand causes this"
+        );
+    }
 }
 
 /// Judges the rows at `ords` in SQL, records their conflicts, and returns the
@@ -175,7 +206,13 @@ async fn record_conflicts(
     batch: &BatchColumns,
     ords: &[i32],
 ) -> Result<Vec<i32>, DbError> {
-    let rows = batch.rows(ords);
+    // Only rows of this batch, so the columns and `ords` stay aligned.
+    let ords: Vec<i32> = ords
+        .iter()
+        .copied()
+        .filter(|&ord| batch.row_at(ord).is_some())
+        .collect();
+    let rows = batch.rows(&ords);
     // Sent unprepared (planned for its rows each time): prepared, its generic plan made
     // batch-100 runs about a third slower in `make load`. It runs only for rows read back
     // with another payload, rare.
@@ -185,7 +222,7 @@ async fn record_conflicts(
         .bind::<Array<Text>, _>(&rows.candidate_ids)
         .bind::<Array<Nullable<Text>>, _>(&rows.precinct_ids)
         .bind::<Array<Timestamptz>, _>(&rows.cast_ats)
-        .bind::<Array<Int4>, _>(ords)
+        .bind::<Array<Int4>, _>(&ords)
         .get_result(conn)
         .await?;
     refuse_missing(&judged.missing)?;
@@ -208,5 +245,52 @@ fn refuse_missing(missing: &[i32]) -> Result<(), DbError> {
                 missing.len()
             ),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::batch::tests::vote;
+    use crate::vote::Vote;
+
+    fn stored(v: &Vote) -> StoredVote {
+        StoredVote {
+            vote_id: v.vote_id,
+            election_id: v.election_id.clone(),
+            candidate_id: v.candidate_id.clone(),
+            precinct_id: v.precinct_id.clone(),
+            cast_at: v.cast_at,
+        }
+    }
+
+    #[test]
+    fn only_an_exact_copy_of_the_stored_vote_is_cleared() {
+        let same = vote(1, "a");
+        let mut finer = vote(2, "a");
+        let mut with_precinct = vote(3, "a");
+        let other = vote(4, "b");
+        let absent = vote(5, "a");
+        let mut batch = BatchColumns::default();
+        batch.push(&same, true);
+        finer.cast_at += chrono::Duration::nanoseconds(400);
+        batch.push(&finer, true);
+        with_precinct.precinct_id = Some("p".into());
+        batch.push(&with_precinct, true);
+        batch.push(&other, true);
+        batch.push(&absent, true);
+        let on_disk = [
+            stored(&same),
+            stored(&vote(2, "a")),
+            stored(&vote(3, "a")),
+            stored(&vote(4, "a")),
+        ];
+        assert_eq!(
+            compare_with_stored(&batch, &[0, 1, 2, 3, 4, 9], &on_disk),
+            ReadBack {
+                missing: vec![4, 9],
+                differing: vec![1, 2, 3],
+            }
+        );
     }
 }

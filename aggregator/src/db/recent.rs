@@ -6,9 +6,9 @@
 //! inserted that UUID in a transaction that COMMITTED, it knows the stored payload:
 //! `votes` is append-only (a trigger refuses UPDATE, DELETE and TRUNCATE), so the
 //! payload stored is the one it inserted. A row with exactly that payload is then a
-//! duplicate, and needs no judging statement. This is the usual duplicate by far: a
-//! publisher's retry or a redelivery arriving shortly after its original, which the same
-//! replica counted.
+//! duplicate, judged without reading `votes`. This is the usual duplicate by far: a
+//! publisher's retry or a redelivery arriving shortly after its original, which the
+//! same replica counted.
 //!
 //! Invariants:
 //! - Only rows of COMMITTED transactions are remembered, and only the ones the database

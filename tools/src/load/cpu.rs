@@ -5,6 +5,7 @@
 //! 1000 votes (how often their threads waited and were woken). The aggregator's and the
 //! floor's drains are measured the same way, so their costs can be set side by side.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use vote_testkit::procinfo;
@@ -18,8 +19,9 @@ struct CpuSample {
     machine: Option<(u64, u64)>,
     /// User + system CPU seconds of the consumer processes.
     consumers: f64,
-    /// Context switches of the consumer processes' live threads.
-    consumer_switches: u64,
+    /// Context switches so far of each live thread of the consumer processes, by thread
+    /// id; `None` when no consumer process could be read.
+    consumer_threads: Option<HashMap<i32, u64>>,
     /// CPU seconds of the RabbitMQ container(s); `None` when a cgroup cannot be read.
     broker: Option<f64>,
     /// CPU seconds of the PostgreSQL container; `None` when its cgroup cannot be read.
@@ -31,8 +33,10 @@ struct CpuSample {
 pub(super) struct DrainCpu {
     /// Of the consumer processes (the replicas, or the floor's).
     pub consumers: f64,
-    /// Context switches of the consumer processes' threads per 1000 votes.
-    pub consumer_switches: f64,
+    /// Context switches of the consumer processes' threads per 1000 votes (of the
+    /// threads alive when the window closed: a thread that exited during it is not
+    /// counted); `None` when they could not be read.
+    pub consumer_switches: Option<f64>,
     /// Of the RabbitMQ container(s).
     pub broker: Option<f64>,
     /// Of the PostgreSQL container.
@@ -54,10 +58,7 @@ impl CpuSample {
                 .iter()
                 .filter_map(|&pid| process_cpu_seconds(pid))
                 .sum(),
-            consumer_switches: consumers
-                .iter()
-                .filter_map(|&pid| procinfo::context_switches(pid))
-                .sum(),
+            consumer_threads: consumer_threads(consumers),
             broker: servers
                 .broker_container_ids()
                 .into_iter()
@@ -71,10 +72,11 @@ impl CpuSample {
     fn costs_since(&self, start: &CpuSample, votes: u64, secs: f64) -> DrainCpu {
         let per_1000 = |now: f64, then: f64| (now - then) / (votes.max(1) as f64 / 1000.0);
         let consumers = per_1000(self.consumers, start.consumers);
-        let consumer_switches = per_1000(
-            self.consumer_switches as f64,
-            start.consumer_switches as f64,
-        );
+        let consumer_switches = self
+            .consumer_threads
+            .as_ref()
+            .zip(start.consumer_threads.as_ref())
+            .map(|(now, then)| per_1000(switches_since(now, then) as f64, 0.0));
         let broker = self.broker.zip(start.broker).map(|(n, t)| per_1000(n, t));
         let database = self
             .database
@@ -97,6 +99,28 @@ impl CpuSample {
             cpu_bound: total.map(|t| cores * 1000.0 / t.max(1e-9)),
         }
     }
+}
+
+/// Context switches so far of every live thread of `consumers`, by thread id; `None`
+/// when none of them could be read.
+fn consumer_threads(consumers: &[u32]) -> Option<HashMap<i32, u64>> {
+    let mut threads = HashMap::new();
+    let mut read_any = false;
+    for &pid in consumers {
+        if let Some(counts) = procinfo::thread_context_switches(pid) {
+            read_any = true;
+            threads.extend(counts);
+        }
+    }
+    read_any.then_some(threads)
+}
+
+/// Context switches between two readings, summed over the threads alive at the second:
+/// each from its count at the first (0 for a thread born since).
+fn switches_since(now: &HashMap<i32, u64>, then: &HashMap<i32, u64>) -> u64 {
+    now.iter()
+        .map(|(tid, n)| n.saturating_sub(then.get(tid).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// The CPU window of one drain: opened at its first sign of progress, closed at its end.
@@ -159,4 +183,17 @@ fn container_cpu_seconds(id: &str) -> Option<f64> {
 /// User + system CPU seconds of a live process.
 pub(super) fn process_cpu_seconds(pid: u32) -> Option<f64> {
     procinfo::stat(pid).map(|s| s.cpu_seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switches_are_counted_per_thread_from_its_first_reading() {
+        let then = HashMap::from([(1, 100), (2, 50), (3, 70)]);
+        // Thread 2 went on, thread 3 exited, thread 4 was born.
+        let now = HashMap::from([(1, 100), (2, 80), (4, 5)]);
+        assert_eq!(switches_since(&now, &then), 30 + 5);
+    }
 }

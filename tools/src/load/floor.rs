@@ -248,7 +248,7 @@ pub(super) async fn floor(
     Ok(Floor {
         votes_per_second: stored_rate(&bed).await?,
         consumer_cpu: (!proxies_in_process).then_some(cpu.consumers),
-        consumer_switches: (!proxies_in_process).then_some(cpu.consumer_switches),
+        consumer_switches: cpu.consumer_switches.filter(|_| !proxies_in_process),
         cpu,
     })
 }

@@ -175,7 +175,7 @@ pub(super) async fn measure_config(
         db_ceiling_votes_per_second: 0.0,
         floor_votes_per_second: 0.0,
         floor_consumer_cpu_seconds_per_1000_votes: None,
-        drain_aggregator_context_switches_per_1000_votes: Some(drain_cpu.consumer_switches),
+        drain_aggregator_context_switches_per_1000_votes: drain_cpu.consumer_switches,
         floor_consumer_context_switches_per_1000_votes: None,
         floor_broker_cpu_seconds_per_1000_votes: None,
         floor_database_cpu_seconds_per_1000_votes: None,

@@ -346,7 +346,7 @@ pub struct ConfigResult {
     pub drain_order: DrainOrder,
     /// Of every duplicate the replicas counted (copies within one batch included), the
     /// share recognised by the replica that had stored the original itself, from its
-    /// memory, without a judging statement. Read when the configuration ends: the drain's
+    /// memory, without reading `votes`. Read when the configuration ends: the drain's
     /// duplicates, and any a publisher retry in the latency phase made. `None` when there
     /// were none or a replica's metrics could not be read.
     #[serde(default)]
