@@ -118,11 +118,7 @@ impl BatchColumns {
     /// The rows at `indices` (out-of-range ones skipped), moved into columns of exactly
     /// their size; what they held here is left empty.
     pub(super) fn take_rows(&mut self, indices: &[i32]) -> BatchColumns {
-        let rows: Vec<usize> = indices
-            .iter()
-            .filter_map(|&i| usize::try_from(i).ok())
-            .filter(|&i| i < self.len())
-            .collect();
+        let rows = self.in_range(indices);
         let mut out = BatchColumns::with_capacity(rows.len());
         for i in rows {
             out.vote_ids.push(self.vote_ids[i]);
@@ -174,22 +170,31 @@ impl BatchColumns {
         self.vote_ids.get(usize::try_from(ord).ok()?).copied()
     }
 
-    /// The rows at `indices`, in that order (out-of-range ones skipped: callers pass rows
-    /// of this batch).
-    pub(super) fn rows(&self, indices: &[i32]) -> BatchColumns {
-        let mut out = BatchColumns::default();
-        for i in indices.iter().filter_map(|&i| usize::try_from(i).ok()) {
-            if i >= self.len() {
-                continue;
-            }
+    /// The rows at `indices`, in that order, copied, with the indices they were taken
+    /// from (out-of-range ones skipped, so the two stay aligned).
+    pub(super) fn rows(&self, indices: &[i32]) -> (BatchColumns, Vec<i32>) {
+        let rows = self.in_range(indices);
+        let mut out = BatchColumns::with_capacity(rows.len());
+        let mut taken = Vec::with_capacity(rows.len());
+        for i in rows {
             out.vote_ids.push(self.vote_ids[i]);
             out.election_ids.push(self.election_ids[i].clone());
             out.candidate_ids.push(self.candidate_ids[i].clone());
             out.precinct_ids.push(self.precinct_ids[i].clone());
             out.cast_ats.push(self.cast_ats[i]);
             out.is_first.push(self.is_first[i]);
+            taken.push(i as i32);
         }
-        out
+        (out, taken)
+    }
+
+    /// The `indices` that are rows of this batch, in order.
+    fn in_range(&self, indices: &[i32]) -> Vec<usize> {
+        indices
+            .iter()
+            .filter_map(|&i| usize::try_from(i).ok())
+            .filter(|&i| i < self.len())
+            .collect()
     }
 
     fn ords(&self) -> Vec<i32> {
